@@ -1,0 +1,28 @@
+"""Every Redis key, Celery queue and Celery task name trainbox uses, in one place."""
+
+from __future__ import annotations
+
+# Celery task names (the worker registers its tasks under these names; the API sends by name).
+RUN_JOB_TASK = "worker.tasks.run_job"
+SWEEP_TASK = "worker.tasks.sweep"
+
+# Queue for work any box may do (the periodic sweep); each box also has its own queue.
+CONTROL_QUEUE = "trainbox.control"
+
+
+def box_queue(box: str) -> str:
+    """The Celery queue a box's worker consumes; `run_job` for jobs placed on that box goes here."""
+    return f"trainbox.box.{box}"
+
+
+def job_events(job_id: str) -> str:
+    """The job's event stream (XADD by the relay, XREAD by the SSE endpoint); one field, `data`."""
+    return f"job:{job_id}:events"
+
+
+def job_cancel(job_id: str) -> str:
+    """Pub/sub channel the API publishes on when a cancel is requested (the DB flag stays the truth)."""
+    return f"job:{job_id}:cancel"
+
+
+EVENT_FIELD = "data"

@@ -1,0 +1,254 @@
+"""The scheduler: gives queued jobs whole GPUs on one box, one serialized transaction at a time.
+
+Order is (priority desc, created asc). A job that does not fit now blocks every job behind it, so
+small jobs never starve a big one at the head (a job bigger than any box is skipped: it could
+otherwise block the queue forever). Placement is best-fit: the box with the fewest free GPUs that
+still holds the job, lowest GPU indices first, keeping large holes for large jobs.
+
+Concurrent callers (API processes, workers, the sweep) serialize on a DB lock: a Postgres advisory
+transaction lock, or SQLite's BEGIN IMMEDIATE. The GPU claim is also guarded row by row
+(`... WHERE job_id IS NULL`), so a GPU is never in two jobs even if the lock were bypassed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from core import keys
+from core.db import SQLITE_BEGIN, is_postgres
+from core.models import Box, Gpu, Job, utcnow
+from core.settings import get_settings
+from core.states import JobState, transition
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key: "trainbox" scheduler.
+SCHEDULER_LOCK_KEY = 0x7472_6169_6E62
+
+Dispatch = Callable[[str, int, str], None]  # (job_id, attempt, box queue)
+
+
+@dataclass(frozen=True)
+class Placement:
+    job_id: str
+    attempt: int
+    box: str
+    queue: str
+    gpu_ids: list[int]
+    master_port: int
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    memory_mb: int | None = None
+
+
+def begin_locked(session: Session) -> None:
+    """Start the session's transaction holding the scheduler lock (commits what the session held)."""
+    if session.in_transaction():
+        session.commit()
+    if is_postgres(session):
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEDULER_LOCK_KEY})
+    else:
+        session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+
+
+def schedule(
+    session: Session,
+    dispatch: Dispatch | None,
+    *,
+    box_ttl_s: float | None = None,
+    ports: range | None = None,
+) -> list[Placement]:
+    """Place what fits, commit, then call dispatch(job_id, attempt, queue) for each placement.
+
+    Commits whatever the session held first. `box_ttl_s`: ignore boxes whose heartbeat is older.
+    A failing dispatch is logged; the job stays `starting` and the sweep re-sends it.
+    """
+    settings = get_settings()
+    ports = ports or range(settings.port_base, settings.port_base + settings.port_count)
+    begin_locked(session)
+    try:
+        placements = _place(session, box_ttl_s=box_ttl_s, ports=ports)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    for p in placements:
+        if dispatch is None:
+            continue
+        try:
+            dispatch(p.job_id, p.attempt, p.queue)
+        except Exception:
+            log.exception(
+                "dispatch of job %s attempt %s to %s failed; the sweep will re-send",
+                p.job_id,
+                p.attempt,
+                p.queue,
+            )
+    return placements
+
+
+def _place(session: Session, *, box_ttl_s: float | None, ports: range) -> list[Placement]:
+    boxes_q = select(Box).order_by(Box.name)
+    if box_ttl_s is not None:
+        boxes_q = boxes_q.where(Box.heartbeat_at >= utcnow() - timedelta(seconds=box_ttl_s))
+    boxes = {b.name: b for b in session.scalars(boxes_q)}
+    if not boxes:
+        return []
+    free: dict[str, list[int]] = {name: [] for name in boxes}
+    size: dict[str, int] = dict.fromkeys(boxes, 0)
+    for gpu in session.scalars(select(Gpu).where(Gpu.box.in_(boxes)).order_by(Gpu.box, Gpu.index)):
+        size[gpu.box] += 1
+        if gpu.job_id is None:
+            free[gpu.box].append(gpu.index)
+    largest = max(size.values())
+    used_ports: dict[str, set[int]] = {name: set() for name in boxes}
+    for box, port in session.execute(
+        select(Job.box, Job.master_port).where(Job.master_port.is_not(None), Job.box.in_(boxes))
+    ):
+        used_ports[box].add(port)
+
+    placements: list[Placement] = []
+    for job in session.scalars(queued_order(select(Job).where(Job.cancel_requested.is_(False)))):
+        if job.gpus > largest:
+            continue  # can never run on the boxes there are; do not block the queue behind it
+        fitting = [name for name in boxes if len(free[name]) >= job.gpus]
+        if not fitting:
+            break  # the head waits for GPUs; everything behind it waits too
+        box = min(fitting, key=lambda name: (len(free[name]), name))
+        port = next((p for p in ports if p not in used_ports[box]), None)
+        if port is None:
+            log.warning("box %s has no free rendezvous port in %s; job %s waits", box, ports, job.id)
+            break
+        gpu_ids = free[box][: job.gpus]
+        if not _claim(session, job, box, gpu_ids, port):
+            continue
+        free[box] = free[box][job.gpus :]
+        used_ports[box].add(port)
+        placements.append(Placement(job.id, job.attempt, box, boxes[box].queue, gpu_ids, port))
+    return placements
+
+
+def _claim(session: Session, job: Job, box: str, gpu_ids: list[int], port: int) -> bool:
+    """Take the GPUs and move the job to `starting`, or change nothing (savepoint)."""
+    with session.begin_nested() as nested:
+        taken = session.execute(
+            update(Gpu)
+            .where(Gpu.box == box, Gpu.index.in_(gpu_ids), Gpu.job_id.is_(None))
+            .values(job_id=job.id)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if taken != len(gpu_ids) or not transition(
+            session,
+            job.id,
+            to=JobState.STARTING,
+            from_states=[JobState.QUEUED],
+            attempt=job.attempt,
+            box=box,
+            gpu_ids=gpu_ids,
+            master_port=port,
+            cancel_requested=False,
+        ):
+            nested.rollback()
+            log.info("job %s changed while being placed; skipped", job.id)
+            return False
+    return True
+
+
+def queued_order(query: Any) -> Any:
+    """Restrict a Job select to queued jobs in scheduling order."""
+    return query.where(Job.state == JobState.QUEUED.value).order_by(
+        Job.priority.desc(), Job.created_at.asc(), Job.id.asc()
+    )
+
+
+def free_gpus(session: Session, job_id: str) -> int:
+    """Release the job's GPUs and rendezvous port (call only once its processes are gone). Does not commit."""
+    freed = session.execute(
+        update(Gpu)
+        .where(Gpu.job_id == job_id)
+        .values(job_id=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(master_port=None)
+        .execution_options(synchronize_session=False)
+    )
+    return freed
+
+
+def register_box(session: Session, name: str, gpus: Sequence[GpuInfo | dict[str, Any]]) -> Box:
+    """Create or refresh a box and its GPUs (a worker calls this at start). Does not commit.
+
+    GPUs that vanished are removed unless a job holds them; allocations of the others are kept.
+    """
+    infos = [g if isinstance(g, GpuInfo) else GpuInfo(**g) for g in gpus]
+    box = session.get(Box, name)
+    if box is None:
+        box = Box(name=name, queue=keys.box_queue(name))
+        session.add(box)
+    box.heartbeat_at = utcnow()
+    session.flush()
+    existing = {g.index: g for g in session.scalars(select(Gpu).where(Gpu.box == name))}
+    for info in infos:
+        gpu = existing.pop(info.index, None)
+        if gpu is None:
+            session.add(Gpu(box=name, index=info.index, name=info.name, memory_mb=info.memory_mb))
+        else:
+            gpu.name, gpu.memory_mb = info.name, info.memory_mb
+    for gpu in existing.values():
+        if gpu.job_id is None:
+            session.delete(gpu)
+    session.flush()
+    return box
+
+
+def heartbeat_box(session: Session, name: str) -> bool:
+    """Mark the box alive now. Does not commit."""
+    return (
+        session.execute(
+            update(Box)
+            .where(Box.name == name)
+            .values(heartbeat_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        == 1
+    )
+
+
+def queue_positions(session: Session) -> dict[str, int]:
+    """1-based position of every queued job in scheduling order."""
+    ids = session.scalars(queued_order(select(Job.id))).all()
+    return {job_id: i for i, job_id in enumerate(ids, 1)}
+
+
+def queue_position_for(session: Session, *, priority: int) -> int:
+    """The position a job submitted now with this priority would get."""
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.state == JobState.QUEUED.value, Job.priority >= priority)
+    )
+    return int(ahead or 0) + 1
+
+
+def held_gpus(session: Session) -> dict[str, list[tuple[str, int]]]:
+    """job id -> [(box, gpu index)] for every allocated GPU (a consistency view for tests and /gpus)."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for box, index, job_id in session.execute(
+        select(Gpu.box, Gpu.index, Gpu.job_id).where(Gpu.job_id.is_not(None))
+    ):
+        out.setdefault(job_id, []).append((box, index))
+    return out

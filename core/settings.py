@@ -1,0 +1,95 @@
+"""All configuration: one pydantic-settings object read from `TRAINBOX_*` environment variables.
+
+Built once (`get_settings()`) and validated at start, so a bad value fails the start with a clear
+message instead of the first request.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """trainbox settings; every field can be set as `TRAINBOX_<FIELD>` (e.g. TRAINBOX_DATABASE_URL)."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAINBOX_", extra="ignore", validate_default=True)
+
+    data_dir: Path = Field(Path(".trainbox"), description="base directory for the embedded defaults")
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite file under data_dir")
+    redis_url: str | None = Field(None, description="None: `trainbox up` starts an embedded server")
+    runs_root: Path | None = Field(None, description="run directories; default data_dir/runs")
+    model_root: Path | None = Field(None, description="local model directories; default data_dir/models")
+    data_root: Path | None = Field(None, description="training data; default data_dir/data")
+
+    box_name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    cpu_slots: int = Field(2, ge=1, le=256, description="slots a box without GPUs offers")
+
+    heartbeat_s: float = Field(5.0, gt=0, description="how often a supervisor renews its lease")
+    lease_s: float = Field(30.0, gt=0, description="a lease not renewed for this long is expired")
+    sweep_interval_s: float = Field(10.0, gt=0, description="period of the scheduler/reaper sweep")
+    cancel_grace_s: float = Field(30.0, ge=0, description="SIGTERM -> SIGKILL delay on cancel/timeout")
+    stream_maxlen: int = Field(10000, ge=100, description="approximate cap of each job's event stream")
+    max_attempts: int = Field(3, ge=1, le=100, description="runs of one job before it fails as `lost`")
+
+    port_base: int = Field(29500, ge=1024, le=65000, description="first rendezvous (master) port")
+    port_count: int = Field(500, ge=1, le=10000, description="rendezvous ports per box")
+
+    sse_block_ms: int = Field(5000, ge=10, le=60000, description="XREAD BLOCK per SSE poll")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'trainbox.db'}"
+        self.database_url = normalize_database_url(self.database_url)
+        self.runs_root = (self.runs_root or self.data_dir / "runs").expanduser().resolve()
+        self.model_root = (self.model_root or self.data_dir / "models").expanduser().resolve()
+        self.data_root = (self.data_root or self.data_dir / "data").expanduser().resolve()
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if self.lease_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must be at least twice heartbeat_s ({self.heartbeat_s}), "
+                "or one late heartbeat would expire a healthy job"
+            )
+        if self.port_base + self.port_count > 65536:
+            raise ValueError("port_base + port_count must stay below 65536")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def run_dir(self, job_id: str) -> Path:
+        """Where a job's run directory lives (see docs/TRAINER.md for its layout)."""
+        assert self.runs_root is not None
+        return self.runs_root / job_id
+
+
+def normalize_database_url(url: str) -> str:
+    """Pin Postgres URLs to the psycopg 3 driver; refuse in-memory SQLite (each connection is a new DB)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    if url.startswith("sqlite"):
+        if url in ("sqlite://", "sqlite:///:memory:") or ":memory:" in url:
+            raise ValueError("database_url: in-memory SQLite is not supported; name a file")
+        return url
+    if url.startswith("postgresql+psycopg://"):
+        return url
+    raise ValueError(f"database_url must be a sqlite:/// or postgresql:// URL, got {url.split(':')[0]}://...")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()
