@@ -1,0 +1,45 @@
+"""`python -m trainer run|bench`: the training program, runnable on its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True, help="the JobSpec as JSON")
+    p.add_argument("--run-dir", required=True, help="where events, logs, checkpoints and the model go")
+    p.add_argument("--model-root", default=".", help="model directories are looked up under this root")
+    p.add_argument("--data-root", default=".", help="dataset paths are looked up under this root")
+    p.add_argument("--no-save", action="store_true", help="no checkpoints and no final model (benchmarks)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="train: start one process per rank and supervise them")
+    _common(run)
+    run.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
+    run.add_argument("--die-with-parent", action="store_true", help="exit when the calling process dies")
+    rank = sub.add_parser("rank", help="one rank (started by `run`)")
+    _common(rank)
+    bench = sub.add_parser("bench", help="throughput and memory over batch sizes, warm-up excluded")
+    from trainer.bench import add_arguments
+
+    add_arguments(bench)
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        from trainer.launch import Launcher
+
+        return Launcher(args).run()
+    if args.cmd == "rank":
+        from trainer.rank import main as rank_main
+
+        return rank_main(args)
+    from trainer.bench import main as bench_main
+
+    return bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The launcher: one process per rank, their output into train.log, fate shared, end always reported.
+
+Like `deepspeed`/`torchrun` for one box, plus what a supervised service needs: ranks die with the
+launcher (PR_SET_PDEATHSIG), a failing rank stops the others, SIGTERM reaches every rank so they
+checkpoint together, and the `end` event names the rank that failed first and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainer.events import (
+    ERRORS_DIR,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    LOG_FILE,
+    EventWriter,
+    read_events,
+)
+from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
+from trainer.spec import JobSpec
+
+PR_SET_PDEATHSIG = 1
+FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get before SIGKILL
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process may use, without importing torch (NVML, CUDA_VISIBLE_DEVICES)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = int(pynvml.nvmlDeviceGetCount())
+        pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: a CPU box
+        return 0
+    return min(count, len([d for d in cvd.split(",") if d.strip()])) if cvd else count
+
+
+def _describe_exit(rank: int, code: int) -> str:
+    if code < 0:
+        return f"rank {rank} was killed by {signal.Signals(-code).name}"
+    return f"rank {rank} exited with code {code}"
+
+
+def _copy_output(proc: subprocess.Popen[bytes], rank: int, log: Any, lock: threading.Lock) -> None:
+    assert proc.stdout is not None
+    prefix = f"[rank {rank}] ".encode()
+    for line in iter(proc.stdout.readline, b""):
+        with lock:
+            log.write(prefix + line)
+            log.flush()
+
+
+class Launcher:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.run_dir = Path(args.run_dir)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _end(self, status: str, error: dict[str, Any] | None = None) -> None:
+        writer = EventWriter(self.run_dir)
+        writer.emit("end", status=status, step=None, error=error)
+        writer.close()
+
+    def _precheck(self) -> JobSpec:
+        """Spec and paths checked before any rank starts: a bad job fails in milliseconds."""
+        spec = JobSpec.model_validate_json(Path(self.args.spec).read_text())
+        resolve_model(spec.model, Path(self.args.model_root))
+        inspect_dataset(resolve_dataset(spec.dataset, Path(self.args.data_root)), spec.dataset, max_records=1000)
+        return spec
+
+    def _env(self, world: int, gpus: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(self.args.master_port or free_port()),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            PYTHONUNBUFFERED="1",
+        )
+        if gpus == 0:
+            env["DS_ACCELERATOR"] = "cpu"
+            cores = len(os.sched_getaffinity(0))
+            env.setdefault("OMP_NUM_THREADS", str(max(1, cores // world)))
+        return env
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.args.die_with_parent:
+            set_pdeathsig(signal.SIGKILL)
+        try:
+            spec = self._precheck()
+        except (ValidationError, SpecError, ValueError) as e:
+            self._end("failed", {"type": "invalid", "message": str(e)})
+            print(f"invalid: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        gpus = visible_gpus()
+        if gpus and gpus < spec.gpus:
+            msg = f"the spec needs {spec.gpus} GPUs but only {gpus} are visible to this launcher"
+            self._end("failed", {"type": "launch_error", "message": msg})
+            return EXIT_FAILED
+        errors = self.run_dir / ERRORS_DIR
+        for f in errors.glob("rank-*.json") if errors.is_dir() else []:
+            f.unlink()
+        offset = (self.run_dir / "events.jsonl").stat().st_size if (self.run_dir / "events.jsonl").exists() else 0
+
+        signal.signal(signal.SIGTERM, self._forward)
+        signal.signal(signal.SIGINT, self._forward)
+        env = self._env(spec.gpus, gpus)
+        cmd = [sys.executable, "-m", "trainer", "rank", "--spec", str(self.args.spec), "--run-dir",
+               str(self.run_dir), "--model-root", str(self.args.model_root), "--data-root", str(self.args.data_root)]
+        if self.args.no_save:
+            cmd.append("--no-save")
+        lock = threading.Lock()
+        copiers = []
+        with (self.run_dir / LOG_FILE).open("ab") as log:
+            for r in range(spec.gpus):
+                p = subprocess.Popen(
+                    cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig,
+                )
+                self.procs.append(p)
+                t = threading.Thread(target=_copy_output, args=(p, r, log, lock), daemon=True)
+                t.start()
+                copiers.append(t)
+            first_failure = self._wait()
+            for t in copiers:
+                t.join(timeout=5)
+        return self._finish(first_failure, offset)
+
+    def _wait(self) -> tuple[int, int] | None:
+        """Wait for every rank; on the first failure stop the rest (SIGTERM, then SIGKILL)."""
+        first: tuple[int, int] | None = None
+        kill_at = None
+        while any(p.poll() is None for p in self.procs):
+            for r, p in enumerate(self.procs):
+                code = p.poll()
+                if code is not None and code not in (EXIT_OK, EXIT_PREEMPTED) and first is None:
+                    first = (r, code)
+                    kill_at = time.monotonic() + FAILURE_GRACE_S
+                    self._forward(signal.SIGTERM, None)
+            if kill_at is not None and time.monotonic() > kill_at:
+                for p in self.procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+        if first is None:
+            for r, p in enumerate(self.procs):
+                if p.returncode not in (EXIT_OK, EXIT_PREEMPTED):
+                    first = (r, p.returncode)
+                    break
+        return first
+
+    def _finish(self, first_failure: tuple[int, int] | None, offset: int) -> int:
+        ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))
+        if first_failure is None:
+            preempted = any(p.returncode == EXIT_PREEMPTED for p in self.procs)
+            if not ended:
+                self._end("preempted" if preempted else "succeeded")
+            return EXIT_PREEMPTED if preempted else EXIT_OK
+        rank, code = first_failure
+        error_file = self.run_dir / ERRORS_DIR / f"rank-{rank}.json"
+        if error_file.exists():
+            import json
+
+            err = json.loads(error_file.read_text())
+            error = {"type": err["type"], "message": f"rank {rank}: {err['message']}", "exit_code": code}
+        else:
+            error = {"type": "train_error", "message": _describe_exit(rank, code), "exit_code": code}
+        if not ended:
+            self._end("failed", error)
+        return EXIT_INVALID if error["type"] == "invalid" else EXIT_FAILED

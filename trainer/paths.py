@@ -1,0 +1,137 @@
+"""Where a spec's model and dataset live, checked against the configured roots.
+
+No torch here: the API runs these checks at submission so a bad path is a 422, not a failed job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from trainer.spec import DatasetRef, check_relative_path
+
+UPLOADS_DIR = "uploads"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run here: a path outside its root, a missing file, unusable data."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["preset", "local", "hub"]
+    name: str  # the preset name, the local directory, or the hub id
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    path: Path
+    format: Literal["jsonl", "text"]
+    records: int
+    bytes: int
+
+
+def resolve_under(root: Path, rel: str, what: str) -> Path:
+    """root/rel, refusing absolute paths, '..' and symlinks that lead outside root."""
+    try:
+        check_relative_path(rel, what)
+    except ValueError as e:
+        raise SpecError(str(e), what) from None
+    real_root = root.resolve()
+    path = (real_root / rel).resolve()
+    if not path.is_relative_to(real_root):
+        raise SpecError(f"{what} {rel!r} leads outside its configured root", what)
+    return path
+
+
+def uploaded_dataset_path(data_root: Path, dataset_id: str) -> Path:
+    """Where an uploaded dataset with this id is stored."""
+    return data_root / UPLOADS_DIR / dataset_id
+
+
+def resolve_dataset(ref: DatasetRef, data_root: Path) -> Path:
+    """The dataset file a spec names; raises SpecError if it is not a readable file under the root."""
+    if ref.id is not None:
+        path = uploaded_dataset_path(data_root.resolve(), ref.id)
+        if not path.is_file():
+            raise SpecError(f"no uploaded dataset with id {ref.id!r}", "dataset.id")
+        return path
+    assert ref.path is not None
+    path = resolve_under(data_root, ref.path, "dataset.path")
+    if not path.is_file():
+        raise SpecError(f"dataset file {ref.path!r} not found under the data root", "dataset.path")
+    return path
+
+
+def resolve_model(model: str, model_root: Path) -> ModelSource:
+    """Classify the spec's model: a preset, a directory under the model root, or a cached hub id."""
+    if model.startswith("preset:"):
+        return ModelSource("preset", model.removeprefix("preset:"))
+    local = resolve_under(model_root, model, "model")
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise SpecError(f"model directory {model!r} has no config.json (save it with save_pretrained)", "model")
+        return ModelSource("local", str(local))
+    if model.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            return ModelSource("hub", model)
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise SpecError(
+            f"model {model!r} is neither a directory under the model root nor in the local Hugging Face "
+            f"cache ({home}); this box trains offline: on the box run `hf download {model}` "
+            f"(same HF_HOME), or save the model under the model root and name that directory",
+            "model",
+        )
+    raise SpecError(f"model directory {model!r} not found under the model root", "model")
+
+
+def sniff_format(path: Path) -> Literal["jsonl", "text"]:
+    with path.open("rb") as f:
+        for raw in f:
+            line = raw.strip()
+            if line:
+                return "jsonl" if line.startswith(b"{") else "text"
+    return "text"
+
+
+def inspect_dataset(path: Path, ref: DatasetRef, max_records: int | None = None) -> DatasetInfo:
+    """Check that the file is usable training text; SpecError names the line that is not."""
+    fmt = sniff_format(path) if ref.format == "auto" else ref.format
+    records = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if max_records is not None and records >= max_records:
+                break
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise SpecError(f"dataset line {lineno} is not UTF-8 text", "dataset") from None
+            if not line:
+                continue
+            if fmt == "jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SpecError(f"dataset line {lineno} is not valid JSON: {e.msg}", "dataset") from None
+                if not isinstance(obj, dict) or ref.text_field not in obj:
+                    raise SpecError(
+                        f"dataset line {lineno} has no text field {ref.text_field!r} "
+                        f"(set dataset.text_field to the field that holds the text)",
+                        "dataset.text_field",
+                    )
+                if not isinstance(obj[ref.text_field], str):
+                    raise SpecError(f"dataset line {lineno}: field {ref.text_field!r} is not a string", "dataset")
+            records += 1
+    if records == 0:
+        raise SpecError("dataset is empty: no non-blank lines", "dataset")
+    return DatasetInfo(path=path, format=fmt, records=records, bytes=path.stat().st_size)

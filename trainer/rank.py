@@ -1,0 +1,168 @@
+"""One rank's program: spec -> distributed init -> data -> model -> engine -> loop -> save.
+
+Started by `trainer.launch` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set. Rank 0 writes
+events for people; every rank writes its own error file if it fails, for the launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from trainer.events import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EventWriter, write_rank_error
+from trainer.loop import GiB, Diverged, Loop, StopFlag, save_final_model
+from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
+from trainer.spec import JobSpec
+
+
+def _setup_device() -> tuple[Any, bool]:
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), True
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return torch.device("cpu"), False
+
+
+def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
+    import deepspeed
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from trainer import checkpoint, model as models
+    from trainer.data import PackedBatches, ensure_tokens, token_cache_path
+    from trainer.dsconfig import build_ds_config, optimizer_summary, resolve_precision, total_steps
+    from trainer.hardware import peak_flops
+    from trainer.presets import flops_per_token
+
+    run_dir = Path(args.run_dir)
+    spec = JobSpec.model_validate_json(Path(args.spec).read_text())
+    device, on_gpu = _setup_device()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != spec.gpus:
+        raise SpecError(f"the spec asks for {spec.gpus} GPUs but {world} ranks were started", "gpus")
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+
+    source = resolve_model(spec.model, Path(args.model_root))
+    info = inspect_dataset(resolve_dataset(spec.dataset, Path(args.data_root)), spec.dataset)
+    tokenizer = models.load_tokenizer(source)
+    token_file = token_cache_path(info, spec.dataset.text_field, models.tokenizer_id(source, tokenizer), run_dir / "data")
+    if rank == 0:
+        checkpoint.remove_partial(run_dir)
+        ensure_tokens(
+            info,
+            spec.dataset.text_field,
+            lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+            token_file,
+        )
+    dist.barrier()  # rank 0 tokenized; the others map the same file
+    batches = PackedBatches(np.load(token_file, mmap_mode="r"), spec.seq_len, spec.batch, rank, spec.seed)
+    steps = total_steps(spec, batches.steps_per_epoch)
+
+    precision, notes = resolve_precision(spec, on_gpu=on_gpu, bf16_supported=bool(get_accelerator().is_bf16_supported()))
+    ds_config = build_ds_config(spec, precision=precision, steps=steps)
+    model = models.build_model(source, ds_config=ds_config, gradient_checkpointing=spec.gradient_checkpointing)
+    opt = optimizer_summary(spec)
+    optimizer_cls = torch.optim.AdamW if opt["type"] == "AdamW" else torch.optim.Adam
+    optimizer = optimizer_cls(
+        models.param_groups(model, opt["weight_decay"]),
+        lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+        fused=on_gpu or None,  # one kernel for all parameters on GPU
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    cfg = model.config
+    n_params = models.count_params(model)
+    fpt = None
+    if all(hasattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")):
+        fpt = flops_per_token(cfg.to_dict(), spec.seq_len)
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    loop = Loop(
+        spec=spec, run_dir=run_dir, engine=engine, batches=batches, device=device, events=events, stop=stop,
+        total_steps=steps, flops_per_token=fpt, peak_flops=peak_flops(device_name) if on_gpu else None,
+        precision=precision, save_outputs=not args.no_save,
+    )
+    resumed = loop.resume()
+    for note in notes:
+        loop.say(f"note: {note}")
+    if events is not None:
+        plan = spec.batch
+        events.emit(
+            "start", world_size=world, micro_batch=plan.micro, grad_accum=plan.accum,
+            train_batch_size=plan.train, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
+            resumed_from_step=resumed, precision=precision, notes=notes, n_params=n_params,
+            device=device_name, seq_len=spec.seq_len, dataset_tokens=int(len(batches.tokens)),
+            optimizer=opt, deepspeed_config=ds_config,
+        )
+    code = loop.run()
+    if code != EXIT_OK:
+        if events is not None:
+            events.emit("end", status="preempted", step=loop.step, error=None)
+        return code
+    model_path = None
+    if not args.no_save:
+        model_path = save_final_model(engine, tokenizer, run_dir, ds_config["zero_optimization"]["stage"])
+    if events is not None:
+        events.emit("end", status="succeeded", step=loop.step, error=None,
+                    model_path=str(model_path.relative_to(run_dir)) if model_path else None)
+    return EXIT_OK
+
+
+def _oom_message(exc: BaseException) -> str:
+    import torch
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device()
+        peak = torch.cuda.max_memory_allocated(dev) / GiB
+        total = torch.cuda.get_device_properties(dev).total_memory / GiB
+        return f"out of GPU memory at {peak:.2f} GiB allocated of {total:.1f} GiB: {first}"
+    return f"out of memory: {first}"
+
+
+def main(args: Any) -> int:
+    run_dir = Path(args.run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    events = EventWriter(run_dir) if rank == 0 else None
+    stop = StopFlag()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def fail(error_type: str, message: str, code: int) -> int:
+        # The launcher writes the failed `end` event: it knows which rank failed first (a rank whose
+        # peer died sees only a broken connection, which is not the cause worth reporting).
+        write_rank_error(run_dir, rank, error_type, message)
+        return code
+
+    try:
+        return train(args, stop, events)
+    except SpecError as e:
+        print(f"invalid: {e}", file=sys.stderr, flush=True)
+        return fail("invalid", str(e), EXIT_INVALID)
+    except (MemoryError,) as e:
+        traceback.print_exc()
+        return fail("oom", _oom_message(e), EXIT_FAILED)
+    except Diverged as e:
+        print(f"diverged: {e}", file=sys.stderr, flush=True)
+        return fail("train_error", str(e), EXIT_FAILED)
+    except Exception as e:
+        traceback.print_exc()
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            return fail("oom", _oom_message(e), EXIT_FAILED)
+        return fail("train_error", f"{type(e).__name__}: {e}", EXIT_FAILED)
