@@ -1,0 +1,111 @@
+"""The FastAPI application: `create_app(settings)` for tests and embedding, `app` for uvicorn.
+
+uvicorn api.app:app          (settings from TRAINBOX_* environment variables)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api import errors
+from api.observability import MetricsMiddleware, make_registry
+from api.routers import events, files, jobs, system
+from core import events as job_events
+from core import keys
+from core.db import make_engine, make_sessionmaker
+from core.scheduler import Dispatch
+from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_DEFAULT = object()
+
+
+def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | Any = _DEFAULT) -> FastAPI:
+    """Build the app. `dispatch` sends run_job to a box (default: Celery over the settings' Redis)."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    sync_redis = SyncRedis.from_url(settings.redis_url, socket_timeout=5) if settings.redis_url else None
+    if dispatch is _DEFAULT:
+        from core.dispatch import celery_dispatcher
+
+        dispatch = celery_dispatcher(settings.redis_url) if settings.redis_url else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The async client belongs to the server's event loop: made here, closed here.
+        app.state.redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        try:
+            yield
+        finally:
+            if app.state.redis is not None:
+                await app.state.redis.aclose()
+            app.state.redis = None
+
+    app = FastAPI(
+        title="trainbox",
+        version="0.1.0",
+        summary="Share one multi-GPU box for LLM training: submit, schedule, run and follow DeepSpeed jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.redis = None
+    app.state.dispatch = dispatch
+    app.state.publish = _publisher(sync_redis, settings)
+    app.state.notify_cancel = _cancel_notifier(sync_redis)
+    registry, requests, latency = make_registry(app.state.sessions)
+    app.state.registry = registry
+    app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
+    errors.install(app)
+    for module in (jobs, events, files, system):
+        app.include_router(module.router)
+    return app
+
+
+def _publisher(redis: SyncRedis | None, settings: Settings) -> Any:
+    def publish(job_id: str, event: dict[str, Any]) -> None:
+        """Best effort: the DB holds the state; the stream only tells followers sooner."""
+        if redis is None:
+            return
+        try:
+            job_events.publish(redis, job_id, {"time": time.time(), **event}, maxlen=settings.stream_maxlen)
+        except RedisError as e:
+            log.warning("could not publish %s for job %s: %s", event.get("type"), job_id, e)
+
+    return publish
+
+
+def _cancel_notifier(redis: SyncRedis | None) -> Any:
+    def notify(job_id: str) -> None:
+        if redis is None:
+            return
+        try:
+            redis.publish(keys.job_cancel(job_id), "cancel")
+        except RedisError as e:
+            log.warning("could not notify cancel of job %s: %s", job_id, e)
+
+    return notify
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `app` is built on first access, so importing this module has no side effects.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

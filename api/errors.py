@@ -1,0 +1,109 @@
+"""One error shape for every error: `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.jobs import IdempotencyConflict, InvalidCursor, JobNotFound
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with a status, a message, where it applies and a machine-readable type."""
+
+    status_code = 400
+    type = "bad_request"
+
+    def __init__(self, msg: str, loc: list[str | int] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(msg)
+        self.msg = msg
+        self.loc = loc or []
+        self.headers = headers
+
+
+class NotFound(ApiError):
+    status_code = 404
+    type = "not_found"
+
+
+class Unprocessable(ApiError):
+    status_code = 422
+    type = "value_error"
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+    type = "unavailable"
+
+
+def error_body(msg: str, loc: list[Any] | None = None, type_: str = "error") -> dict[str, Any]:
+    return {"detail": [{"loc": loc or [], "msg": msg, "type": type_}]}
+
+
+def _clean_msg(msg: str) -> str:
+    # pydantic prefixes messages of validator-raised ValueErrors; the message itself is what matters.
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = [
+        {
+            "loc": list(e.get("loc", [])),
+            "msg": _clean_msg(str(e.get("msg", ""))),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.detail, list):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
+    body = error_body(str(exc.detail), [], kind.get(exc.status_code, "http_error"))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _api(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(
+        error_body(exc.msg, exc.loc, exc.type), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def _not_found(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), ["path", "job_id"], "not_found"), status_code=404)
+
+
+def _conflict(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), ["header", "Idempotency-Key"], "conflict"), status_code=409)
+
+
+def _bad_cursor(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), ["query", "cursor"], "value_error"), status_code=422)
+
+
+def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal server error", [], "internal_error"), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into the one shape."""
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(ApiError, _api)
+    app.add_exception_handler(JobNotFound, _not_found)
+    app.add_exception_handler(IdempotencyConflict, _conflict)
+    app.add_exception_handler(InvalidCursor, _bad_cursor)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,93 @@
+"""Prometheus metrics: request counts and latencies (middleware), jobs and GPUs (read at scrape time)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.models import Gpu, Job
+from core.states import JobState
+
+
+class StateCollector(Collector):
+    """Jobs by state and GPUs in use, counted in the database when Prometheus scrapes."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Any]:
+        jobs = GaugeMetricFamily("trainbox_jobs", "Jobs by state", labels=["state"])
+        gpus = GaugeMetricFamily("trainbox_gpus", "GPUs (or CPU slots) by use", labels=["use"])
+        with self.sessions() as session:
+            counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            total = session.scalar(select(func.count()).select_from(Gpu)) or 0
+            used = session.scalar(select(func.count()).select_from(Gpu).where(Gpu.job_id.is_not(None))) or 0
+        for state in JobState:
+            jobs.add_metric([state.value], counts.get(state.value, 0))
+        gpus.add_metric(["in_use"], used)
+        gpus.add_metric(["free"], total - used)
+        yield jobs
+        yield gpus
+
+
+def make_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, Counter, Histogram]:
+    """A registry per app (tests build several apps in one process)."""
+    registry = CollectorRegistry()
+    requests = Counter(
+        "trainbox_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "trainbox_http_request_seconds",
+        "Time to the response start",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+    registry.register(StateCollector(sessions))
+    return registry, requests, latency
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (not raw path: ids would explode the label set)."""
+
+    def __init__(self, app: ASGIApp, get_metrics: Callable[[], tuple[Counter, Histogram] | None]) -> None:
+        self.app = app
+        self.get_metrics = get_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        timed = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, timed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                metrics = self.get_metrics()
+                if metrics and not timed:
+                    timed = True
+                    metrics[1].labels(scope["method"], _route(scope)).observe(time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics = self.get_metrics()
+            if metrics:
+                metrics[0].labels(scope["method"], _route(scope), str(status)).inc()
+
+
+def _route(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

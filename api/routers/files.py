@@ -1,0 +1,43 @@
+"""A job's files: the training log and the artifacts (final model, checkpoints)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, PlainTextResponse
+
+from api.artifacts import artifact_path, list_artifacts, tail_lines
+from api.deps import JobDep, SettingsDep
+from api.schemas import Artifacts
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["files"])
+
+
+@router.get("/logs", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
+def job_logs(
+    job: JobDep,
+    settings: SettingsDep,
+    tail: Annotated[int | None, Query(ge=1, le=100_000, description="only the last N lines")] = None,
+) -> PlainTextResponse:
+    """The training log (every rank's output); empty until the job has started."""
+    path = settings.run_dir(job.id) / "train.log"
+    if not path.is_file():
+        return PlainTextResponse("")
+    if tail is None:
+        return FileResponse(path, media_type="text/plain; charset=utf-8")  # type: ignore[return-value]
+    lines = tail_lines(path, tail)
+    return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""))
+
+
+@router.get("/artifacts", response_model=Artifacts)
+def job_artifacts(job: JobDep, settings: SettingsDep) -> Artifacts:
+    """The final model's files and the checkpoints, with sizes."""
+    return Artifacts.model_validate(list_artifacts(settings.run_dir(job.id)))
+
+
+@router.get("/artifacts/{name:path}", response_class=FileResponse)
+def download_artifact(job: JobDep, settings: SettingsDep, name: str) -> FileResponse:
+    """Download one file of the model or a checkpoint (names as listed by /artifacts)."""
+    path = artifact_path(settings.run_dir(job.id), name)
+    return FileResponse(path, filename=path.name)

@@ -1,0 +1,122 @@
+"""Jobs: submit, validate, list, read, cancel, step history."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+
+from api.artifacts import list_artifacts
+from api.deps import CurrentUser, DispatchDep, JobDep, SessionDep, SettingsDep
+from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
+from api.validation import check_files, check_fits_a_box, dry_run
+from core import jobs as service
+from core.scheduler import queue_positions, schedule
+from core.states import JobState
+from trainer.spec import JobSpec
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def read_job(request: Request, job_id: str, session: SessionDep) -> JobRead:
+    job = service.get_job(session, job_id)
+    positions = queue_positions(session) if job.state == JobState.QUEUED else {}
+    run_dir = request.app.state.settings.run_dir(job.id)
+    return JobRead.of(
+        job,
+        positions,
+        spec=job.spec,
+        max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested,
+        master_port=job.master_port,
+        artifacts=Artifacts.model_validate(list_artifacts(run_dir)),
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+def submit_job(
+    spec: JobSpec,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    dispatch: DispatchDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
+) -> JobRead:
+    """Submit a training job; it is queued and placed on GPUs as soon as they are free."""
+    check_files(spec, settings)
+    check_fits_a_box(spec, session)
+    submitted = service.create_job(session=session, owner=user, spec=spec, idempotency_key=idempotency_key)
+    if submitted.created:
+        request.app.state.publish(submitted.job.id, {"type": "state", "state": JobState.QUEUED.value})
+        try:
+            schedule(session, dispatch)
+        except Exception:
+            # The job is committed; the periodic sweep will place it.
+            log.exception("scheduling after submit of %s failed", submitted.job.id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return read_job(request, submitted.job.id, session)
+
+
+@router.post("/validate", response_model=ValidateResult)
+def validate_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser
+) -> ValidateResult:
+    """Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position."""
+    return ValidateResult(**dry_run(spec, settings, session))
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    user: CurrentUser,
+    state: Annotated[list[JobState] | None, Query(description="repeat to match several states")] = None,
+    owner: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> JobPage:
+    """Jobs, newest first, one page at a time."""
+    page, next_cursor = service.list_jobs(session, states=state, owner=owner, limit=limit, cursor=cursor)
+    positions = queue_positions(session) if any(j.state == JobState.QUEUED for j in page) else {}
+    return JobPage(data=[JobSummary.of(j, positions) for j in page], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def get_job(job: JobDep, request: Request, session: SessionDep) -> JobRead:
+    """One job: state, placement, progress with ETA, latest metrics, error, artifacts."""
+    return read_job(request, job.id, session)
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+def cancel_job(job: JobDep, request: Request, session: SessionDep, dispatch: DispatchDep) -> JobRead:
+    """Cancel: a queued job ends at once, a running one is stopped by its worker. Idempotent."""
+    before = job.state
+    after = service.request_cancel(session=session, job_id=job.id)
+    if after.state != before:
+        request.app.state.publish(job.id, {"type": "state", "state": after.state})
+        request.app.state.notify_cancel(job.id)
+    if after.state == JobState.CANCELLED and before == JobState.QUEUED:
+        try:
+            schedule(session, dispatch)  # a blocking head job may have just left the queue
+        except Exception:
+            log.exception("scheduling after cancel of %s failed", job.id)
+    return read_job(request, job.id, session)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricPage)
+def job_metrics(
+    job: JobDep,
+    session: SessionDep,
+    after_step: Annotated[int, Query(ge=-1)] = -1,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> MetricPage:
+    """Step history (loss, lr, throughput, MFU, memory) after `after_step`, in step order."""
+    rows = service.list_metrics(session, job.id, after_step=after_step, limit=limit)
+    data = [service.metric_dict(m) for m in rows]
+    return MetricPage.model_validate(
+        {"data": data, "next_after_step": rows[-1].step if len(rows) == limit else None}
+    )

@@ -1,0 +1,165 @@
+"""What goes out of the API (the JobSpec in trainer.spec is what comes in)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from core.models import Job
+from core.progress import LATEST_FIELDS, progress_of
+
+
+class Progress(BaseModel):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: int | None = None
+    fraction: float | None = Field(None, description="step / total_steps")
+    eta_s: float | None = Field(None, description="seconds left at this attempt's average step rate")
+
+
+class Latest(BaseModel):
+    step: int | None = None
+    epoch: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    gpu_mem_gb: float | None = None
+    time: float | None = None
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str
+    owner: str
+    state: str
+    gpus: int
+    gpu_ids: list[int] | None
+    box: str | None
+    priority: int
+    attempt: int
+    queue_position: int | None = Field(None, description="1-based position among queued jobs")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    latest: Latest | None
+    error: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, job: Job, positions: dict[str, int] | None = None, **extra: Any) -> Any:
+        latest = job.latest
+        return cls(
+            id=job.id,
+            name=job.name,
+            owner=job.owner,
+            state=job.state,
+            gpus=job.gpus,
+            gpu_ids=job.gpu_ids,
+            box=job.box,
+            priority=job.priority,
+            attempt=job.attempt,
+            queue_position=(positions or {}).get(job.id),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            progress=Progress(**progress_of(job)),
+            latest=Latest(**{k: latest.get(k) for k in (*LATEST_FIELDS, "time")}) if latest else None,
+            error=job.error,
+            **extra,
+        )
+
+
+class Artifact(BaseModel):
+    name: str = Field(description="path relative to the run directory; GET /jobs/{id}/artifacts/{name}")
+    size: int
+
+
+class Checkpoint(BaseModel):
+    name: str
+    step: int
+    size: int
+
+
+class Artifacts(BaseModel):
+    model: list[Artifact] = Field(description="the final model (Hugging Face format), once saved")
+    checkpoints: list[Checkpoint] = Field(description="complete DeepSpeed checkpoints, oldest first")
+
+
+class JobRead(JobSummary):
+    spec: dict[str, Any]
+    max_attempts: int
+    cancel_requested: bool
+    master_port: int | None
+    artifacts: Artifacts | None = None
+
+
+class JobPage(BaseModel):
+    data: list[JobSummary]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next (older) page")
+
+
+class Metric(BaseModel):
+    step: int
+    attempt: int
+    epoch: int | None
+    loss: float | None
+    lr: float | None
+    samples_per_s: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    gpu_mem_gb: float | None
+    time: float
+
+
+class MetricPage(BaseModel):
+    data: list[Metric]
+    next_after_step: int | None = Field(None, description="pass as `after_step` for the next page")
+
+
+class MemoryEstimate(BaseModel):
+    per_gpu_gb: float | None
+    breakdown_gb: dict[str, float]
+    gpu_memory_gb: float | None = Field(None, description="smallest GPU on a box that can hold the job")
+    fits: bool | None = Field(None, description="None when there is no GPU (or no size) to compare with")
+    notes: list[str] = []
+
+
+class ValidateResult(BaseModel):
+    valid: bool = True
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    train_batch_size: int
+    precision: str
+    notes: list[str]
+    n_params: int | None
+    model: dict[str, str]
+    dataset: dict[str, Any]
+    deepspeed_config: dict[str, Any]
+    memory: MemoryEstimate
+    queue_position: int
+
+
+class GpuRead(BaseModel):
+    index: int
+    name: str
+    memory_mb: int | None
+    memory_used_mb: int | None
+    job: dict[str, Any] | None = Field(None, description="{id, name, owner, state} of the job holding it")
+
+
+class BoxRead(BaseModel):
+    name: str
+    queue: str
+    heartbeat_at: datetime
+    gpus: list[GpuRead]
+
+
+class GpuView(BaseModel):
+    data: list[BoxRead]
+    total: int
+    in_use: int

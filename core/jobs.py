@@ -1,0 +1,206 @@
+"""The job service: submit, cancel and read jobs. The API and the worker both call it.
+
+Functions take keyword arguments and decide where the transaction commits.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.models import Job, JobMetric, new_job_id, utcnow
+from core.settings import get_settings
+from core.states import JobState, transition
+from trainer.spec import JobSpec
+
+
+class JobNotFound(LookupError):
+    """No job with this id (or not one the caller may see)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} not found")
+        self.job_id = job_id
+
+
+class IdempotencyConflict(ValueError):
+    """The Idempotency-Key was used before with a different request body."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for job {job_id} with a different body; "
+            "use a new key for a different job"
+        )
+        self.job_id = job_id
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor this server did not hand out."""
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """A stable hash of the validated spec: equal specs hash equal however their JSON was written."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    created: bool  # False: an Idempotency-Key replay returned the job made earlier
+
+
+def create_job(
+    *, session: Session, owner: str, spec: JobSpec, idempotency_key: str | None = None
+) -> Submitted:
+    """Insert a queued job and commit (the caller then runs the scheduler)."""
+    digest = spec_hash(spec)
+    if idempotency_key is not None:
+        earlier = _by_idempotency_key(session, owner, idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, idempotency_key, digest)
+    job = Job(
+        id=new_job_id(),
+        name=spec.name,
+        owner=owner,
+        state=JobState.QUEUED.value,
+        spec=spec.model_dump(mode="json"),
+        gpus=spec.gpus,
+        priority=spec.priority,
+        attempt=1,
+        max_attempts=get_settings().max_attempts,
+        cancel_requested=False,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key committed first.
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        earlier = _by_idempotency_key(session, owner, idempotency_key)
+        if earlier is None:
+            raise
+        return _replay(earlier, idempotency_key, digest)
+    return Submitted(job, True)
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def _replay(job: Job, key: str, digest: str) -> Submitted:
+    if job.request_hash != digest:
+        raise IdempotencyConflict(key, job.id)
+    return Submitted(job, False)
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    """The job, or JobNotFound."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def request_cancel(*, session: Session, job_id: str) -> Job:
+    """Cancel a job and commit: queued -> cancelled at once; starting/running -> cancelling (the worker
+    stops the processes and finishes it); cancelling or terminal: nothing to do (idempotent)."""
+    get_job(session, job_id)
+    if not transition(
+        session, job_id, to=JobState.CANCELLED, from_states=[JobState.QUEUED], cancel_requested=True
+    ):
+        transition(
+            session,
+            job_id,
+            to=JobState.CANCELLING,
+            from_states=[JobState.STARTING, JobState.RUNNING],
+            cancel_requested=True,
+        )
+    session.commit()
+    job = get_job(session, job_id)
+    session.refresh(job)
+    return job
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None or not isinstance(job_id, str):
+            raise ValueError
+        return when, job_id
+    except (ValueError, TypeError) as e:
+        raise InvalidCursor("cursor is not one this server handed out; start without it") from e
+
+
+def list_jobs(
+    session: Session,
+    *,
+    states: list[JobState] | None = None,
+    owner: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """One page of jobs, newest first, and the cursor of the next page (None on the last one)."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if states:
+        query = query.where(Job.state.in_([s.value for s in states]))
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    jobs = list(session.scalars(query))
+    if len(jobs) > limit:
+        return jobs[:limit], encode_cursor(jobs[limit - 1])
+    return jobs, None
+
+
+def list_metrics(
+    session: Session, job_id: str, *, after_step: int = -1, limit: int = 1000
+) -> list[JobMetric]:
+    """Step history of a job after `after_step`, in step order."""
+    query = (
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id, JobMetric.step > after_step)
+        .order_by(JobMetric.step)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def metric_dict(m: JobMetric) -> dict[str, Any]:
+    return {
+        "step": m.step,
+        "attempt": m.attempt,
+        "epoch": m.epoch,
+        "loss": m.loss,
+        "lr": m.lr,
+        "samples_per_s": m.samples_per_s,
+        "tokens_per_s": m.tokens_per_s,
+        "mfu": m.mfu,
+        "gpu_mem_gb": m.gpu_mem_gb,
+        "time": m.time,
+    }
