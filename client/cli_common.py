@@ -1,0 +1,54 @@
+"""What the CLI's command modules share: the console, the API client, reading spec files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from client.sdk import Client, TrainboxError
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Set by the root callback from --url / --token (or TRAINBOX_URL / TRAINBOX_TOKEN).
+options: dict[str, str | None] = {"url": None, "token": None}
+
+
+def make_client() -> Client:
+    """A client for the API the user pointed the CLI at."""
+    return Client(options["url"], options["token"])
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """Turn API and connection errors into a one-line message and exit code 1."""
+    try:
+        yield
+    except TrainboxError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        url = options["url"] or "the API"
+        err_console.print(f"[red]error:[/] cannot reach {url}: {exc} (is `trainbox up` running?)")
+        raise typer.Exit(1) from None
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """Read a JobSpec from a YAML or JSON file."""
+    text = path.read_text()
+    try:
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        err_console.print(f"[red]error:[/] {path} is not valid YAML or JSON: {exc}")
+        raise typer.Exit(2) from None
+    if not isinstance(spec, dict):
+        err_console.print(f"[red]error:[/] {path} must hold one JobSpec object")
+        raise typer.Exit(2)
+    return spec

@@ -1,0 +1,120 @@
+"""Follow a job live: a rich progress bar with loss, throughput and ETA, fed by the SSE stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from client.sdk import TERMINAL_STATES, Client
+
+
+def _fmt_rate(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
+class FollowView:
+    """Turns a job's events into a progress bar; remembers the last step and the final state."""
+
+    def __init__(self, console: Console, job: dict[str, Any], show_logs: bool = False) -> None:
+        self.console = console
+        self.show_logs = show_logs
+        self.state = job.get("state", "?")
+        self.last_step: dict[str, Any] | None = None
+        self.end: dict[str, Any] | None = None
+        self.steps_seen = 0
+        total = (job.get("progress") or {}).get("total_steps")
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}"),
+            TextColumn("[green]{task.fields[tps]}[/] tok/s"),
+            TextColumn("{task.fields[state]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task: TaskID = self.progress.add_task(
+            job.get("name") or job["id"], total=total, loss="-", tps="-", state=self.state
+        )
+
+    def __enter__(self) -> FollowView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def handle(self, event_type: str, data: dict[str, Any]) -> None:
+        """Update the view with one event."""
+        if event_type == "start" and data.get("total_steps"):
+            resumed = data.get("resumed_from_step") or 0
+            self.progress.update(self.task, total=data["total_steps"], completed=resumed)
+        elif event_type in ("step", "metric"):
+            self.steps_seen += 1
+            self.last_step = data
+            loss = data.get("loss")
+            self.progress.update(
+                self.task,
+                completed=data.get("step", 0),
+                loss=f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+                tps=_fmt_rate(data.get("tokens_per_s")),
+            )
+        elif event_type == "state":
+            self.state = data.get("state", self.state)
+            self.progress.update(self.task, state=self.state)
+        elif event_type == "end":
+            self.end = data
+        elif event_type == "checkpoint":
+            self.progress.console.print(f"[dim]checkpoint at step {data.get('step')}: {data.get('path')}[/]")
+        elif event_type == "log" and self.show_logs:
+            for line in data.get("lines", []):
+                self.progress.console.print(line, markup=False, highlight=False)
+
+
+def follow(client: Client, job_id: str, console: Console, *, show_logs: bool = False) -> dict[str, Any]:
+    """Show a job's progress until it ends; return the final job."""
+    job = client.get(job_id)
+    if job["state"] not in TERMINAL_STATES:
+        with FollowView(console, job, show_logs) as view:
+            for event in client.events(job_id):
+                view.handle(event.type, event.data)
+    return client.get(job_id)
+
+
+def summary(job: dict[str, Any]) -> str:
+    """A few lines saying how a job ended."""
+    state = job["state"]
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
+    lines = [f"job {job['id']} [bold {colour}]{state}[/]"]
+    latest = job.get("latest") or {}
+    if latest:
+        parts = [f"step {latest.get('step')}"]
+        if isinstance(latest.get("loss"), int | float):
+            parts.append(f"loss {latest['loss']:.4f}")
+        if isinstance(latest.get("tokens_per_s"), int | float):
+            parts.append(f"{latest['tokens_per_s']:.0f} tokens/s")
+        if isinstance(latest.get("samples_per_s"), int | float):
+            parts.append(f"{latest['samples_per_s']:.1f} samples/s")
+        lines.append("  " + ", ".join(parts))
+    error = job.get("error")
+    if error:
+        lines.append(f"  error [red]{error.get('type')}[/]: {error.get('message')}")
+    artifacts = job.get("artifacts")
+    if artifacts:
+        lines.append(f"  artifacts: {artifacts}")
+    return "\n".join(lines)

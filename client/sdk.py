@@ -1,0 +1,209 @@
+"""A small Python client for the trainbox HTTP API (httpx).
+
+`Client(url, token)` wraps each endpoint (submit, validate, list, get, cancel, metrics, logs, gpus);
+`Client.events(job_id)` iterates the job's Server-Sent Events and resumes with Last-Event-ID."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class TrainboxError(Exception):
+    """An error answer from the API; `detail` is the API's error list."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"HTTP {status_code}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    """The API's `{"detail": [{"loc", "msg", "type"}]}` as one readable line."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event: its stream id, its type and its JSON payload."""
+
+    id: str | None
+    type: str
+    data: dict[str, Any]
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, str]]:
+    """Yield (id, event, data) for each dispatched SSE message (the WHATWG event-stream rules)."""
+    event_id: str | None = None
+    event_type: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event_id, event_type, "\n".join(data)
+            event_type, data = None, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event_type = value
+        elif name == "id" and "\x00" not in value:
+            event_id = value
+
+
+class Client:
+    """Synchronous client; the base URL and token default to TRAINBOX_URL and TRAINBOX_TOKEN."""
+
+    def __init__(self, base_url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = (base_url or os.environ.get("TRAINBOX_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("TRAINBOX_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise TrainboxError(response.status_code, detail)
+        if "application/json" in response.headers.get("content-type", ""):
+            return response.json()
+        return response.text
+
+    def health(self) -> dict[str, Any]:
+        """GET /healthz."""
+        return self._call("GET", "/healthz")
+
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit a JobSpec; returns the job (state `queued`)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/jobs", json=spec, headers=headers)
+
+    def validate(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Dry-run a JobSpec: resolved DeepSpeed config, world size, memory estimate, queue position."""
+        return self._call("POST", "/jobs/validate", json=spec)
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of jobs, newest first: `{"data": [...], "next_cursor": ...}`."""
+        query = {"state": state, "owner": owner, "limit": limit, "cursor": cursor}
+        params = {k: v for k, v in query.items() if v}
+        return self._call("GET", "/jobs", params=params)
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The job with its state, progress, latest metrics and error."""
+        return self._call("GET", f"/jobs/{job_id}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask for a job to stop (idempotent)."""
+        return self._call("POST", f"/jobs/{job_id}/cancel")
+
+    def metrics(self, job_id: str, *, after_step: int | None = None, limit: int | None = None) -> Any:
+        """One page of the job's step history."""
+        params = {k: v for k, v in {"after_step": after_step, "limit": limit}.items() if v is not None}
+        return self._call("GET", f"/jobs/{job_id}/metrics", params=params)
+
+    def all_metrics(self, job_id: str, page: int = 500) -> list[dict[str, Any]]:
+        """The whole step history, paging with `after_step`."""
+        rows: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            body = self.metrics(job_id, after_step=after, limit=page)
+            batch = body["data"] if isinstance(body, dict) else body
+            rows.extend(batch)
+            if len(batch) < page:
+                return rows
+            after = batch[-1]["step"]
+
+    def logs(self, job_id: str, *, tail: int | None = None) -> str:
+        """The training log (its last `tail` lines)."""
+        body = self._call("GET", f"/jobs/{job_id}/logs", params={"tail": tail} if tail else {})
+        if isinstance(body, dict):
+            lines = body.get("lines")
+            return "\n".join(lines) if isinstance(lines, list) else str(body.get("text", body))
+        return body
+
+    def gpus(self) -> Any:
+        """The boxes and their GPUs, with the job holding each."""
+        return self._call("GET", "/gpus")
+
+    def events(
+        self, job_id: str, *, last_event_id: str | None = None, reconnect: bool = True, retry_s: float = 0.5
+    ) -> Iterator[Event]:
+        """The job's live events; reconnects with Last-Event-ID (no gaps, no repeats) until it ends."""
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                with self.http.stream(
+                    "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=None)
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise TrainboxError(response.status_code, _detail(response))
+                    for event_id, name, raw in parse_sse(response.iter_lines()):
+                        if event_id:
+                            last_event_id = event_id
+                        try:
+                            data = json.loads(raw)
+                        except ValueError:
+                            data = {"text": raw}
+                        if not isinstance(data, dict):
+                            data = {"value": data}
+                        event = Event(event_id, str(data.get("type") or name or "message"), data)
+                        yield event
+                        if event.type == "state" and data.get("state") in TERMINAL_STATES:
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                if not reconnect:
+                    raise
+            if not reconnect or self.get(job_id)["state"] in TERMINAL_STATES:
+                return
+            time.sleep(retry_s)
+
+
+def _detail(response: httpx.Response) -> Any:
+    try:
+        return response.json().get("detail", response.text)
+    except ValueError:
+        return response.text

@@ -1,0 +1,111 @@
+"""This box: what it offers (GPUs via NVML, else CPU slots), its registration, and the periodic sweep."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.keys import box_queue
+from core.models import Job, utcnow
+from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
+from core.settings import get_settings
+from core.states import JobState
+
+log = logging.getLogger(__name__)
+
+CPU_SLOT_NAME = "cpu-slot"
+
+
+def detect_gpus() -> list[GpuInfo]:
+    """The box's GPUs from NVML; an empty list when there is no driver or no GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        out = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            out.append(GpuInfo(index=index, name=str(name), memory_mb=int(memory.total // (1 << 20))))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def box_devices() -> list[GpuInfo]:
+    """What this box offers: its GPUs, or `cpu_slots` CPU slots when it has none."""
+    gpus = detect_gpus()
+    if gpus:
+        return gpus
+    return [GpuInfo(index=i, name=CPU_SLOT_NAME, memory_mb=None) for i in range(get_settings().cpu_slots)]
+
+
+def register(devices: list[GpuInfo]) -> str:
+    """Register (or refresh) this box and its devices; returns the box name."""
+    name = get_settings().box_name
+    with session_scope() as session:
+        register_box(session, name, devices)
+    log.info("box %s registered with %d %s", name, len(devices), devices[0].name if devices else "devices")
+    return name
+
+
+def resend_stale_starting(box: str, older_than_s: float) -> int:
+    """Re-send `run_job` for jobs stuck in `starting` here (a lost message, or a crash before enqueue)."""
+    from worker.celery_app import dispatch
+
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    with session_scope() as session:
+        stale = session.execute(
+            select(Job.id, Job.attempt, Job.box).where(
+                Job.state == JobState.STARTING.value, Job.box == box, Job.updated_at < cutoff
+            )
+        ).all()
+    for job_id, attempt, _ in stale:
+        log.warning(
+            "job %s attempt %s has been starting since before %s; re-sending", job_id, attempt, cutoff
+        )
+        dispatch(job_id, attempt, box_queue(box))
+    return len(stale)
+
+
+def sweep(box: str) -> None:
+    """One sweep: say the box is alive, re-send stale `starting` jobs, run the scheduler."""
+    from worker.celery_app import dispatch
+
+    settings = get_settings()
+    with session_scope() as session:
+        heartbeat_box(session, box)
+    resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
+    with session_scope() as session:
+        schedule(session, dispatch, box_ttl_s=settings.lease_s * 3)
+
+
+class Sweeper(threading.Thread):
+    """Runs `sweep` every sweep_interval_s in the worker process until stopped."""
+
+    def __init__(self, box: str, interval_s: float | None = None) -> None:
+        super().__init__(name="trainbox-sweep", daemon=True)
+        self.box = box
+        self.interval_s = interval_s or get_settings().sweep_interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                sweep(self.box)
+            except Exception:
+                log.exception("sweep failed; retrying in %.0fs", self.interval_s)
+            self.stopped.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self.stopped.set()

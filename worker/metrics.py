@@ -1,0 +1,56 @@
+"""Store a job's step metrics and its cached progress (step, total, epoch, latest) in the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.models import Job, JobMetric
+
+LATEST_FIELDS = ("step", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "epoch")
+METRIC_FIELDS = ("epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb")
+
+
+def metric_row(job_id: str, attempt: int, event: dict[str, Any]) -> dict[str, Any]:
+    """A job_metrics row from a `step` event."""
+    row = {"job_id": job_id, "attempt": attempt, "step": int(event["step"]), "time": float(event["time"])}
+    row.update({name: event.get(name) for name in METRIC_FIELDS})
+    return row
+
+
+def store_metrics(
+    session: Session, *, job_id: str, attempt: int, steps: list[dict[str, Any]], fields: dict[str, Any]
+) -> bool:
+    """Upsert the steps (a resumed attempt re-trains steps after its checkpoint: the newest wins) and
+    update the job's progress, only while `attempt` is still the job's. Returns False if fenced off.
+    Does not commit."""
+    values: dict[str, Any] = dict(fields)
+    if steps:
+        last = steps[-1]
+        values.update(step=int(last["step"]), epoch=last.get("epoch"))
+        values["latest"] = {name: last.get(name) for name in LATEST_FIELDS} | {"time": last.get("time")}
+    fenced = (
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        == 0
+    )
+    if fenced:
+        return False
+    if steps:
+        # One row per step (the newest wins): Postgres refuses to upsert a row twice in one statement.
+        rows = list({int(e["step"]): metric_row(job_id, attempt, e) for e in steps}.values())
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(JobMetric).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "step"],
+            set_={name: stmt.excluded[name] for name in ("attempt", "time", *METRIC_FIELDS)},
+        )
+        session.execute(stmt)
+    return True

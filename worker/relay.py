@@ -1,0 +1,154 @@
+"""Relay a run's events and log lines to the job's Redis stream, and its step metrics to the database.
+
+The trainer only appends to files (events.jsonl, train.log); the relay tails them incrementally and
+XADDs each event to `job:{id}:events` (capped) as one field, `data`, holding the event's JSON. Log
+lines travel as batched `log` events, so following a job never needs the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+LOG_LINES_PER_EVENT = 200
+MAX_READ_BYTES = 1 << 20
+
+# Called with new step events and job fields learnt from other events (total_steps from `start`);
+# writes them to the database in one transaction.
+MetricSink = Callable[[list[dict[str, Any]], dict[str, Any]], None]
+
+
+class FileTail:
+    """Incremental reader of an append-only text file: yields whole lines, keeps a partial last line."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path = path
+        self.offset = offset
+        self._partial = b""
+
+    @classmethod
+    def from_end(cls, path: Path) -> FileTail:
+        """Start after what the file holds now (a resumed attempt: earlier lines were relayed already)."""
+        return cls(path, path.stat().st_size if path.exists() else 0)
+
+    def read_lines(self, max_bytes: int = MAX_READ_BYTES) -> list[str]:
+        """New complete lines since the last call."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read(max_bytes)
+        except FileNotFoundError:
+            return []
+        if not data:
+            return []
+        self.offset += len(data)
+        data = self._partial + data
+        *lines, self._partial = data.split(b"\n")
+        return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+
+
+def stream_fields(event: dict[str, Any]) -> dict[str, str]:
+    """How one event is stored in the Redis stream (the API's SSE endpoint reads `data` back)."""
+    return {"data": json.dumps(event, separators=(",", ":"))}
+
+
+class Relay:
+    """Moves one attempt's events, log lines and metrics from its run directory to Redis and the DB."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        stream_key: str,
+        redis: Redis,
+        sink: MetricSink,
+        stream_cap: int = 10_000,
+        flush_s: float = 1.0,
+        log_files: tuple[str, ...] = ("train.log", "launcher.log"),
+    ) -> None:
+        self.stream_key = stream_key
+        self.redis = redis
+        self.sink = sink
+        self.stream_cap = stream_cap
+        self.flush_s = flush_s
+        self.events = FileTail.from_end(run_dir / "events.jsonl")
+        self.logs = [FileTail.from_end(run_dir / name) for name in log_files]
+        self.pending_metrics: list[dict[str, Any]] = []
+        self.pending_fields: dict[str, Any] = {}
+        self.last_flush = time.monotonic()
+        self.end_event: dict[str, Any] | None = None
+        self.published = 0
+        self._backlog: list[dict[str, Any]] = []
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        """XADD events in order; if Redis is away, keep them and retry on the next call."""
+        self._backlog.extend(events)
+        if not self._backlog:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for event in self._backlog:
+                pipe.xadd(self.stream_key, stream_fields(event), maxlen=self.stream_cap, approximate=True)
+            pipe.execute()
+        except RedisError as exc:
+            # Training goes on without Redis; the stream catches up when it is back.
+            log.warning("relay: Redis unavailable (%s); %d events held", exc, len(self._backlog))
+            return
+        self.published += len(self._backlog)
+        self._backlog = []
+
+    def state(self, state: str, **extra: Any) -> None:
+        """Publish a `state` event (the worker's transitions, interleaved in order with the trainer's)."""
+        self.publish([{"type": "state", "state": state, "time": time.time(), **extra}])
+
+    def pump(self, *, final: bool = False) -> int:
+        """Relay whatever is new; flush metrics when due (or now if `final`). Returns events relayed."""
+        out: list[dict[str, Any]] = []
+        for line in self.events.read_lines():
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                log.warning("relay: skipping a malformed event line: %.200s", line)
+                continue
+            if not isinstance(event, dict) or "type" not in event:
+                continue
+            out.append(event)
+            if event["type"] == "step":
+                self.pending_metrics.append(event)
+            elif event["type"] == "start" and isinstance(event.get("total_steps"), int):
+                self.pending_fields["total_steps"] = event["total_steps"]
+            elif event["type"] == "end":
+                self.end_event = event
+        lines = [line for tail in self.logs for line in tail.read_lines()]
+        for i in range(0, len(lines), LOG_LINES_PER_EVENT):
+            out.append({"type": "log", "lines": lines[i : i + LOG_LINES_PER_EVENT], "time": time.time()})
+        self.publish(out)
+        due = final or time.monotonic() - self.last_flush >= self.flush_s
+        if (self.pending_metrics or self.pending_fields) and due:
+            self.flush()
+        return len(out)
+
+    def flush(self) -> None:
+        """Write the buffered step metrics (and the job's latest/progress) to the database."""
+        rows, self.pending_metrics = self.pending_metrics, []
+        fields, self.pending_fields = self.pending_fields, {}
+        self.last_flush = time.monotonic()
+        if not rows and not fields:
+            return
+        try:
+            self.sink(rows, fields)
+        except Exception as exc:  # a database blip must not stop the run; retry on the next flush
+            log.warning("relay: could not store %d metrics (%s); will retry", len(rows), exc)
+            self.pending_metrics = rows + self.pending_metrics
+            self.pending_fields = {**fields, **self.pending_fields}

@@ -1,0 +1,239 @@
+"""One attempt of a job, from claim to terminal state: the body of the `run_job` task.
+
+claim (starting -> running by compare-and-set, with a lease) -> supervise the trainer while the
+tick relays events, renews the lease and watches for cancel -> terminal state by compare-and-set,
+GPUs freed (only after the processes are gone) -> scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from redis import Redis
+from sqlalchemy import select, update
+
+from core import keys
+from core.db import session_scope
+from core.models import Gpu, Job, utcnow
+from core.scheduler import free_gpus, schedule
+from core.settings import get_settings
+from core.states import JobState, transition
+from worker.metrics import store_metrics
+from worker.relay import Relay
+from worker.supervisor import Launch, Outcome, Stop, supervise
+
+log = logging.getLogger(__name__)
+
+CHECK_S = 0.5  # how often the tick reads the job's row for a cancel or a lost lease
+# Set when the worker is shutting down: running jobs checkpoint and go back to the queue.
+shutting_down = threading.Event()
+
+
+def lease_owner() -> str:
+    """Who holds a lease: this worker process and thread."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def claim(job_id: str, attempt: int) -> bool:
+    """starting -> running for this attempt; False means a duplicate delivery, a stale attempt or a cancel."""
+    settings = get_settings()
+    with session_scope() as session:
+        return transition(
+            session,
+            job_id,
+            to=JobState.RUNNING,
+            from_states=[JobState.STARTING],
+            attempt=attempt,
+            lease_owner=lease_owner(),
+            lease_expires_at=utcnow() + timedelta(seconds=settings.lease_s),
+        )
+
+
+def build_launch(job_id: str, attempt: int) -> Launch:
+    """The trainer launch for the job's current placement."""
+    settings = get_settings()
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        devices = list(job.gpu_ids or [])
+        box_gpus = session.scalars(select(Gpu).where(Gpu.box == job.box)).all()
+        cpu_box = bool(box_gpus) and all(g.name.startswith("cpu") for g in box_gpus)
+        spec, port, slots = dict(job.spec), job.master_port, max(1, len(box_gpus))
+    threads = max(1, (os.cpu_count() or 1) * len(devices) // slots) if cpu_box else None
+    return Launch(
+        job_id=job_id,
+        attempt=attempt,
+        spec=spec,
+        run_dir=settings.run_dir(job_id),
+        devices=devices,
+        accelerator="cpu" if cpu_box else "cuda",
+        master_port=int(port or settings.port_base),
+        model_root=settings.model_root,  # type: ignore[arg-type]
+        data_root=settings.data_root,  # type: ignore[arg-type]
+        max_runtime_s=spec.get("max_runtime_s"),
+        cancel_grace_s=settings.cancel_grace_s,
+        cpu_threads=threads,
+    )
+
+
+class Tick:
+    """Called by the supervisor every poll: relay, renew the lease, report cancel/lost/shutdown."""
+
+    def __init__(self, job_id: str, attempt: int, relay: Relay) -> None:
+        self.job_id, self.attempt, self.relay = job_id, attempt, relay
+        self.settings = get_settings()
+        self.next_check = 0.0
+        self.next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+        self.reason: Stop | None = None
+        self.cancelling_published = False
+
+    def __call__(self) -> Stop | None:
+        self.relay.pump()
+        now = time.monotonic()
+        if shutting_down.is_set() and self.reason is None:
+            self.reason = Stop.SHUTDOWN
+        if now >= self.next_check:
+            self.next_check = now + CHECK_S
+            try:
+                self._check(now)
+            except Exception as exc:  # the DB is away: keep training, the lease decides later
+                log.warning("job %s: could not check its row: %s", self.job_id, exc)
+        return self.reason
+
+    def _check(self, now: float) -> None:
+        with session_scope() as session:
+            row = session.execute(
+                select(Job.state, Job.attempt, Job.cancel_requested).where(Job.id == self.job_id)
+            ).one_or_none()
+            if (
+                row is None
+                or row.attempt != self.attempt
+                or row.state not in (JobState.RUNNING, JobState.CANCELLING)
+            ):
+                self.reason = Stop.LOST  # fenced: another attempt (or nobody) owns the job now
+                return
+            if row.state == JobState.CANCELLING or row.cancel_requested:
+                if row.state == JobState.RUNNING:
+                    transition(session, self.job_id, to=JobState.CANCELLING, from_states=[JobState.RUNNING])
+                if self.reason is None:
+                    self.reason = Stop.CANCEL
+            if now >= self.next_heartbeat:
+                self.next_heartbeat = now + self.settings.heartbeat_s
+                renewed = session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.attempt == self.attempt)
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=self.settings.lease_s))
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if not renewed:
+                    self.reason = Stop.LOST
+        if self.reason is Stop.CANCEL and not self.cancelling_published:
+            self.cancelling_published = True
+            self.relay.state(JobState.CANCELLING, attempt=self.attempt)
+
+
+def make_sink(job_id: str, attempt: int) -> Any:
+    """The relay's metric sink: one transaction per batch, fenced by the attempt."""
+    origin_set = False
+
+    def sink(steps: list[dict[str, Any]], fields: dict[str, Any]) -> None:
+        nonlocal origin_set
+        fields = dict(fields)
+        if steps and not origin_set:
+            fields["rate_origin"] = {"step": int(steps[0]["step"]), "time": float(steps[0]["time"])}
+        with session_scope() as session:
+            store_metrics(session, job_id=job_id, attempt=attempt, steps=steps, fields=fields)
+        origin_set = origin_set or bool(steps)
+
+    return sink
+
+
+def finish(job_id: str, attempt: int, outcome: Outcome) -> str | None:
+    """Record the attempt's end by compare-and-set, free the GPUs; return the new state (None: fenced)."""
+    if outcome.kind == "lost":
+        return None  # another attempt owns the job: write nothing
+    active = [JobState.RUNNING, JobState.CANCELLING]
+    done: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+    with session_scope() as session:
+        to = {"succeeded": JobState.SUCCEEDED, "cancelled": JobState.CANCELLED}.get(
+            outcome.kind, JobState.FAILED
+        )
+        error = outcome.error
+        if outcome.kind == "preempted":
+            job = session.get_one(Job, job_id)
+            if job.attempt < job.max_attempts:
+                to = JobState.QUEUED
+            else:
+                error = {
+                    "type": "lost",
+                    "message": f"preempted on its last attempt ({attempt} of {job.max_attempts})",
+                }
+        if to is JobState.QUEUED:
+            # The worker is going away: back to the queue; the next attempt resumes from the checkpoint.
+            won = transition(session, job_id, to=to, from_states=[JobState.RUNNING], attempt=attempt,
+                             box=None, gpu_ids=None, **done)  # fmt: skip
+            if won:
+                session.execute(
+                    update(Job).where(Job.id == job_id).values(attempt=attempt + 1)
+                    .execution_options(synchronize_session=False)
+                )  # fmt: skip
+        elif to is JobState.FAILED:
+            won = transition(session, job_id, to=to, from_states=active, attempt=attempt, error=error, **done)
+        else:
+            won = transition(session, job_id, to=to, from_states=active, attempt=attempt, **done)
+        if not won:
+            log.warning("job %s attempt %s: could not record %s (the job moved on)", job_id, attempt, to)
+            return None
+        free_gpus(session, job_id)
+    return to.value
+
+
+def run_attempt(job_id: str, attempt: int) -> str:
+    """Claim, run and finish one attempt of a job; returns what happened (for logs and tests)."""
+    if not claim(job_id, attempt):
+        log.info(
+            "job %s attempt %s: not claimed (duplicate delivery, stale attempt or cancelled)", job_id, attempt
+        )
+        return "skipped"
+    settings = get_settings()
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    relay = Relay(
+        run_dir=settings.run_dir(job_id),
+        stream_key=keys.job_events(job_id),
+        redis=redis,
+        sink=make_sink(job_id, attempt),
+        stream_cap=settings.stream_maxlen,
+    )
+    relay.state(JobState.RUNNING, attempt=attempt)
+    try:
+        launch = build_launch(job_id, attempt)
+        outcome = supervise(launch, Tick(job_id, attempt, relay))
+    except Exception as exc:
+        # Nothing may leave a job `running` forever: a failure of the worker itself fails the job.
+        log.exception("job %s attempt %s: supervisor error", job_id, attempt)
+        error = {"type": "launch_error", "message": f"worker error: {exc!r}", "log_tail": ""}
+        outcome = Outcome("failed", None, error)
+    relay.pump(final=True)
+    state = finish(job_id, attempt, outcome)
+    if state is not None:
+        extra = {"error": outcome.error} if outcome.error else {}
+        relay.state(state, attempt=attempt, **extra)
+    redis.close()
+    reschedule()
+    return state or "lost"
+
+
+def reschedule() -> None:
+    """Give freed GPUs to the queue (only live boxes get work)."""
+    from worker.celery_app import dispatch
+
+    try:
+        with session_scope() as session:
+            schedule(session, dispatch, box_ttl_s=get_settings().lease_s * 3)
+    except Exception:
+        log.exception("scheduler call failed; the sweep will retry")

@@ -1,0 +1,269 @@
+"""Run one attempt of a job: spawn the trainer in its own session with only its devices, race its
+exit against cancel, deadline and shutdown, stop it cleanly, and say how it ended.
+
+Nothing here touches the database or Redis: the caller passes a `tick` that relays events, renews
+the lease and reports a stop reason, so the process handling can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+# The trainer's exit codes (docs/TRAINER.md).
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = 0, 1, 2, 75
+LOG_TAIL_LINES = 40
+LAUNCHER_LOG = "launcher.log"
+_PR_SET_PDEATHSIG = 1
+
+
+class Stop(StrEnum):
+    """Why the supervisor stops a run that has not ended by itself."""
+
+    CANCEL = "cancel"  # a user asked; ends `cancelled`
+    TIMEOUT = "timeout"  # max_runtime_s passed; checkpoint, then `failed`/timeout
+    SHUTDOWN = "shutdown"  # the worker is going away; checkpoint, then back to the queue
+    LOST = "lost"  # this attempt no longer owns the job; stop and write nothing
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything needed to start one attempt of a job."""
+
+    job_id: str
+    attempt: int
+    spec: dict[str, Any]
+    run_dir: Path
+    devices: list[int]
+    accelerator: str  # "cuda" or "cpu"
+    master_port: int
+    model_root: Path
+    data_root: Path
+    max_runtime_s: float | None = None
+    cancel_grace_s: float = 30.0
+    cpu_threads: int | None = None  # CPU boxes: the share of cores this job's ranks may use
+    command: list[str] | None = None  # replaces the trainer command (tests, benchmarks)
+
+
+@dataclass
+class Outcome:
+    """How an attempt ended: `succeeded`, `failed`, `cancelled`, `preempted` or `lost`."""
+
+    kind: str
+    exit_code: int | None = None
+    error: dict[str, Any] | None = None
+    end_event: dict[str, Any] | None = None
+    stop: Stop | None = None
+    survivors_killed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trainer_command(launch: Launch) -> list[str]:
+    """The trainer's command line (docs/TRAINER.md, Launch)."""
+    if launch.command:
+        return list(launch.command)
+    return [
+        sys.executable, "-m", "trainer", "run",
+        "--spec", str(launch.run_dir / "spec.json"),
+        "--run-dir", str(launch.run_dir),
+        "--master-port", str(launch.master_port),
+        "--model-root", str(launch.model_root),
+        "--data-root", str(launch.data_root),
+    ]  # fmt: skip
+
+
+def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: only the assigned devices visible, no trainbox settings or secrets."""
+    base = dict(os.environ) if base is None else base
+    env = {k: v for k, v in base.items() if not k.startswith("TRAINBOX_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    # `python -m trainer` must import the same trainer as this worker, installed or run from a checkout.
+    spec = importlib.util.find_spec("trainer")
+    if spec is not None and spec.origin:
+        root = str(Path(spec.origin).parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    if launch.accelerator == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in launch.devices)
+        env.pop("DS_ACCELERATOR", None)
+    else:
+        # Hide any GPU so a CPU slot never touches one, and make DeepSpeed pick its CPU accelerator.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["DS_ACCELERATOR"] = "cpu"
+        if launch.cpu_threads:
+            env["OMP_NUM_THREADS"] = str(launch.cpu_threads)
+    return env
+
+
+def _die_with_parent() -> None:
+    """Fate sharing: if the supervising worker dies, the launcher (and through it the ranks) dies too."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    """Live processes of a process session (the trainer and every rank it started)."""
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, psutil.Error, PermissionError):
+            continue
+    return out
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def kill_session(sid: int, timeout: float = 10.0) -> int:
+    """SIGKILL every process left in the session and wait until none is alive; return how many there were."""
+    members = session_members(sid)
+    for proc in members:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _signal_group(sid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(members, timeout=timeout)
+    if alive or session_members(sid):
+        raise RuntimeError(f"processes of session {sid} survived SIGKILL: {[p.pid for p in alive]}")
+    return len(members)
+
+
+def read_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last lines of a text file, read from its end (logs can be large)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def last_end_event(events_path: Path, offset: int = 0) -> dict[str, Any] | None:
+    """The last `end` event written after `offset` (this attempt's part of events.jsonl)."""
+    end = None
+    try:
+        with events_path.open("rb") as f:
+            f.seek(offset)
+            for raw in f:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(raw)
+                    if isinstance(event, dict) and event.get("type") == "end":
+                        end = event
+    except FileNotFoundError:
+        return None
+    return end
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """What a failed job shows: the end of train.log, or of the launcher's own output if that is all."""
+    tail = read_tail(run_dir / "train.log", lines)
+    launcher = read_tail(run_dir / LAUNCHER_LOG, lines)
+    if launcher and len(tail) < lines:
+        tail = launcher[-(lines - len(tail)) :] + tail
+    return "\n".join(tail)
+
+
+def classify(exit_code: int | None, end: dict[str, Any] | None, stop: Stop | None, run_dir: Path) -> Outcome:
+    """Map the trainer's exit code, its `end` event and the supervisor's stop reason to an outcome."""
+
+    def failed(kind: str, message: str) -> Outcome:
+        error = {"type": kind, "message": message, "log_tail": log_tail(run_dir)}
+        return Outcome("failed", exit_code, error, end, stop)
+
+    if stop is Stop.LOST:
+        return Outcome("lost", exit_code, None, end, stop)
+    if stop is Stop.CANCEL:
+        return Outcome("cancelled", exit_code, None, end, stop)
+    if stop is Stop.TIMEOUT:
+        step = (end or {}).get("step")
+        where = f" at step {step}" if step is not None else ""
+        return failed("timeout", f"max_runtime_s passed; stopped{where} after a checkpoint")
+    if exit_code == EXIT_OK:
+        return Outcome("succeeded", exit_code, None, end, stop)
+    if exit_code == EXIT_PREEMPTED or stop is Stop.SHUTDOWN:
+        return Outcome("preempted", exit_code, None, end, stop)
+    end_error = (end or {}).get("error") or {}
+    if exit_code == EXIT_INVALID:
+        return failed("invalid", end_error.get("message") or "the trainer refused the spec, paths or data")
+    kind = end_error.get("type") if end_error.get("type") in {"train_error", "oom", "launch_error"} else None
+    if exit_code is not None and exit_code < 0:
+        message = f"the trainer was killed by signal {signal.Signals(-exit_code).name}"
+    else:
+        message = end_error.get("message") or f"the trainer exited with code {exit_code}"
+    return failed(kind or "train_error", message)
+
+
+def supervise(
+    launch: Launch,
+    tick: Callable[[], Stop | None] = lambda: None,
+    *,
+    poll_s: float = 0.05,
+    now: Callable[[], float] = time.monotonic,
+) -> Outcome:
+    """Run the trainer to its end (or stop it), make sure nothing of it survives, return the outcome."""
+    run_dir = launch.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(json.dumps(launch.spec, indent=2))
+    events_path = run_dir / "events.jsonl"
+    events_offset = events_path.stat().st_size if events_path.exists() else 0
+    try:
+        with (run_dir / LAUNCHER_LOG).open("ab") as out:
+            proc = subprocess.Popen(
+                trainer_command(launch),
+                cwd=run_dir,
+                env=trainer_env(launch),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+    except OSError as exc:
+        error = {"type": "launch_error", "message": f"could not start the trainer: {exc}", "log_tail": ""}
+        return Outcome("failed", None, error)
+
+    deadline = now() + launch.max_runtime_s if launch.max_runtime_s else None
+    stop: Stop | None = None
+    term_sent_at: float | None = None
+    try:
+        while proc.poll() is None:
+            reason = tick()
+            if reason is None and deadline is not None and now() >= deadline:
+                reason = Stop.TIMEOUT
+            if reason is not None and stop is None:
+                # SIGTERM: every rank finishes its step, checkpoints and exits 75.
+                stop, term_sent_at = reason, now()
+                _signal_group(proc.pid, signal.SIGTERM)
+            if term_sent_at is not None and now() - term_sent_at >= launch.cancel_grace_s:
+                _signal_group(proc.pid, signal.SIGKILL)
+                term_sent_at = float("inf")
+            time.sleep(poll_s)
+    finally:
+        # Whatever happened (including an exception in tick), no process of the job may outlive it.
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        survivors = kill_session(proc.pid)
+    tick()  # relay what the trainer wrote last
+    outcome = classify(proc.returncode, last_end_event(events_path, events_offset), stop, run_dir)
+    outcome.survivors_killed = survivors
+    return outcome
