@@ -58,7 +58,12 @@ class Submitted:
 
 
 def create_job(
-    *, session: Session, owner: str, spec: JobSpec, idempotency_key: str | None = None
+    *,
+    session: Session,
+    owner: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    max_attempts: int | None = None,
 ) -> Submitted:
     """Insert a queued job and commit (the caller then runs the scheduler)."""
     digest = spec_hash(spec)
@@ -75,7 +80,7 @@ def create_job(
         gpus=spec.gpus,
         priority=spec.priority,
         attempt=1,
-        max_attempts=get_settings().max_attempts,
+        max_attempts=max_attempts or get_settings().max_attempts,
         cancel_requested=False,
         idempotency_key=idempotency_key,
         request_hash=digest,

@@ -74,8 +74,7 @@ def schedule(
     Commits whatever the session held first. `box_ttl_s`: ignore boxes whose heartbeat is older.
     A failing dispatch is logged; the job stays `starting` and the sweep re-sends it.
     """
-    settings = get_settings()
-    ports = ports or range(settings.port_base, settings.port_base + settings.port_count)
+    ports = ports or get_settings().ports
     begin_locked(session)
     try:
         placements = _place(session, box_ttl_s=box_ttl_s, ports=ports)

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def ports(self) -> range:
+        """Rendezvous ports the scheduler hands out on each box."""
+        return range(self.port_base, self.port_base + self.port_count)
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

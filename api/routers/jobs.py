@@ -49,11 +49,17 @@ def submit_job(
     """Submit a training job; it is queued and placed on GPUs as soon as they are free."""
     check_files(spec, settings)
     check_fits_a_box(spec, session)
-    submitted = service.create_job(session=session, owner=user, spec=spec, idempotency_key=idempotency_key)
+    submitted = service.create_job(
+        session=session,
+        owner=user,
+        spec=spec,
+        idempotency_key=idempotency_key,
+        max_attempts=settings.max_attempts,
+    )
     if submitted.created:
         request.app.state.publish(submitted.job.id, {"type": "state", "state": JobState.QUEUED.value})
         try:
-            schedule(session, dispatch)
+            schedule(session, dispatch, ports=settings.ports)
         except Exception:
             # The job is committed; the periodic sweep will place it.
             log.exception("scheduling after submit of %s failed", submitted.job.id)
@@ -92,7 +98,9 @@ def get_job(job: JobDep, request: Request, session: SessionDep) -> JobRead:
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
-def cancel_job(job: JobDep, request: Request, session: SessionDep, dispatch: DispatchDep) -> JobRead:
+def cancel_job(
+    job: JobDep, request: Request, session: SessionDep, settings: SettingsDep, dispatch: DispatchDep
+) -> JobRead:
     """Cancel: a queued job ends at once, a running one is stopped by its worker. Idempotent."""
     before = job.state
     after = service.request_cancel(session=session, job_id=job.id)
@@ -101,7 +109,9 @@ def cancel_job(job: JobDep, request: Request, session: SessionDep, dispatch: Dis
         request.app.state.notify_cancel(job.id)
     if after.state == JobState.CANCELLED and before == JobState.QUEUED:
         try:
-            schedule(session, dispatch)  # a blocking head job may have just left the queue
+            schedule(
+                session, dispatch, ports=settings.ports
+            )  # a blocking head job may have just left the queue
         except Exception:
             log.exception("scheduling after cancel of %s failed", job.id)
     return read_job(request, job.id, session)

@@ -1,0 +1,1 @@
+"""Migration tests build their own databases (see tests/core/databases.py)."""
