@@ -126,18 +126,18 @@ def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         console.print_json(json.dumps(body))
         return
-    boxes = body.get("data", body.get("boxes", body)) if isinstance(body, dict) else body
-    table = Table("box", "gpu", "name", "memory", "job", "state")
-    for box in boxes:
+    table = Table("box", "gpu", "name", "memory", "job", "owner", "job state")
+    for box in body.get("data", []):
         for gpu in box.get("gpus", []):
-            mem = gpu.get("memory_total_mb") or gpu.get("memory_mb")
-            job = gpu.get("job_id")
+            mem, job = gpu.get("memory_mb"), gpu.get("job") or {}
             table.add_row(
                 str(box.get("name")), str(gpu.get("index")), str(gpu.get("name") or ""),
                 f"{mem / 1024:.0f} GiB" if isinstance(mem, int | float) and mem else "",
-                str(job) if job else "", "busy" if job else "free",
+                str(job.get("id") or "free"), str(job.get("owner") or ""), str(job.get("state") or ""),
             )  # fmt: skip
     console.print(table)
+    if "total" in body:
+        console.print(f"{body.get('in_use', 0)} of {body['total']} in use")
 
 
 def register(app: typer.Typer) -> None:

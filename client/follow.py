@@ -114,7 +114,11 @@ def summary(job: dict[str, Any]) -> str:
     error = job.get("error")
     if error:
         lines.append(f"  error [red]{error.get('type')}[/]: {error.get('message')}")
-    artifacts = job.get("artifacts")
-    if artifacts:
-        lines.append(f"  artifacts: {artifacts}")
+    artifacts = job.get("artifacts") or {}
+    if artifacts.get("model"):
+        lines.append(
+            f"  model: {len(artifacts['model'])} files (trainbox artifacts, GET /jobs/{job['id']}/artifacts)"
+        )
+    if artifacts.get("checkpoints"):
+        lines.append(f"  checkpoints: {', '.join(c['name'] for c in artifacts['checkpoints'])}")
     return "\n".join(lines)

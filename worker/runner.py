@@ -7,6 +7,7 @@ GPUs freed (only after the processes are gone) -> scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
 from core import keys
@@ -25,7 +27,7 @@ from core.scheduler import free_gpus, schedule
 from core.settings import get_settings
 from core.states import JobState, transition
 from worker.metrics import store_metrics
-from worker.relay import Relay
+from worker.relay import Relay, stream_fields
 from worker.supervisor import Launch, Outcome, Stop, supervise
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ class Tick:
         self.next_check = 0.0
         self.next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         self.reason: Stop | None = None
-        self.cancelling_published = False
+        self.publish_cancelling = False
 
     def __call__(self) -> Stop | None:
         self.relay.pump()
@@ -118,8 +120,12 @@ class Tick:
                 self.reason = Stop.LOST  # fenced: another attempt (or nobody) owns the job now
                 return
             if row.state == JobState.CANCELLING or row.cancel_requested:
-                if row.state == JobState.RUNNING:
-                    transition(session, self.job_id, to=JobState.CANCELLING, from_states=[JobState.RUNNING])
+                # The API moves the job to `cancelling` (and says so on the stream); a bare flag is
+                # moved here, and then this worker says so.
+                if row.state == JobState.RUNNING and transition(
+                    session, self.job_id, to=JobState.CANCELLING, from_states=[JobState.RUNNING]
+                ):
+                    self.publish_cancelling = True
                 if self.reason is None:
                     self.reason = Stop.CANCEL
             if now >= self.next_heartbeat:
@@ -132,8 +138,8 @@ class Tick:
                 ).rowcount
                 if not renewed:
                     self.reason = Stop.LOST
-        if self.reason is Stop.CANCEL and not self.cancelling_published:
-            self.cancelling_published = True
+        if self.publish_cancelling:
+            self.publish_cancelling = False
             self.relay.state(JobState.CANCELLING, attempt=self.attempt)
 
 
@@ -193,9 +199,34 @@ def finish(job_id: str, attempt: int, outcome: Outcome) -> str | None:
     return to.value
 
 
+def cancel_unstarted(job_id: str, attempt: int) -> bool:
+    """A cancel that came while the job was `starting`: nothing runs, so end it and free its GPUs."""
+    settings = get_settings()
+    with session_scope() as session:
+        if session.scalar(select(Job.lease_owner).where(Job.id == job_id)) is not None:
+            return False  # a supervisor holds it and will finish the cancel
+        won = transition(
+            session, job_id, to=JobState.CANCELLED, from_states=[JobState.CANCELLING], attempt=attempt
+        )
+        if won:
+            free_gpus(session, job_id)
+    if won and settings.redis_url:
+        event = {"type": "state", "state": JobState.CANCELLED.value, "attempt": attempt, "time": time.time()}
+        with contextlib.suppress(RedisError):
+            redis = Redis.from_url(settings.redis_url)
+            redis.xadd(
+                keys.job_events(job_id), stream_fields(event), maxlen=settings.stream_maxlen, approximate=True
+            )
+            redis.close()
+    return won
+
+
 def run_attempt(job_id: str, attempt: int) -> str:
     """Claim, run and finish one attempt of a job; returns what happened (for logs and tests)."""
     if not claim(job_id, attempt):
+        if cancel_unstarted(job_id, attempt):
+            reschedule()
+            return "cancelled"
         log.info(
             "job %s attempt %s: not claimed (duplicate delivery, stale attempt or cancelled)", job_id, attempt
         )
