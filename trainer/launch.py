@@ -31,7 +31,7 @@ from trainer.events import (
     read_events,
 )
 from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, describe_errors
 
 PR_SET_PDEATHSIG = 1
 FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get before SIGKILL
@@ -127,8 +127,9 @@ class Launcher:
         try:
             spec = self._precheck()
         except (ValidationError, SpecError, ValueError) as e:
-            self._end("failed", {"type": "invalid", "message": str(e)})
-            print(f"invalid: {e}", file=sys.stderr)
+            message = describe_errors(e) if isinstance(e, ValidationError) else str(e)
+            self._end("failed", {"type": "invalid", "message": message})
+            print(f"invalid: {message}", file=sys.stderr)
             return EXIT_INVALID
         gpus = visible_gpus()
         if gpus and gpus < spec.gpus:

@@ -285,3 +285,11 @@ class JobSpec(_Strict):
     @property
     def is_hub_id(self) -> bool:
         return not self.model.startswith("preset:") and bool(_HUB_ID.match(self.model))
+
+
+def describe_errors(exc: Any) -> str:
+    """A pydantic ValidationError as one line per problem: `field.path: message`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )
