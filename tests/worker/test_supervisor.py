@@ -1,0 +1,134 @@
+"""The supervisor with a fake trainer: outcomes by exit code and end event, cancel, deadline, and
+that no process of the job survives (psutil)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+from worker.supervisor import Launch, Stop, session_members, supervise, trainer_command, trainer_env
+
+
+def _sessions_of(run_dir: Path) -> list[psutil.Process]:
+    """Live processes whose command line names this run dir (the fake trainer and its children)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(run_dir) in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_success_relays_through_tick_and_reports_end(make_launch):
+    ticks = []
+    outcome = supervise(make_launch("--steps", "5"), lambda: ticks.append(1) and None)
+    assert outcome.kind == "succeeded" and outcome.exit_code == 0 and outcome.error is None
+    assert outcome.end_event["status"] == "succeeded"
+    assert ticks, "the tick runs while the trainer runs"
+    assert (make_launch().run_dir / "spec.json").exists()
+
+
+def test_invalid_exit_code_fails_with_type_and_log_tail(make_launch):
+    outcome = supervise(make_launch("--steps", "2", "--exit", "2"))
+    assert outcome.kind == "failed"
+    assert outcome.error["type"] == "invalid"
+    assert "RuntimeError: boom" in outcome.error["log_tail"]
+
+
+def test_end_event_error_type_is_used(make_launch):
+    outcome = supervise(make_launch("--steps", "2", "--exit", "1", "--error-type", "oom"))
+    assert outcome.error["type"] == "oom" and outcome.error["message"] == "boom"
+
+
+def test_unknown_failure_is_a_train_error(make_launch):
+    outcome = supervise(make_launch("--steps", "1", "--exit", "3"))
+    assert outcome.error["type"] == "train_error"
+    assert "code 3" in outcome.error["message"]
+
+
+def test_launch_error_when_the_program_cannot_start(make_launch, tmp_path):
+    outcome = supervise(make_launch(command=[str(tmp_path / "no-such-program")]))
+    assert outcome.kind == "failed" and outcome.error["type"] == "launch_error"
+
+
+def test_cancel_sigterms_the_group_and_leaves_nothing(make_launch):
+    launch = make_launch("--steps", "100000", "--step-s", "0.05")
+    seen = {"steps": 0}
+
+    def tick():
+        events = launch.run_dir / "events.jsonl"
+        seen["steps"] = events.read_text().count('"step"') if events.exists() else 0
+        return Stop.CANCEL if seen["steps"] >= 3 else None
+
+    outcome = supervise(launch, tick)
+    assert outcome.kind == "cancelled" and outcome.exit_code == 75
+    assert outcome.end_event["status"] == "preempted"
+    assert _sessions_of(launch.run_dir) == []
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(make_launch):
+    launch = make_launch("--steps", "100000", "--step-s", "0.05", "--stubborn-child", "--ignore-term",
+                         cancel_grace_s=0.5)  # fmt: skip
+    started = time.monotonic()
+    holder: dict[str, int] = {}
+
+    def tick():
+        events = launch.run_dir / "events.jsonl"
+        if events.exists() and '"step"' in events.read_text():
+            if "sid" not in holder:
+                holder["sid"] = max(os.getsid(p.pid) for p in _sessions_of(launch.run_dir))
+            return Stop.CANCEL
+        return None
+
+    outcome = supervise(launch, tick)
+    assert outcome.kind == "cancelled"
+    assert time.monotonic() - started < 30
+    assert session_members(holder["sid"]) == []
+    assert _sessions_of(launch.run_dir) == []
+
+
+def test_survivors_of_a_finished_trainer_are_killed(make_launch):
+    launch = make_launch("--steps", "1", "--stubborn-child")
+    outcome = supervise(launch)
+    assert outcome.kind == "succeeded"
+    assert outcome.survivors_killed >= 1
+    assert _sessions_of(launch.run_dir) == []
+
+
+def test_deadline_stops_with_timeout(make_launch):
+    launch = make_launch("--steps", "100000", "--step-s", "0.05", max_runtime_s=1.0)
+    outcome = supervise(launch)
+    assert outcome.kind == "failed" and outcome.error["type"] == "timeout"
+    events = (launch.run_dir / "events.jsonl").read_text()
+    assert '"checkpoint"' in events, "SIGTERM gave the trainer its chance to checkpoint"
+
+
+def test_shutdown_preempts(make_launch):
+    outcome = supervise(make_launch("--steps", "100000", "--step-s", "0.05"), lambda: Stop.SHUTDOWN)
+    assert outcome.kind == "preempted"
+
+
+def test_env_shows_only_the_assigned_devices_and_no_settings(make_launch):
+    base = {"PATH": "/bin", "TRAINBOX_DATABASE_URL": "postgresql://secret", "CUDA_VISIBLE_DEVICES": "0,1,2"}
+    gpu = trainer_env(make_launch(accelerator="cuda", devices=[2, 0]), base)
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "2,0" and "DS_ACCELERATOR" not in gpu
+    assert not any(k.startswith("TRAINBOX_") for k in gpu)
+    cpu = trainer_env(make_launch(cpu_threads=3), base)
+    assert (
+        cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "3"
+    )
+
+
+def test_trainer_command_follows_the_contract(tmp_path):
+    launch = Launch(job_id="j", attempt=1, spec={}, run_dir=tmp_path / "r", devices=[0], accelerator="cpu",
+                    master_port=29555, model_root=tmp_path / "m", data_root=tmp_path / "d")  # fmt: skip
+    argv = trainer_command(launch)
+    assert argv[1:4] == ["-m", "trainer", "run"]
+    assert argv[argv.index("--spec") + 1] == str(tmp_path / "r" / "spec.json")
+    assert argv[argv.index("--master-port") + 1] == "29555"
+    assert {"--run-dir", "--model-root", "--data-root"} <= set(argv)
