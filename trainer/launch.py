@@ -7,6 +7,7 @@ checkpoint together, and the `end` event names the rank that failed first and wh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -39,10 +40,8 @@ FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get before SI
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send `sig` to this process when its parent dies (Linux)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except OSError:
-        pass
 
 
 def free_port() -> int:

@@ -68,7 +68,7 @@ def build_model(source: ModelSource, *, ds_config: dict[str, Any], gradient_chec
             )
     model._trainbox_ds_config = keep  # keep the ZeRO-3 hook alive as long as the model
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

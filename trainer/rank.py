@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.events import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EventWriter, write_rank_error
-from trainer.loop import GiB, Diverged, Loop, StopFlag, save_final_model
+from trainer.loop import Diverged, GiB, Loop, StopFlag, save_final_model
 from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
 from trainer.spec import JobSpec
 
@@ -37,7 +37,8 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from trainer import checkpoint, model as models
+    from trainer import checkpoint
+    from trainer import model as models
     from trainer.data import PackedBatches, ensure_tokens, token_cache_path
     from trainer.dsconfig import build_ds_config, optimizer_summary, resolve_precision, total_steps
     from trainer.hardware import peak_flops
@@ -55,7 +56,8 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     source = resolve_model(spec.model, Path(args.model_root))
     info = inspect_dataset(resolve_dataset(spec.dataset, Path(args.data_root)), spec.dataset)
     tokenizer = models.load_tokenizer(source)
-    token_file = token_cache_path(info, spec.dataset.text_field, models.tokenizer_id(source, tokenizer), run_dir / "data")
+    tok_id = models.tokenizer_id(source, tokenizer)
+    token_file = token_cache_path(info, spec.dataset.text_field, tok_id, run_dir / "data")
     if rank == 0:
         checkpoint.remove_partial(run_dir)
         ensure_tokens(
@@ -69,7 +71,8 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     batches = PackedBatches(np.load(token_file, mmap_mode="r"), spec.seq_len, spec.batch, rank, spec.seed)
     steps = total_steps(spec, batches.steps_per_epoch)
 
-    precision, notes = resolve_precision(spec, on_gpu=on_gpu, bf16_supported=bool(get_accelerator().is_bf16_supported()))
+    bf16_ok = bool(get_accelerator().is_bf16_supported())
+    precision, notes = resolve_precision(spec, on_gpu=on_gpu, bf16_supported=bf16_ok)
     ds_config = build_ds_config(spec, precision=precision, steps=steps)
     model = models.build_model(source, ds_config=ds_config, gradient_checkpointing=spec.gradient_checkpointing)
     opt = optimizer_summary(spec)
@@ -153,7 +156,7 @@ def main(args: Any) -> int:
     except SpecError as e:
         print(f"invalid: {e}", file=sys.stderr, flush=True)
         return fail("invalid", str(e), EXIT_INVALID)
-    except (MemoryError,) as e:
+    except MemoryError as e:
         traceback.print_exc()
         return fail("oom", _oom_message(e), EXIT_FAILED)
     except Diverged as e:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "the quick brown fox jumps over the lazy dog and then runs back home to sleep".split()
+WORDS = "the quick brown fox jumps over the lazy dog and then runs back home to sleep".split()  # noqa: SIM905
 
 
 def write_corpus(path: Path, lines: int = 400) -> Path:
