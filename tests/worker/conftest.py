@@ -46,3 +46,75 @@ def redis() -> Iterator[Redis]:
     yield r
     r.flushdb()
     r.close()
+
+
+# --- the real stack (end-to-end tests) -------------------------------------------------------------
+
+E2E_REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+def write_corpus(path: Path, records: int = 400, bad_line_at: int | None = None) -> None:
+    """A small JSONL corpus; with `bad_line_at`, a line there is not JSON (past what submission inspects)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(records):
+            if i == bad_line_at:
+                f.write("{this is not json\n")
+            else:
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n")
+
+
+def tiny_spec(name: str, *, gpus: int = 2, steps: int = 20, dataset: str = "corpus.jsonl", **extra: Any) -> dict:
+    """A preset:tiny job on CPU ranks."""
+    spec = {
+        "name": name, "model": "preset:tiny", "dataset": {"path": dataset}, "gpus": gpus, "seq_len": 64,
+        "max_steps": steps, "checkpoint_every": 0,
+        "deepspeed": {"train_batch_size": 4 * gpus, "gradient_accumulation_steps": 1,
+                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+    }  # fmt: skip
+    spec.update(extra)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """uvicorn + a Celery worker (2 CPU slots) as real processes, on SQLite and Redis db 13."""
+    from client.stack import Stack, StackError, free_port
+
+    r = Redis.from_url(E2E_REDIS_URL)
+    try:
+        r.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Redis not reachable at {E2E_REDIS_URL}: {e}")
+    r.flushdb()
+    data_dir = tmp_path_factory.mktemp("stack")
+    env = {
+        "TRAINBOX_DATABASE_URL": f"sqlite:///{data_dir / 'trainbox.db'}", "TRAINBOX_BOX_NAME": "e2e-box",
+        "TRAINBOX_CPU_SLOTS": "2", "TRAINBOX_SWEEP_INTERVAL_S": "1", "TRAINBOX_HEARTBEAT_S": "1",
+        "TRAINBOX_LEASE_S": "10", "TRAINBOX_CANCEL_GRACE_S": "20",
+    }  # fmt: skip
+    s = Stack(data_dir=data_dir, port=free_port(), redis_url=E2E_REDIS_URL, extra_env=env)
+    write_corpus(data_dir / "data" / "corpus.jsonl")
+    write_corpus(data_dir / "data" / "bad.jsonl", records=300, bad_line_at=250)
+    try:
+        s.start(on_step=lambda _: None)
+    except StackError:
+        s.stop()
+        raise
+    yield s
+    s.stop()
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def api(stack: Any) -> Iterator[Any]:
+    from client.sdk import Client
+
+    with Client(stack.url) as c:
+        yield c

@@ -119,9 +119,7 @@ def test_env_shows_only_the_assigned_devices_and_no_settings(make_launch):
     assert gpu["CUDA_VISIBLE_DEVICES"] == "2,0" and "DS_ACCELERATOR" not in gpu
     assert not any(k.startswith("TRAINBOX_") for k in gpu)
     cpu = trainer_env(make_launch(cpu_threads=3), base)
-    assert (
-        cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "3"
-    )
+    assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "3"
 
 
 def test_trainer_command_follows_the_contract(tmp_path):
