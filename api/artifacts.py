@@ -33,9 +33,7 @@ def list_artifacts(run_dir: Path) -> dict[str, list[dict[str, object]]]:
         for p in ckpt_dir.iterdir():
             m = _STEP.match(p.name)
             if m and p.is_dir() and not p.is_symlink():
-                checkpoints.append(
-                    {"name": f"checkpoints/{p.name}", "step": int(m.group(1)), "size": _size(p)}
-                )
+                checkpoints.append({"name": f"checkpoints/{p.name}", "step": int(m.group(1)), "size": _size(p)})
     checkpoints.sort(key=lambda c: c["step"])  # type: ignore[arg-type, return-value]
     return {"model": model, "checkpoints": checkpoints}
 

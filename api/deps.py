@@ -40,9 +40,7 @@ def current_user(x_trainbox_user: Annotated[str | None, Header()] = None) -> str
     """Who is asking. Until users and tokens exist: the X-Trainbox-User header, default "local"."""
     user = x_trainbox_user or "local"
     if not _USER.match(user):
-        raise Unprocessable(
-            "user names are 1-100 letters, digits, '.', '_', '@' or '-'", ["header", "X-Trainbox-User"]
-        )
+        raise Unprocessable("user names are 1-100 letters, digits, '.', '_', '@' or '-'", ["header", "X-Trainbox-User"])
     return user
 
 

@@ -76,9 +76,7 @@ def _http(_: Request, exc: Exception) -> JSONResponse:
 
 def _api(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(
-        error_body(exc.msg, exc.loc, exc.type), status_code=exc.status_code, headers=exc.headers
-    )
+    return JSONResponse(error_body(exc.msg, exc.loc, exc.type), status_code=exc.status_code, headers=exc.headers)
 
 
 def _not_found(_: Request, exc: Exception) -> JSONResponse:

@@ -77,10 +77,8 @@ def estimate_memory(spec: JobSpec, cfg: dict[str, Any] | None, precision: str) -
     # Per layer ~34 * s * b * h bytes in 16-bit with fused (SDPA) attention (Korthikanti et al.);
     # with checkpointing only each layer's input (2 * s * b * h) is kept, plus one layer recomputed.
     per_layer = 34 * seq * micro * h * act_bytes
-    if spec.gradient_checkpointing:
-        acts = layers * 2 * seq * micro * h * act_bytes + per_layer
-    else:
-        acts = layers * per_layer
+    kept_per_layer = 2 * seq * micro * h * act_bytes if spec.gradient_checkpointing else per_layer
+    acts = layers * kept_per_layer + (per_layer if spec.gradient_checkpointing else 0)
     breakdown["activations"] = acts / GB
     breakdown["logits"] = micro * seq * vocab * (2 + 4 + 4) / GB  # 16-bit logits, fp32 upcast, its grad
     breakdown["overhead"] = OVERHEAD_GB

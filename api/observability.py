@@ -41,9 +41,7 @@ class StateCollector(Collector):
 def make_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, Counter, Histogram]:
     """A registry per app (tests build several apps in one process)."""
     registry = CollectorRegistry()
-    requests = Counter(
-        "trainbox_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
-    )
+    requests = Counter("trainbox_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram(
         "trainbox_http_request_seconds",
         "Time to the response start",

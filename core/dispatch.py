@@ -25,9 +25,7 @@ def celery_dispatcher(redis_url: str) -> Dispatch:
     }
 
     def dispatch(job_id: str, attempt: int, queue: str) -> None:
-        producer.send_task(
-            keys.RUN_JOB_TASK, args=[job_id, attempt], queue=queue, retry=True, retry_policy=retry
-        )
+        producer.send_task(keys.RUN_JOB_TASK, args=[job_id, attempt], queue=queue, retry=True, retry_policy=retry)
         log.info("sent run_job(%s, %s) to %s", job_id, attempt, queue)
 
     return dispatch

@@ -124,9 +124,7 @@ def request_cancel(*, session: Session, job_id: str) -> Job:
     """Cancel a job and commit: queued -> cancelled at once; starting/running -> cancelling (the worker
     stops the processes and finishes it); cancelling or terminal: nothing to do (idempotent)."""
     get_job(session, job_id)
-    if not transition(
-        session, job_id, to=JobState.CANCELLED, from_states=[JobState.QUEUED], cancel_requested=True
-    ):
+    if not transition(session, job_id, to=JobState.CANCELLED, from_states=[JobState.QUEUED], cancel_requested=True):
         transition(
             session,
             job_id,
@@ -183,9 +181,7 @@ def list_jobs(
     return jobs, None
 
 
-def list_metrics(
-    session: Session, job_id: str, *, after_step: int = -1, limit: int = 1000
-) -> list[JobMetric]:
+def list_metrics(session: Session, job_id: str, *, after_step: int = -1, limit: int = 1000) -> list[JobMetric]:
     """Step history of a job after `after_step`, in step order."""
     query = (
         select(JobMetric)

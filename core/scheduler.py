@@ -174,16 +174,10 @@ def queued_order(query: Any) -> Any:
 def free_gpus(session: Session, job_id: str) -> int:
     """Release the job's GPUs and rendezvous port (call only once its processes are gone). Does not commit."""
     freed = session.execute(
-        update(Gpu)
-        .where(Gpu.job_id == job_id)
-        .values(job_id=None)
-        .execution_options(synchronize_session=False)
+        update(Gpu).where(Gpu.job_id == job_id).values(job_id=None).execution_options(synchronize_session=False)
     ).rowcount
     session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(master_port=None)
-        .execution_options(synchronize_session=False)
+        update(Job).where(Job.id == job_id).values(master_port=None).execution_options(synchronize_session=False)
     )
     return freed
 
@@ -236,9 +230,7 @@ def queue_positions(session: Session) -> dict[str, int]:
 def queue_position_for(session: Session, *, priority: int) -> int:
     """The position a job submitted now with this priority would get."""
     ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.state == JobState.QUEUED.value, Job.priority >= priority)
+        select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED.value, Job.priority >= priority)
     )
     return int(ahead or 0) + 1
 
@@ -246,8 +238,6 @@ def queue_position_for(session: Session, *, priority: int) -> int:
 def held_gpus(session: Session) -> dict[str, list[tuple[str, int]]]:
     """job id -> [(box, gpu index)] for every allocated GPU (a consistency view for tests and /gpus)."""
     out: dict[str, list[tuple[str, int]]] = {}
-    for box, index, job_id in session.execute(
-        select(Gpu.box, Gpu.index, Gpu.job_id).where(Gpu.job_id.is_not(None))
-    ):
+    for box, index, job_id in session.execute(select(Gpu.box, Gpu.index, Gpu.job_id).where(Gpu.job_id.is_not(None))):
         out.setdefault(job_id, []).append((box, index))
     return out

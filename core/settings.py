@@ -53,9 +53,7 @@ class Settings(BaseSettings):
         self.model_root = (self.model_root or self.data_dir / "models").expanduser().resolve()
         self.data_root = (self.data_root or self.data_dir / "data").expanduser().resolve()
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
-            )
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if self.lease_s < 2 * self.heartbeat_s:
             raise ValueError(
                 f"lease_s ({self.lease_s}) must be at least twice heartbeat_s ({self.heartbeat_s}), "

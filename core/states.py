@@ -127,9 +127,7 @@ def transition(
 def require_transition(session: Session, job_id: str, **kwargs: Any) -> None:
     """`transition`, raising TransitionLost instead of returning False."""
     if not transition(session, job_id, **kwargs):
-        raise TransitionLost(
-            f"job {job_id}: transition to {kwargs.get('to')} lost (state or attempt changed)"
-        )
+        raise TransitionLost(f"job {job_id}: transition to {kwargs.get('to')} lost (state or attempt changed)")
 
 
 def expire_job(session: Session, job_id: str) -> None:

@@ -44,9 +44,7 @@ def _to_sse(entry_id: Any, fields: dict[Any, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(event, separators=(",", ":")), event=name, id=eid)
 
 
-async def _stream(
-    request: Request, redis: Redis, job_id: str, last_id: str
-) -> AsyncIterator[ServerSentEvent]:
+async def _stream(request: Request, redis: Redis, job_id: str, last_id: str) -> AsyncIterator[ServerSentEvent]:
     key = keys.job_events(job_id)
     block_ms = request.app.state.settings.sse_block_ms
 

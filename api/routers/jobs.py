@@ -69,9 +69,7 @@ def submit_job(
 
 
 @router.post("/validate", response_model=ValidateResult)
-def validate_job(
-    spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser
-) -> ValidateResult:
+def validate_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> ValidateResult:
     """Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position."""
     return ValidateResult(**dry_run(spec, settings, session))
 
@@ -109,9 +107,7 @@ def cancel_job(
         request.app.state.notify_cancel(job.id)
     if after.state == JobState.CANCELLED and before == JobState.QUEUED:
         try:
-            schedule(
-                session, dispatch, ports=settings.ports
-            )  # a blocking head job may have just left the queue
+            schedule(session, dispatch, ports=settings.ports)  # a blocking head job may have just left the queue
         except Exception:
             log.exception("scheduling after cancel of %s failed", job.id)
     return read_job(request, job.id, session)
@@ -127,6 +123,4 @@ def job_metrics(
     """Step history (loss, lr, throughput, MFU, memory) after `after_step`, in step order."""
     rows = service.list_metrics(session, job.id, after_step=after_step, limit=limit)
     data = [service.metric_dict(m) for m in rows]
-    return MetricPage.model_validate(
-        {"data": data, "next_after_step": rows[-1].step if len(rows) == limit else None}
-    )
+    return MetricPage.model_validate({"data": data, "next_after_step": rows[-1].step if len(rows) == limit else None})

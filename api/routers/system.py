@@ -73,9 +73,7 @@ async def healthz(request: Request) -> JSONResponse:
             log.warning("health: redis check failed: %s", e)
             checks["redis"] = f"error: {type(e).__name__}"
     healthy = all(v in ("ok", "not configured") for v in checks.values())
-    return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", **checks}, status_code=200 if healthy else 503
-    )
+    return JSONResponse({"status": "ok" if healthy else "unavailable", **checks}, status_code=200 if healthy else 503)
 
 
 @router.get("/metrics", include_in_schema=False)

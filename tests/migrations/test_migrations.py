@@ -23,9 +23,7 @@ def test_upgrade_matches_models_and_downgrade_is_clean(backend, tmp_path):
         try:
             with engine.connect() as conn:
                 assert set(inspect(conn).get_table_names()) >= TABLES
-                diff = compare_metadata(
-                    MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
-                )
+                diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
                 assert diff == [], f"models and migrations disagree: {diff}"
                 head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
                 assert MigrationContext.configure(conn).get_current_revision() == head

@@ -1,0 +1,75 @@
+"""GET /gpus, /healthz, /metrics, the dashboard, OpenAPI, and the real Celery dispatch path."""
+
+from __future__ import annotations
+
+from redis import Redis
+
+from core import keys
+from core.dispatch import celery_dispatcher
+from tests.api.conftest import REDIS_URL, spec
+from tests.api.test_jobs import add_box
+
+
+def test_gpus_view(client, sessions):
+    assert client.get("/gpus").json() == {"data": [], "total": 0, "in_use": 0}
+    add_box(sessions, n=3)
+    job = client.post("/jobs", json=spec(gpus=2, deepspeed={"train_batch_size": 8})).json()
+    view = client.get("/gpus").json()
+    assert (view["total"], view["in_use"]) == (3, 2)
+    [box] = view["data"]
+    assert box["name"] == "box1" and box["queue"] == "trainbox.box.box1"
+    holders = [g["job"]["id"] if g["job"] else None for g in box["gpus"]]
+    assert holders == [job["id"], job["id"], None]
+    assert box["gpus"][0]["memory_mb"] == 24564 and box["gpus"][0]["job"]["owner"] == "local"
+
+
+def test_healthz(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "database": "ok", "redis": "ok"}
+
+
+def test_prometheus_metrics(client, sessions):
+    add_box(sessions, n=2)
+    client.post("/jobs", json=spec())
+    client.post("/jobs", json=spec())
+    client.post("/jobs", json=spec())
+    client.get("/jobs/j0000000000000000")
+    text = client.get("/metrics").text
+    assert 'trainbox_jobs{state="starting"} 2.0' in text
+    assert 'trainbox_jobs{state="queued"} 1.0' in text
+    assert 'trainbox_gpus{use="in_use"} 2.0' in text
+    assert 'trainbox_http_requests_total{method="POST",route="/jobs",status="201"}' in text
+    assert 'route="/jobs/{job_id}",status="404"' in text
+
+
+def test_dashboard_and_docs(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script" in page.text and "http://" not in page.text and "https://" not in page.text
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {
+        "/jobs",
+        "/jobs/validate",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/events",
+    } <= set(paths)
+
+
+def test_celery_dispatch_reaches_the_box_queue():
+    """The default dispatch publishes run_job(job_id, attempt) on the box's queue in Redis."""
+    queue = keys.box_queue("dispatch-test")
+    r = Redis.from_url(REDIS_URL)
+    r.delete(queue)
+    try:
+        celery_dispatcher(REDIS_URL)("j123", 2, queue)
+        assert r.llen(queue) == 1
+        import json
+
+        message = json.loads(r.lpop(queue))
+        assert message["headers"]["task"] == keys.RUN_JOB_TASK
+        assert message["headers"]["argsrepr"] in ("['j123', 2]", "('j123', 2)")
+    finally:
+        r.delete(queue)
+        r.close()
