@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,11 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.models import Gpu, Job
 from core.states import JobState
+
+log = logging.getLogger(__name__)
 
 
 class StateCollector(Collector):
@@ -26,10 +30,15 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         jobs = GaugeMetricFamily("trainbox_jobs", "Jobs by state", labels=["state"])
         gpus = GaugeMetricFamily("trainbox_gpus", "GPUs (or CPU slots) by use", labels=["use"])
-        with self.sessions() as session:
-            counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            total = session.scalar(select(func.count()).select_from(Gpu)) or 0
-            used = session.scalar(select(func.count()).select_from(Gpu).where(Gpu.job_id.is_not(None))) or 0
+        try:
+            with self.sessions() as session:
+                counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+                total = session.scalar(select(func.count()).select_from(Gpu)) or 0
+                used = session.scalar(select(func.count()).select_from(Gpu).where(Gpu.job_id.is_not(None))) or 0
+        except SQLAlchemyError as e:
+            # A scrape must not fail because the DB is away: the HTTP metrics still report.
+            log.warning("metrics: database unavailable: %s", e)
+            return
         for state in JobState:
             jobs.add_metric([state.value], counts.get(state.value, 0))
         gpus.add_metric(["in_use"], used)

@@ -10,7 +10,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -92,7 +92,19 @@ def normalize_database_url(url: str) -> str:
     raise ValueError(f"database_url must be a sqlite:/// or postgresql:// URL, got {url.split(':')[0]}://...")
 
 
+class SettingsError(RuntimeError):
+    """The environment holds an invalid TRAINBOX_* value; the message names each bad field."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read from the environment once."""
-    return Settings()
+    """The process's settings, read from the environment once; SettingsError names what is wrong."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"TRAINBOX_{'_'.join(str(p) for p in err['loc']).upper() or '*'}: "
+            + str(err["msg"]).removeprefix("Value error, ")
+            for err in e.errors()
+        )
+        raise SettingsError(f"invalid trainbox settings: {problems}") from None

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, RedisDep
+from api.deps import JobDep, RedisDep, SessionDep
 from api.errors import Unprocessable
 from core import events, keys
 from core.models import Job
@@ -83,6 +83,7 @@ async def _stream(request: Request, redis: Redis, job_id: str, last_id: str) -> 
 )
 async def job_events(
     job: JobDep,
+    session: SessionDep,
     request: Request,
     redis: RedisDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
@@ -93,4 +94,6 @@ async def job_events(
     if not STREAM_ID.match(resume):
         loc = ["header", "Last-Event-ID"] if last_event_id else ["query", "after"]
         raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0)", loc)
+    # A stream can last days: give the request's DB connection back now (the loop opens short sessions).
+    session.close()
     return EventSourceResponse(_stream(request, redis, job.id, resume), ping=15)
