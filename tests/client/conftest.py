@@ -1,0 +1,31 @@
+"""Client tests: the `trainbox` command run as a new user would (fresh directory, no settings)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trainbox_argv() -> list[str]:
+    """The installed console script, or `python -m client` in a checkout without it."""
+    script = Path(sys.executable).parent / "trainbox"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("trainbox")
+    return [found] if found else [sys.executable, "-m", "client"]
+
+
+@pytest.fixture
+def user_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of someone who just cloned the repo: no TRAINBOX_ settings at all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBOX_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["COLUMNS"] = "120"
+    env["HOME"] = str(tmp_path / "home")
+    return env
