@@ -60,11 +60,12 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
+    app.state.read_sessions = make_sessionmaker(engine, read_only=True)
     app.state.redis = None
     app.state.dispatch = dispatch
     app.state.publish = _publisher(sync_redis, settings)
     app.state.notify_cancel = _cancel_notifier(sync_redis)
-    registry, requests, latency = make_registry(app.state.sessions)
+    registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
     app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
     errors.install(app)

@@ -27,8 +27,12 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request; services commit what they change, the rest is rolled back."""
-    factory: sessionmaker[Session] = request.app.state.sessions
+    """One session per request; services commit what they change, the rest is rolled back.
+
+    GET requests never write: their sessions take no write lock on SQLite.
+    """
+    state = request.app.state
+    factory: sessionmaker[Session] = state.read_sessions if request.method in ("GET", "HEAD") else state.sessions
     with factory() as session:
         yield session
 

@@ -20,7 +20,10 @@ from core.settings import get_settings, normalize_database_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
-# Execution option read by the SQLite "begin" hook: "IMMEDIATE" takes the write lock at BEGIN.
+# Execution option read by the SQLite "begin" hook. Transactions default to IMMEDIATE (the write
+# lock is taken at BEGIN): a DEFERRED transaction that reads and then writes fails at once with
+# "database is locked" when another connection wrote in between (WAL cannot upgrade a stale
+# snapshot, and the busy timeout does not apply). Pure readers use DEFERRED (`read_only=True`).
 SQLITE_BEGIN = "sqlite_begin"
 
 
@@ -57,7 +60,7 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        mode = conn.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+        mode = conn.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
@@ -74,8 +77,13 @@ def get_engine(url: str | None = None) -> Engine:
         return _engines[url]
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded values readable after commit (routes serialize after the service commits)."""
+def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions that keep loaded values readable after commit (routes serialize after the service commits).
+
+    `read_only=True`: for sessions that never write; on SQLite they do not take the write lock.
+    """
+    if read_only and engine.dialect.name == "sqlite":
+        engine = engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         return range(self.port_base, self.port_base + self.port_count)
 
     @property
+    def box_ttl_s(self) -> float:
+        """A box whose worker has not said it is alive for this long gets no new jobs."""
+        return self.lease_s * 3
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

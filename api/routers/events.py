@@ -32,7 +32,7 @@ SSE_NAMES = {"step": "metric", "start": "state", "end": "state"}
 
 
 def _read_state(request: Request, job_id: str) -> tuple[str, dict[str, Any] | None]:
-    with request.app.state.sessions() as session:
+    with request.app.state.read_sessions() as session:
         job = session.get(Job, job_id)
         return (job.state, job.error) if job else (JobState.CANCELLED.value, None)
 
@@ -95,5 +95,5 @@ async def job_events(
         loc = ["header", "Last-Event-ID"] if last_event_id else ["query", "after"]
         raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0)", loc)
     # A stream can last days: give the request's DB connection back now (the loop opens short sessions).
-    session.close()
+    await run_in_threadpool(session.close)
     return EventSourceResponse(_stream(request, redis, job.id, resume), ping=15)

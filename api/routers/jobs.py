@@ -59,7 +59,7 @@ def submit_job(
     if submitted.created:
         request.app.state.publish(submitted.job.id, {"type": "state", "state": JobState.QUEUED.value})
         try:
-            schedule(session, dispatch, ports=settings.ports)
+            schedule(session, dispatch, ports=settings.ports, box_ttl_s=settings.box_ttl_s)
         except Exception:
             # The job is committed; the periodic sweep will place it.
             log.exception("scheduling after submit of %s failed", submitted.job.id)
@@ -107,7 +107,8 @@ def cancel_job(
         request.app.state.notify_cancel(job.id)
     if after.state == JobState.CANCELLED and before == JobState.QUEUED:
         try:
-            schedule(session, dispatch, ports=settings.ports)  # a blocking head job may have just left the queue
+            # The cancelled job may have been the head that blocked the queue.
+            schedule(session, dispatch, ports=settings.ports, box_ttl_s=settings.box_ttl_s)
         except Exception:
             log.exception("scheduling after cancel of %s failed", job.id)
     return read_job(request, job.id, session)

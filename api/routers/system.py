@@ -48,7 +48,7 @@ def list_gpus(session: SessionDep) -> GpuView:
 
 
 def _check_db(request: Request) -> None:
-    with request.app.state.sessions() as session:
+    with request.app.state.read_sessions() as session:
         session.execute(text("SELECT 1"))
 
 
