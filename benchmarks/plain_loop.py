@@ -47,14 +47,15 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=True, attn_implementation="sdpa")
     texts = [json.loads(line)["text"] for line in Path(args.corpus).read_text().splitlines() if line.strip()]
     enc = tokenizer(texts, truncation=True, max_length=args.seq_len, padding="max_length", return_tensors="pt")
-    dataset = [{"input_ids": i, "attention_mask": m} for i, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    pairs = zip(enc["input_ids"], enc["attention_mask"], strict=True)
+    dataset = [{"input_ids": i, "attention_mask": m} for i, m in pairs]
     sampler = DistributedSampler(dataset, shuffle=True, seed=42)
     micro = config["train_batch_size"] // (config["gradient_accumulation_steps"] * dist.get_world_size())
     loader = DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     accum = engine.gradient_accumulation_steps()
-    dtype_note = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
+    dtype_note = next((k for k in ("bf16", "fp16") if config.get(k, {}).get("enabled")), "fp32")
 
     real = torch.zeros((), device=device, dtype=torch.long)
     measured_tokens = 0

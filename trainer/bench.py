@@ -20,7 +20,13 @@ from trainer.events import read_events
 from trainer.launch import visible_gpus
 
 # A fixed vocabulary of common English and code words: realistic token lengths for the tokenizer.
-_WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "was", "on", "be", "by", "this", "are", "from", "at", "or", "an", "have", "not", "which", "def", "return", "self", "import", "class", "if", "else", "while", "for", "in", "range", "print", "value", "data", "model", "train", "loss", "step", "batch", "token", "layer", "weight", "gradient", "optimizer", "learning", "rate", "memory", "device", "tensor", "shape", "output", "input", "error"]
+_WORDS = [
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "was", "on", "be", "by", "this",
+    "are", "from", "at", "or", "an", "have", "not", "which", "def", "return", "self", "import", "class",
+    "if", "else", "while", "for", "in", "range", "print", "value", "data", "model", "train", "loss", "step",
+    "batch", "token", "layer", "weight", "gradient", "optimizer", "learning", "rate", "memory", "device",
+    "tensor", "shape", "output", "input", "error",
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
