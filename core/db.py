@@ -88,11 +88,15 @@ def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmake
 
 
 @contextmanager
-def session_scope(bind: Engine | sessionmaker[Session] | None = None) -> Iterator[Session]:
-    """One session for one unit of work: commit on success, rollback on error, always close."""
+def session_scope(bind: Engine | sessionmaker[Session] | None = None, *, read_only: bool = False) -> Iterator[Session]:
+    """One session for one unit of work: commit on success, rollback on error, always close.
+
+    Keep units short: on SQLite a writing session holds the database's write lock until it ends.
+    `read_only=True` for units that only read (no write lock on SQLite).
+    """
     if bind is None:
         bind = get_engine()
-    factory = bind if isinstance(bind, sessionmaker) else make_sessionmaker(bind)
+    factory = bind if isinstance(bind, sessionmaker) else make_sessionmaker(bind, read_only=read_only)
     session = factory()
     try:
         yield session

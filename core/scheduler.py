@@ -241,3 +241,14 @@ def held_gpus(session: Session) -> dict[str, list[tuple[str, int]]]:
     for box, index, job_id in session.execute(select(Gpu.box, Gpu.index, Gpu.job_id).where(Gpu.job_id.is_not(None))):
         out.setdefault(job_id, []).append((box, index))
     return out
+
+
+def report_gpu_memory(session: Session, box: str, used_mb: dict[int, int | None]) -> None:
+    """Store each GPU's memory in use (from NVML) for GET /gpus. Does not commit."""
+    for index, used in used_mb.items():
+        session.execute(
+            update(Gpu)
+            .where(Gpu.box == box, Gpu.index == index)
+            .values(memory_used_mb=used)
+            .execution_options(synchronize_session=False)
+        )

@@ -50,6 +50,9 @@ def test_writer_sessions_lock_at_begin_readers_do_not(sqlite_url):
     with make_sessionmaker(engine, read_only=True)() as s:
         s.execute(text("SELECT 1 FROM jobs"))
         assert can_write_now(path)
+    with session_scope(engine, read_only=True) as s:
+        s.execute(text("SELECT 1 FROM jobs"))
+        assert can_write_now(path)
     engine.dispose()
 
 

@@ -14,6 +14,7 @@ from core.scheduler import (
     queue_position_for,
     queue_positions,
     register_box,
+    report_gpu_memory,
     schedule,
 )
 from core.states import JobState, transition
@@ -210,3 +211,10 @@ def test_concurrent_schedulers_never_share_a_gpu(engine, sessions):
         assert {k: sorted(v) for k, v in held.items()} == {
             j.id: sorted((j.box, g) for g in j.gpu_ids) for j in starting
         }
+
+
+def test_report_gpu_memory(session):
+    box(session, n=2)
+    report_gpu_memory(session, "box1", {0: 1234, 1: None})
+    session.commit()
+    assert [g.memory_used_mb for g in session.scalars(select(Gpu).order_by(Gpu.index))] == [1234, None]

@@ -39,3 +39,20 @@ def test_upgrade_matches_models_and_downgrade_is_clean(backend, tmp_path):
 def test_single_head():
     script = ScriptDirectory.from_config(alembic_config("sqlite:///unused.db"))
     assert len(script.get_heads()) == 1
+
+
+def test_python_m_migrations_uses_the_settings(tmp_path):
+    """The entry point the compose file's one-shot migrate service runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRAINBOX_DATA_DIR": str(tmp_path), "TRAINBOX_DATABASE_URL": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "migrations", "upgrade"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    engine = make_engine(f"sqlite:///{tmp_path / 'trainbox.db'}")
+    with engine.connect() as conn:
+        assert set(inspect(conn).get_table_names()) >= TABLES
+    engine.dispose()
