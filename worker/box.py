@@ -6,11 +6,11 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.db import session_scope
 from core.keys import box_queue
-from core.models import Job, utcnow
+from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
@@ -60,31 +60,54 @@ def register(devices: list[GpuInfo]) -> str:
 
 
 def resend_stale_starting(box: str, older_than_s: float) -> int:
-    """Re-send `run_job` for jobs stuck in `starting` here (a lost message, or a crash before enqueue)."""
+    """Re-send `run_job` for jobs stuck in `starting` here (a lost message, or a crash before enqueue),
+    and for jobs cancelled while starting that no worker claimed (the task then ends them)."""
     from worker.celery_app import dispatch
 
     cutoff = utcnow() - timedelta(seconds=older_than_s)
+    unclaimed = (Job.state == JobState.STARTING.value) | (
+        (Job.state == JobState.CANCELLING.value) & Job.lease_owner.is_(None)
+    )
     with session_scope() as session:
         stale = session.execute(
-            select(Job.id, Job.attempt, Job.box).where(
-                Job.state == JobState.STARTING.value, Job.box == box, Job.updated_at < cutoff
-            )
+            select(Job.id, Job.attempt, Job.box).where(unclaimed, Job.box == box, Job.updated_at < cutoff)
         ).all()
     for job_id, attempt, _ in stale:
-        log.warning(
-            "job %s attempt %s has been starting since before %s; re-sending", job_id, attempt, cutoff
-        )
+        log.warning("job %s attempt %s has been starting since before %s; re-sending", job_id, attempt, cutoff)
         dispatch(job_id, attempt, box_queue(box))
     return len(stale)
 
 
+def gpu_memory_used() -> dict[int, int]:
+    """GPU index -> MB in use (NVML); empty on a box without GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    try:
+        return {
+            i: int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used // (1 << 20))
+            for i in range(pynvml.nvmlDeviceGetCount())
+        }
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def sweep(box: str) -> None:
-    """One sweep: say the box is alive, re-send stale `starting` jobs, run the scheduler."""
+    """One sweep: say the box is alive (with GPU memory in use), re-send stale `starting` jobs, schedule."""
     from worker.celery_app import dispatch
 
     settings = get_settings()
+    used = gpu_memory_used()
     with session_scope() as session:
         heartbeat_box(session, box)
+        for index, mb in used.items():
+            session.execute(
+                update(Gpu).where(Gpu.box == box, Gpu.index == index).values(memory_used_mb=mb)
+                .execution_options(synchronize_session=False)
+            )  # fmt: skip
     resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
     with session_scope() as session:
         schedule(session, dispatch, box_ttl_s=settings.lease_s * 3)

@@ -18,8 +18,7 @@ def broker_url() -> str:
     url = get_settings().redis_url
     if not url:
         raise RuntimeError(
-            "TRAINBOX_REDIS_URL is not set: point it at a Redis server, or use `trainbox up`, "
-            "which starts one"
+            "TRAINBOX_REDIS_URL is not set: point it at a Redis server, or use `trainbox up`, which starts one"
         )
     return url
 

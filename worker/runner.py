@@ -112,11 +112,7 @@ class Tick:
             row = session.execute(
                 select(Job.state, Job.attempt, Job.cancel_requested).where(Job.id == self.job_id)
             ).one_or_none()
-            if (
-                row is None
-                or row.attempt != self.attempt
-                or row.state not in (JobState.RUNNING, JobState.CANCELLING)
-            ):
+            if row is None or row.attempt != self.attempt or row.state not in (JobState.RUNNING, JobState.CANCELLING):
                 self.reason = Stop.LOST  # fenced: another attempt (or nobody) owns the job now
                 return
             if row.state == JobState.CANCELLING or row.cancel_requested:
@@ -166,9 +162,7 @@ def finish(job_id: str, attempt: int, outcome: Outcome) -> str | None:
     active = [JobState.RUNNING, JobState.CANCELLING]
     done: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     with session_scope() as session:
-        to = {"succeeded": JobState.SUCCEEDED, "cancelled": JobState.CANCELLED}.get(
-            outcome.kind, JobState.FAILED
-        )
+        to = {"succeeded": JobState.SUCCEEDED, "cancelled": JobState.CANCELLED}.get(outcome.kind, JobState.FAILED)
         error = outcome.error
         if outcome.kind == "preempted":
             job = session.get_one(Job, job_id)
@@ -205,18 +199,14 @@ def cancel_unstarted(job_id: str, attempt: int) -> bool:
     with session_scope() as session:
         if session.scalar(select(Job.lease_owner).where(Job.id == job_id)) is not None:
             return False  # a supervisor holds it and will finish the cancel
-        won = transition(
-            session, job_id, to=JobState.CANCELLED, from_states=[JobState.CANCELLING], attempt=attempt
-        )
+        won = transition(session, job_id, to=JobState.CANCELLED, from_states=[JobState.CANCELLING], attempt=attempt)
         if won:
             free_gpus(session, job_id)
     if won and settings.redis_url:
         event = {"type": "state", "state": JobState.CANCELLED.value, "attempt": attempt, "time": time.time()}
         with contextlib.suppress(RedisError):
             redis = Redis.from_url(settings.redis_url)
-            redis.xadd(
-                keys.job_events(job_id), stream_fields(event), maxlen=settings.stream_maxlen, approximate=True
-            )
+            redis.xadd(keys.job_events(job_id), stream_fields(event), maxlen=settings.stream_maxlen, approximate=True)
             redis.close()
     return won
 
@@ -227,9 +217,7 @@ def run_attempt(job_id: str, attempt: int) -> str:
         if cancel_unstarted(job_id, attempt):
             reschedule()
             return "cancelled"
-        log.info(
-            "job %s attempt %s: not claimed (duplicate delivery, stale attempt or cancelled)", job_id, attempt
-        )
+        log.info("job %s attempt %s: not claimed (duplicate delivery, stale attempt or cancelled)", job_id, attempt)
         return "skipped"
     settings = get_settings()
     redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")

@@ -1,0 +1,161 @@
+"""One attempt from claim to end (`run_attempt`, the body of `run_job`) on SQLite and Postgres with
+real Redis, the fake trainer standing in for DeepSpeed: claim by compare-and-set, duplicate delivery,
+cancel before launch, failure, worker shutdown, GPUs freed, metrics and stream written."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis import Redis
+from sqlalchemy import select
+
+from core import events as job_events
+from core import keys
+from core.db import session_scope, upgrade
+from core.jobs import create_job, request_cancel
+from core.models import Gpu, Job, JobMetric
+from core.scheduler import GpuInfo, register_box, schedule
+from core.settings import get_settings
+from tests.core.databases import BACKENDS, fresh_database
+from tests.helpers import wait_for
+from tests.worker.conftest import FAKE_TRAINER, RELAY_REDIS_URL
+from trainer.spec import JobSpec
+from worker import runner
+
+BOX = "test-box"
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request, tmp_path, monkeypatch, redis) -> Iterator[str]:
+    """A migrated database, and settings pointing the worker code at it and at Redis db 12."""
+    with fresh_database(request.param, tmp_path) as url:
+        upgrade(url)
+        monkeypatch.setenv("TRAINBOX_DATABASE_URL", url)
+        monkeypatch.setenv("TRAINBOX_REDIS_URL", RELAY_REDIS_URL)
+        monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
+        get_settings.cache_clear()
+        with session_scope() as s:
+            register_box(s, BOX, [GpuInfo(0, "cpu-slot"), GpuInfo(1, "cpu-slot")])
+        yield url
+        from core.db import get_engine
+
+        get_engine(url).dispose()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def fake(monkeypatch) -> dict[str, list[str]]:
+    """Make the runner launch the fake trainer with these extra arguments."""
+    args: dict[str, list[str]] = {"argv": []}
+    real = runner.build_launch
+
+    def build(job_id: str, attempt: int) -> Any:
+        launch = real(job_id, attempt)
+        command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(launch.run_dir), *args["argv"]]
+        return dataclasses.replace(launch, command=command)
+
+    monkeypatch.setattr(runner, "build_launch", build)
+    monkeypatch.setattr(runner, "reschedule", lambda: None)
+    return args
+
+
+def _placed_job(gpus: int = 1) -> tuple[str, int]:
+    spec = JobSpec.model_validate({"name": "fake", "model": "preset:tiny", "dataset": {"path": "x.jsonl"},
+                                   "gpus": gpus, "deepspeed": {"train_batch_size": 2 * gpus}})  # fmt: skip
+    with session_scope() as s:
+        job = create_job(session=s, owner="u", spec=spec).job
+        sent: list[tuple[str, int, str]] = []
+        schedule(s, lambda *a: sent.append(a))
+    assert sent and sent[0][2] == keys.box_queue(BOX)
+    return job.id, sent[0][1]
+
+
+def _job(job_id: str) -> Job:
+    with session_scope() as s:
+        return s.get_one(Job, job_id)
+
+
+def _held() -> list[str | None]:
+    with session_scope() as s:
+        return list(s.scalars(select(Gpu.job_id).order_by(Gpu.index)))
+
+
+def _stream(job_id: str) -> list[dict[str, Any]]:
+    r = Redis.from_url(RELAY_REDIS_URL)
+    try:
+        return [job_events.decode(f) for _i, f in r.xrange(keys.job_events(job_id))]
+    finally:
+        r.close()
+
+
+def test_run_succeeds_once_and_a_duplicate_does_nothing(db, fake):
+    fake["argv"] = ["--steps", "4"]
+    job_id, attempt = _placed_job(gpus=2)
+    assert _held() == [job_id, job_id]
+    assert runner.run_attempt(job_id, attempt) == "succeeded"
+    job = _job(job_id)
+    assert (job.state, job.step, job.total_steps, job.lease_owner) == ("succeeded", 4, 4, None)
+    assert job.latest["loss"] == pytest.approx(2.5)
+    assert _held() == [None, None] and job.master_port is None
+    with session_scope() as s:
+        assert [m.step for m in s.scalars(select(JobMetric).where(JobMetric.job_id == job_id))] == [1, 2, 3, 4]
+    stream = _stream(job_id)
+    states = [e["state"] for e in stream if e["type"] == "state"]
+    assert states == ["running", "succeeded"]
+    assert [e["step"] for e in stream if e["type"] == "step"] == [1, 2, 3, 4]
+    assert runner.run_attempt(job_id, attempt) == "skipped", "a second delivery runs nothing"
+
+
+def test_failure_records_type_and_log_tail(db, fake):
+    fake["argv"] = ["--steps", "2", "--exit", "1", "--error-type", "oom"]
+    job_id, attempt = _placed_job()
+    assert runner.run_attempt(job_id, attempt) == "failed"
+    job = _job(job_id)
+    assert job.error["type"] == "oom" and "RuntimeError: boom" in job.error["log_tail"]
+    assert _held() == [None, None]
+
+
+def test_cancel_before_the_message_arrives_launches_nothing(db, fake):
+    job_id, attempt = _placed_job()
+    with session_scope() as s:
+        assert request_cancel(session=s, job_id=job_id).state == "cancelling"
+    assert runner.run_attempt(job_id, attempt) == "cancelled"
+    assert _job(job_id).state == "cancelled" and _held() == [None, None]
+    assert not (get_settings().run_dir(job_id) / "events.jsonl").exists()
+
+
+def test_cancel_while_running(db, fake):
+    fake["argv"] = ["--steps", "100000", "--step-s", "0.05"]
+    job_id, attempt = _placed_job()
+    result: dict[str, str] = {}
+    t = threading.Thread(target=lambda: result.update(state=runner.run_attempt(job_id, attempt)))
+    t.start()
+    wait_for(lambda: (_job(job_id).step or 0) >= 2, timeout=30, what="steps stored")
+    with session_scope() as s:
+        request_cancel(session=s, job_id=job_id)
+    t.join(30)
+    assert result["state"] == "cancelled" and _job(job_id).state == "cancelled" and _held() == [None, None]
+
+
+def test_worker_shutdown_requeues_for_the_next_attempt(db, fake):
+    fake["argv"] = ["--steps", "100000", "--step-s", "0.05"]
+    job_id, attempt = _placed_job()
+    result: dict[str, str] = {}
+    t = threading.Thread(target=lambda: result.update(state=runner.run_attempt(job_id, attempt)))
+    t.start()
+    try:
+        wait_for(lambda: (_job(job_id).step or 0) >= 1, timeout=30, what="steps stored")
+        runner.shutting_down.set()
+        t.join(30)
+    finally:
+        runner.shutting_down.clear()
+    job = _job(job_id)
+    assert result["state"] == "queued" and (job.state, job.attempt, job.box, job.gpu_ids) == ("queued", 2, None, None)
+    assert _held() == [None, None]
+    assert runner.run_attempt(job_id, attempt) == "skipped", "the old attempt is fenced off"
