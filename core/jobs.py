@@ -102,6 +102,12 @@ def create_job(
     return Submitted(job, True)
 
 
+def find_replay(*, session: Session, owner: str, key: str, spec: JobSpec) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made (IdempotencyConflict if its body differed)."""
+    earlier = _by_idempotency_key(session, owner, key)
+    return None if earlier is None else _replay(earlier, key, spec_hash(spec)).job
+
+
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
 

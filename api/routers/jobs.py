@@ -47,6 +47,11 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> JobRead:
     """Submit a training job; it is queued and placed on GPUs as soon as they are free."""
+    if idempotency_key is not None:
+        earlier = service.find_replay(session=session, owner=user, key=idempotency_key, spec=spec)
+        if earlier is not None:
+            response.headers["Idempotent-Replayed"] = "true"
+            return read_job(request, earlier.id, session)
     check_files(spec, settings)
     check_fits_a_box(spec, session)
     submitted = service.create_job(

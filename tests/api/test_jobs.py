@@ -149,7 +149,7 @@ def test_more_gpus_than_any_box_is_refused(client, sessions):
     assert err["loc"] == ["body", "gpus"] and "largest has 2" in err["msg"]
 
 
-def test_idempotency_key(client):
+def test_idempotency_key(client, settings):
     h = {"Idempotency-Key": "k-1"}
     first = client.post("/jobs", json=spec(), headers=h)
     again = client.post("/jobs", json=spec(), headers=h)
@@ -160,6 +160,12 @@ def test_idempotency_key(client):
     assert same.json()["id"] == first.json()["id"]
     [err] = only_error(client.post("/jobs", json=spec(seed=7), headers=h), 409)
     assert err["loc"] == ["header", "Idempotency-Key"] and first.json()["id"] in err["msg"]
+    # A replay answers with the job even if its data has moved since.
+    (settings.data_root / "corpus" / "train.jsonl").rename(settings.data_root / "corpus" / "moved.jsonl")
+    try:
+        assert client.post("/jobs", json=spec(), headers=h).json()["id"] == first.json()["id"]
+    finally:
+        (settings.data_root / "corpus" / "moved.jsonl").rename(settings.data_root / "corpus" / "train.jsonl")
     other_user = client.post("/jobs", json=spec(), headers={**h, "X-Trainbox-User": "bob"})
     assert other_user.status_code == 201 and other_user.json()["id"] != first.json()["id"]
     assert len(client.get("/jobs").json()["data"]) == 2
