@@ -22,6 +22,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "client.cli_jobs",  # submit, list, status, follow, logs, cancel, gpus
     "client.cli_stack",  # up, demo
+    "client.cli_train",  # train, bench (the trainer on this machine, no service)
 ]
 
 

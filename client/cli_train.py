@@ -1,0 +1,101 @@
+"""`trainbox train` and `trainbox bench`: the trainer on this machine, without the service.
+
+For trying a spec before queueing it, and for measuring a box; the service runs the very same
+program (`python -m trainer run`) for every job.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from client.cli_common import load_spec
+from client.follow import FollowView
+from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, read_events
+from trainer.spec import JobSpec, describe_errors
+
+console = Console()
+
+
+def train(
+    spec_file: Path = typer.Argument(..., help="JobSpec as YAML or JSON"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="outputs go here [default: runs/<name>]"),
+    data_root: Path = typer.Option(Path("."), "--data-root", help="dataset paths are relative to this"),
+    model_root: Path = typer.Option(Path("."), "--model-root", help="model directories are relative to this"),
+) -> None:
+    """Train a spec here with a live loss display; Ctrl-C checkpoints, and running again resumes."""
+    try:
+        spec = JobSpec.model_validate(load_spec(spec_file))
+    except ValidationError as e:
+        console.print(f"[red]invalid spec:[/] {describe_errors(e)}")
+        raise typer.Exit(2) from None
+    run_dir = run_dir or Path("runs") / spec.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(spec.model_dump_json())
+    offset = (run_dir / EVENTS_FILE).stat().st_size if (run_dir / EVENTS_FILE).exists() else 0
+    cmd = [sys.executable, "-m", "trainer", "run", "--spec", str(run_dir / "spec.json"), "--run-dir", str(run_dir),
+           "--data-root", str(data_root), "--model-root", str(model_root)]
+    proc = subprocess.Popen(cmd)
+    end = None
+    with FollowView(console, {"id": spec.name, "name": spec.name, "state": "running"}) as view:
+        while True:
+            done = proc.poll() is not None
+            events = read_events(run_dir, offset)
+            if events:
+                offset = (run_dir / EVENTS_FILE).stat().st_size
+            for event in events:
+                view.handle(event["type"], event)
+                end = event if event["type"] == "end" else end
+            if done:
+                break
+            try:
+                time.sleep(0.2)
+            except KeyboardInterrupt:  # the ranks got SIGINT too: they checkpoint and stop
+                console.print("[yellow]stopping: checkpointing first (Ctrl-C again does not hurry it)[/]")
+    code = proc.wait()
+    status = (end or {}).get("status", "failed")
+    colour = {"succeeded": "green", "preempted": "yellow"}.get(status, "red")
+    console.print(f"[bold {colour}]{status}[/] (run dir {run_dir}, log {run_dir / 'train.log'})")
+    if end and end.get("error"):
+        console.print(f"[red]{end['error']['type']}[/]: {end['error']['message']}")
+    if code == EXIT_PREEMPTED:
+        console.print(f"resume with: trainbox train {spec_file} --run-dir {run_dir}")
+    raise typer.Exit(code)
+
+
+def bench(
+    model: str = typer.Option("preset:deepseek-1.3b", "--model"),
+    batch_sizes: str = typer.Option("16,32,64", "--batch-sizes"),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    gpus: int = typer.Option(0, "--gpus", help="default: every visible GPU (2 CPU ranks without GPUs)"),
+    precision: str = typer.Option("bf16", "--precision"),
+    zero: int = typer.Option(2, "--zero"),
+    steps: int = typer.Option(10, "--steps"),
+    warmup: int = typer.Option(3, "--warmup"),
+    max_micro: int = typer.Option(8, "--max-micro"),
+    out_json: Path = typer.Option(None, "--json"),
+) -> None:
+    """Measure samples/s, tokens/s, peak memory and MFU over batch sizes (warm-up excluded)."""
+    argv = ["bench", "--model", model, "--batch-sizes", batch_sizes, "--seq-len", str(seq_len), "--gpus", str(gpus),
+            "--precision", precision, "--zero", str(zero), "--steps", str(steps), "--warmup", str(warmup),
+            "--max-micro", str(max_micro)]
+    if out_json:
+        argv += ["--json", str(out_json)]
+    from trainer.__main__ import main
+
+    raise typer.Exit(main(argv))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` and `bench` to the CLI."""
+    app.command()(train)
+    app.command()(bench)
+
+
+
