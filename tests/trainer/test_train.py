@@ -111,9 +111,10 @@ def test_sigterm_checkpoints_exits_75_and_resumes(reference_run: Path, data_root
     [(0, "bf16"), (1, "fp16"), (3, "bf16")],
 )
 def test_zero_stages_and_precisions(stage: int, precision: str, data_root: Path, tmp_path: Path) -> None:
-    spec = tiny_spec(max_steps=4, checkpoint_every=2, deepspeed={
-        "zero_optimization": {"stage": stage}, precision: {"enabled": True},
-    })
+    ds = {"zero_optimization": {"stage": stage}, precision: {"enabled": True}}
+    if stage == 0:  # the scheduler block: warm up to the optimizer's lr, then decay over the run
+        ds["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2}}
+    spec = tiny_spec(max_steps=4, checkpoint_every=2, deepspeed=ds)
     p = start_trainer(spec, tmp_path, data_root)
     assert p.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
     evs = events(tmp_path)
@@ -130,6 +131,12 @@ def test_zero_stages_and_precisions(stage: int, precision: str, data_root: Path,
         assert start["notes"] == []
     losses = step_losses(evs)
     assert list(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    lrs = [e["lr"] for e in evs if e["type"] == "step"]
+    if stage == 0:
+        assert start["deepspeed_config"]["scheduler"]["params"]["total_num_steps"] == 4
+        assert max(lrs) == pytest.approx(3e-3) and lrs[0] < max(lrs) and lrs[-1] < max(lrs), lrs
+    else:
+        assert lrs == [3e-3] * 4
     assert evs[-1]["status"] == "succeeded"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", local_files_only=True)
     assert model.config.hidden_size == 64
