@@ -27,6 +27,7 @@ from core.scheduler import free_gpus, schedule
 from core.settings import get_settings
 from core.states import JobState, transition
 from worker.metrics import store_metrics
+from worker.ports import ensure_free_port
 from worker.relay import Relay, stream_fields
 from worker.supervisor import Launch, Outcome, Stop, supervise
 
@@ -74,7 +75,7 @@ def build_launch(job_id: str, attempt: int) -> Launch:
         run_dir=settings.run_dir(job_id),
         devices=devices,
         accelerator="cpu" if cpu_box else "cuda",
-        master_port=int(port or settings.port_base),
+        master_port=ensure_free_port(job_id, attempt, int(port or settings.port_base)),
         model_root=settings.model_root,  # type: ignore[arg-type]
         data_root=settings.data_root,  # type: ignore[arg-type]
         max_runtime_s=spec.get("max_runtime_s"),

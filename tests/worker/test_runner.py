@@ -5,6 +5,7 @@ cancel before launch, failure, worker shutdown, GPUs freed, metrics and stream w
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 import threading
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ def db(request, tmp_path, monkeypatch, redis) -> Iterator[str]:
         monkeypatch.setenv("TRAINBOX_REDIS_URL", RELAY_REDIS_URL)
         monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
         monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
+        # Rendezvous ports away from the usual 29500, which other programs on the machine may hold.
+        monkeypatch.setenv("TRAINBOX_PORT_BASE", str(random.randrange(41000, 49000, 100)))
         get_settings.cache_clear()
         with session_scope() as s:
             register_box(s, BOX, [GpuInfo(0, "cpu-slot"), GpuInfo(1, "cpu-slot")])
@@ -159,3 +162,18 @@ def test_worker_shutdown_requeues_for_the_next_attempt(db, fake):
     assert result["state"] == "queued" and (job.state, job.attempt, job.box, job.gpu_ids) == ("queued", 2, None, None)
     assert _held() == [None, None]
     assert runner.run_attempt(job_id, attempt) == "skipped", "the old attempt is fenced off"
+
+
+def test_a_port_taken_outside_trainbox_is_swapped_for_a_free_one(db):
+    import socket
+
+    from worker.ports import ensure_free_port
+
+    job_id, attempt = _placed_job()
+    port = _job(job_id).master_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        moved = ensure_free_port(job_id, attempt, port)
+    assert moved != port and _job(job_id).master_port == moved
+    assert ensure_free_port(job_id, attempt, moved) == moved
