@@ -7,6 +7,8 @@ events for people; every rank writes its own error file if it fails, for the lau
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import sys
 import traceback
@@ -121,16 +123,29 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     return EXIT_OK
 
 
+_CPU_OOM = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or bool(_CPU_OOM.search(str(exc)))
+
+
 def _oom_message(exc: BaseException) -> str:
+    """What ran out, and at what figure: the failed request and what was already held."""
     import torch
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if torch.cuda.is_available():
+    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
         dev = torch.cuda.current_device()
         peak = torch.cuda.max_memory_allocated(dev) / GiB
         total = torch.cuda.get_device_properties(dev).total_memory / GiB
         return f"out of GPU memory at {peak:.2f} GiB allocated of {total:.1f} GiB: {first}"
-    return f"out of memory: {first}"
+    held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+    m = _CPU_OOM.search(str(exc))
+    asked = f"could not allocate {int(m.group(1)) / 1024**2:.1f} MiB" if m else "allocation failed"
+    return f"out of host memory: {asked} with {held:.2f} GiB resident in this rank"
 
 
 def main(args: Any) -> int:
@@ -156,16 +171,11 @@ def main(args: Any) -> int:
     except SpecError as e:
         print(f"invalid: {e}", file=sys.stderr, flush=True)
         return fail("invalid", str(e), EXIT_INVALID)
-    except MemoryError as e:
-        traceback.print_exc()
-        return fail("oom", _oom_message(e), EXIT_FAILED)
     except Diverged as e:
         print(f"diverged: {e}", file=sys.stderr, flush=True)
         return fail("train_error", str(e), EXIT_FAILED)
-    except Exception as e:
+    except Exception as e:  # reported as the job's error, never swallowed
         traceback.print_exc()
-        import torch
-
-        if isinstance(e, torch.OutOfMemoryError):
+        if _is_oom(e):
             return fail("oom", _oom_message(e), EXIT_FAILED)
         return fail("train_error", f"{type(e).__name__}: {e}", EXIT_FAILED)

@@ -164,3 +164,28 @@ def test_invalid_data_fails_fast_without_starting_ranks(data_root: Path, tmp_pat
     assert end["status"] == "failed" and end["error"]["type"] == "invalid"
     assert "no text field 'body'" in end["error"]["message"]
     assert not (tmp_path / "train.log").exists()
+
+
+def test_out_of_memory_is_reported_as_oom_with_the_figure(data_root: Path, tmp_path: Path) -> None:
+    """A real allocation failure: the 1.3B preset under a 5 GiB address-space limit."""
+    import json
+    import resource
+    import subprocess
+
+    from tests.trainer.conftest import trainer_cmd
+
+    spec = tiny_spec(model="preset:deepseek-1.3b", gpus=1, max_steps=1, deepspeed={"train_batch_size": 1,
+                     "gradient_accumulation_steps": 1})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (5 * 2**30, 5 * 2**30))
+
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(trainer_cmd(tmp_path / "spec.json", tmp_path, data_root), env=env, preexec_fn=limit,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 1
+    end = events(tmp_path)[-1]
+    assert end["status"] == "failed" and end["error"]["type"] == "oom"
+    assert "out of host memory: could not allocate" in end["error"]["message"]
+    assert "GiB resident" in end["error"]["message"]
