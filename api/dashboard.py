@@ -101,7 +101,11 @@ async function select(id) {
   const hist = await api(`/jobs/${id}/metrics?limit=10000`);
   hist.data.forEach(addPoint); if (hist.data.length) stats(hist.data[hist.data.length - 1]);
   draw();
-  source = new EventSource(`/jobs/${id}/events`);
+  // Stream ids are Redis timestamps (ms): follow from a little before the newest stored step instead of
+  // replaying the whole stream (steps seen twice are merged by step number).
+  const last = hist.data.length ? hist.data[hist.data.length - 1].time : null;
+  const after = last == null ? "0-0" : `${Math.max(0, Math.floor(last * 1000) - 5000)}-0`;
+  source = new EventSource(`/jobs/${id}/events?after=${after}`);
   source.addEventListener("metric", (e) => { const m = JSON.parse(e.data); addPoint(m); stats(m); draw(); });
   source.addEventListener("log", (e) => { const d = JSON.parse(e.data); const el = $("log");
     el.textContent += (d.lines || [d.line || d.text || ""]).join("\n") + "\n"; el.scrollTop = el.scrollHeight; });
