@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -35,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "rank":
         from trainer.rank import main as rank_main
 
-        return rank_main(args)
+        code = rank_main(args)
+        # Leave without running C++ static destructors: communication threads still joinable at
+        # interpreter teardown can abort the process ("terminate called without an active
+        # exception") after the work is done, turning a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     from trainer.bench import main as bench_main
 
     return bench_main(args)

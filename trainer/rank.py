@@ -167,7 +167,12 @@ def main(args: Any) -> int:
         return code
 
     try:
-        return train(args, stop, events)
+        code = train(args, stop, events)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return code
     except SpecError as e:
         print(f"invalid: {e}", file=sys.stderr, flush=True)
         return fail("invalid", str(e), EXIT_INVALID)
