@@ -73,3 +73,42 @@ def test_celery_dispatch_reaches_the_box_queue():
     finally:
         r.delete(queue)
         r.close()
+
+
+def test_healthz_reports_a_dead_redis_and_a_missing_one(settings, client):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    dead = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}), dispatch=None)
+    with TestClient(dead) as c:
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.json()["redis"].startswith("error") and r.json()["database"] == "ok"
+        [err] = c.get("/jobs/j0000000000000000/events").json()["detail"]
+        assert err["type"] == "not_found"
+    dead.state.engine.dispose()
+    none = create_app(settings.model_copy(update={"redis_url": None}), dispatch=None)
+    with TestClient(none) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "database": "ok", "redis": "not configured"}
+        job_id = c.post("/jobs", json=spec()).json()["id"]
+        r = c.get(f"/jobs/{job_id}/events")
+        assert r.status_code == 503 and "TRAINBOX_REDIS_URL" in r.json()["detail"][0]["msg"]
+    none.state.engine.dispose()
+
+
+def test_unexpected_errors_keep_the_error_shape(settings, client):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(settings, dispatch=None)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"detail": [{"loc": [], "msg": "internal server error", "type": "internal_error"}]}
+    app.state.engine.dispose()
