@@ -14,6 +14,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
+from worker.runner import shutting_down
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Sweeper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.is_set():
+        while not self.stopped.is_set() and not shutting_down.is_set():
             try:
                 sweep(self.box)
             except Exception:

@@ -244,7 +244,8 @@ def run_attempt(job_id: str, attempt: int) -> str:
         extra = {"error": outcome.error} if outcome.error else {}
         relay.state(state, attempt=attempt, **extra)
     redis.close()
-    reschedule()
+    if not shutting_down.is_set():  # a box going away must not be handed the job straight back
+        reschedule()
     return state or "lost"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
         bad.write_text(json.dumps({"name": "bad", "model": "preset:tiny", "dataset": {"path": "nope.jsonl"}}))
         refused = _run(["submit", str(bad)], cli_env, tmp_path)
         assert refused.returncode == 1 and "nope.jsonl" in refused.stderr
+
+        # A job still training when Ctrl-C comes checkpoints and goes back to the queue.
+        spec.write_text(spec.read_text().replace("max_steps: 5", "max_steps: 100000\ncheckpoint_every: 5"))
+        long_job = _run(["submit", str(spec)], cli_env, tmp_path)
+        long_id = long_job.stdout.split()[1]
+        wait_for(lambda: (httpx.get(f"{url}/jobs/{long_id}").json()["progress"]["step"] or 0) >= 3, timeout=120)
     finally:
         up.send_signal(signal.SIGINT)  # Ctrl-C
         out, _ = up.communicate(timeout=120)
@@ -79,6 +86,10 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
     assert "all stopped" in out
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not _healthy(url)
+    with sqlite3.connect(tmp_path / ".trainbox" / "trainbox.db") as db:
+        state, attempt = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (long_id,)).fetchone()
+    assert (state, attempt) == ("queued", 2)
+    assert (tmp_path / ".trainbox" / "runs" / long_id / "checkpoints").is_dir()
 
 
 def test_demo_alone_starts_and_stops_its_own_stack(tmp_path: Path, user_env: dict[str, str]) -> None:

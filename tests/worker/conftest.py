@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,6 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         "TRAINBOX_DATABASE_URL": f"sqlite:///{data_dir / 'trainbox.db'}", "TRAINBOX_BOX_NAME": "e2e-box",
         "TRAINBOX_CPU_SLOTS": "2", "TRAINBOX_SWEEP_INTERVAL_S": "1", "TRAINBOX_HEARTBEAT_S": "1",
         "TRAINBOX_LEASE_S": "10", "TRAINBOX_CANCEL_GRACE_S": "20",
+        "TRAINBOX_PORT_BASE": str(random.randrange(41000, 49000, 100)),
     }  # fmt: skip
     s = Stack(data_dir=data_dir, port=free_port(), redis_url=E2E_REDIS_URL, extra_env=env)
     write_corpus(data_dir / "data" / "corpus.jsonl")
