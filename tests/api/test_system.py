@@ -112,3 +112,20 @@ def test_unexpected_errors_keep_the_error_shape(settings, client):
     assert r.status_code == 500
     assert r.json() == {"detail": [{"loc": [], "msg": "internal server error", "type": "internal_error"}]}
     app.state.engine.dispose()
+
+
+def test_module_level_app_for_uvicorn(tmp_path, monkeypatch):
+    """`uvicorn api.app:app` builds the app from the TRAINBOX_ environment on first access."""
+    import api.app as module
+    from core.settings import get_settings
+
+    monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TRAINBOX_REDIS_URL", REDIS_URL)
+    monkeypatch.setattr(module, "_app", None)
+    get_settings.cache_clear()
+    try:
+        app = module.app
+        assert app is module.app and app.state.settings.data_dir == tmp_path
+        app.state.engine.dispose()
+    finally:
+        get_settings.cache_clear()

@@ -218,3 +218,16 @@ def test_report_gpu_memory(session):
     report_gpu_memory(session, "box1", {0: 1234, 1: None})
     session.commit()
     assert [g.memory_used_mb for g in session.scalars(select(Gpu).order_by(Gpu.index))] == [1234, None]
+
+
+def test_gpu_claim_is_guarded_even_without_the_lock(session):
+    """The row-level guard alone refuses a GPU that is already held."""
+    from core.scheduler import _claim
+
+    box(session, n=2)
+    a, b = add_job(session), add_job(session)
+    assert _claim(session, a, "box1", [0], 30000)
+    assert not _claim(session, b, "box1", [0, 1], 30001)  # GPU 0 is a's: nothing of b's claim stays
+    session.commit()
+    assert held_gpus(session) == {a.id: [("box1", 0)]}
+    assert session.get(Job, b.id).state == "queued"
