@@ -71,7 +71,7 @@ def test_celery_dispatch_reaches_the_box_queue():
         assert message["headers"]["task"] == keys.RUN_JOB_TASK
         assert message["headers"]["argsrepr"] in ("['j123', 2]", "('j123', 2)")
     finally:
-        r.delete(queue)
+        r.delete(queue, *r.keys(f"_kombu.binding*{queue}*"))
         r.close()
 
 
