@@ -6,6 +6,7 @@ import logging
 import threading
 from datetime import timedelta
 
+from redis import Redis
 from sqlalchemy import select, update
 
 from core.db import session_scope
@@ -14,6 +15,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
+from worker.reaper import reap_expired
 from worker.runner import shutting_down
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,12 @@ def sweep(box: str) -> None:
                 .execution_options(synchronize_session=False)
             )  # fmt: skip
     resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
+    redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+    try:
+        reap_expired(redis)
+    finally:
+        if redis is not None:
+            redis.close()
     with session_scope() as session:
         schedule(session, dispatch, box_ttl_s=settings.lease_s * 3)
 

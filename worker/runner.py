@@ -92,6 +92,7 @@ class Tick:
         self.settings = get_settings()
         self.next_check = 0.0
         self.next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+        self.renewed_at = time.monotonic()
         self.reason: Stop | None = None
         self.publish_cancelling = False
 
@@ -100,6 +101,10 @@ class Tick:
         now = time.monotonic()
         if shutting_down.is_set() and self.reason is None:
             self.reason = Stop.SHUTDOWN
+        if now - self.renewed_at > self.settings.lease_s:
+            # The lease ran out without a renewal (the DB is unreachable): the reaper will hand the job
+            # to another attempt, so this one must stop rather than train on, unowned.
+            self.reason = Stop.LOST
         if now >= self.next_check:
             self.next_check = now + CHECK_S
             try:
@@ -135,6 +140,8 @@ class Tick:
                 ).rowcount
                 if not renewed:
                     self.reason = Stop.LOST
+                else:
+                    self.renewed_at = now
         if self.publish_cancelling:
             self.publish_cancelling = False
             self.relay.state(JobState.CANCELLING, attempt=self.attempt)

@@ -177,3 +177,45 @@ def test_a_port_taken_outside_trainbox_is_swapped_for_a_free_one(db):
         moved = ensure_free_port(job_id, attempt, port)
     assert moved != port and _job(job_id).master_port == moved
     assert ensure_free_port(job_id, attempt, moved) == moved
+
+
+def _claimed_with_lease_expired(seconds_ago: float, gpus: int = 1) -> tuple[str, int]:
+    from datetime import timedelta
+
+    from core.models import utcnow
+
+    job_id, attempt = _placed_job(gpus=gpus)
+    assert runner.claim(job_id, attempt)
+    with session_scope() as s:
+        s.get_one(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=seconds_ago)
+    return job_id, attempt
+
+
+def test_an_expired_lease_requeues_the_job_with_the_next_attempt(db, redis):
+    from worker.reaper import reap_expired
+
+    fresh_id, _ = _claimed_with_lease_expired(seconds_ago=-30)  # still valid
+    late_id, _ = _claimed_with_lease_expired(seconds_ago=1)  # expired, but within the stop grace
+    assert reap_expired(redis) == []
+    with session_scope() as s:
+        s.get_one(Job, late_id).lease_expires_at = s.get_one(Job, late_id).lease_expires_at.replace(year=2000)
+    assert reap_expired(redis) == [(late_id, "queued")]
+    job = _job(late_id)
+    assert (job.state, job.attempt, job.gpu_ids, job.lease_owner) == ("queued", 2, None, None)
+    assert _held() == [fresh_id, None]
+    assert [e["state"] for e in _stream(late_id) if e["type"] == "state"] == ["queued"]
+    assert runner.run_attempt(late_id, 1) == "skipped", "the lost attempt's message is fenced off"
+
+
+def test_the_last_attempt_lost_fails_and_an_expired_cancel_ends_cancelled(db):
+    from worker.reaper import reap_expired
+
+    last_id, _ = _claimed_with_lease_expired(seconds_ago=3600)
+    with session_scope() as s:
+        s.get_one(Job, last_id).max_attempts = 1
+    cancel_id, _ = _claimed_with_lease_expired(seconds_ago=3600)
+    with session_scope() as s:
+        request_cancel(session=s, job_id=cancel_id)
+    assert sorted(reap_expired()) == sorted([(last_id, "failed"), (cancel_id, "cancelled")])
+    assert _job(last_id).error["type"] == "lost"
+    assert _held() == [None, None]
