@@ -82,25 +82,25 @@ def tiny_spec(name: str, *, gpus: int = 2, steps: int = 20, dataset: str = "corp
     return spec
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """uvicorn + a Celery worker (2 CPU slots) as real processes, on SQLite and Redis db 13."""
+def start_stack(data_dir: Path, redis_url: str, **settings: str) -> Any:
+    """uvicorn + a Celery worker (2 CPU slots) as real processes on SQLite, a corpus in the data root."""
     from client.stack import Stack, StackError, free_port
 
-    r = Redis.from_url(E2E_REDIS_URL)
+    r = Redis.from_url(redis_url)
     try:
         r.ping()
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {E2E_REDIS_URL}: {e}")
+        pytest.skip(f"Redis not reachable at {redis_url}: {e}")
     r.flushdb()
-    data_dir = tmp_path_factory.mktemp("stack")
+    r.close()
     env = {
         "TRAINBOX_DATABASE_URL": f"sqlite:///{data_dir / 'trainbox.db'}", "TRAINBOX_BOX_NAME": "e2e-box",
         "TRAINBOX_CPU_SLOTS": "2", "TRAINBOX_SWEEP_INTERVAL_S": "1", "TRAINBOX_HEARTBEAT_S": "1",
         "TRAINBOX_LEASE_S": "10", "TRAINBOX_CANCEL_GRACE_S": "20",
         "TRAINBOX_PORT_BASE": str(random.randrange(41000, 49000, 100)),
     }  # fmt: skip
-    s = Stack(data_dir=data_dir, port=free_port(), redis_url=E2E_REDIS_URL, extra_env=env)
+    env.update({f"TRAINBOX_{k.upper()}": v for k, v in settings.items()})
+    s = Stack(data_dir=data_dir, port=free_port(), redis_url=redis_url, extra_env=env)
     write_corpus(data_dir / "data" / "corpus.jsonl")
     write_corpus(data_dir / "data" / "bad.jsonl", records=300, bad_line_at=250)
     try:
@@ -108,10 +108,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     except StackError:
         s.stop()
         raise
+    return s
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The stack the end-to-end tests share, on Redis db 13."""
+    s = start_stack(tmp_path_factory.mktemp("stack"), E2E_REDIS_URL)
     yield s
     s.stop()
-    r.flushdb()
-    r.close()
+    Redis.from_url(E2E_REDIS_URL).flushdb()
 
 
 @pytest.fixture(scope="session")

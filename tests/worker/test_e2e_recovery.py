@@ -1,0 +1,51 @@
+"""A worker killed mid-run (SIGKILL): its ranks die with it, the lease expires, the job goes back to
+the queue with attempt 2 and the next worker resumes it from its checkpoint. Real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import psutil
+import pytest
+
+from client.sdk import Client
+from tests.helpers import wait_for
+from tests.worker.conftest import start_stack, tiny_spec
+
+pytestmark = pytest.mark.slow
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def test_a_killed_worker_loses_its_ranks_and_the_job_resumes(tmp_path) -> None:
+    stack = start_stack(tmp_path, REDIS_URL, heartbeat_s="0.5", lease_s="2", cancel_grace_s="2")
+    try:
+        api = Client(stack.url)
+        job = api.submit(tiny_spec("e2e-lost", steps=60, checkpoint_every=5, max_runtime_s=600))
+        wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 8, timeout=120, what="past a checkpoint")
+        run_dir = str(stack.data_dir / "runs" / job["id"])
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if run_dir in " ".join(p.info["cmdline"] or [])]
+        assert ranks
+
+        worker = next(c for c in stack.children if c.name == "worker")
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+        stack.children.remove(worker)
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert alive == [], "fate sharing: the ranks die with their worker"
+
+        stack._spawn("worker", [sys.executable, "-m", "worker"])
+        requeued = wait_for(lambda: (j := api.get(job["id"]))["attempt"] == 2 and j, timeout=60, what="attempt 2")
+        assert requeued["state"] in ("queued", "starting", "running")
+        final = wait_for(lambda: (j := api.get(job["id"]))["state"] in ("succeeded", "failed") and j, timeout=180)
+        assert final["state"] == "succeeded", final["error"]
+        steps = [m["step"] for m in api.all_metrics(job["id"])]
+        assert steps == list(range(1, 61)), "the step count continued, no step lost or doubled"
+        lines = (stack.data_dir / "runs" / job["id"] / "events.jsonl").read_text().splitlines()
+        starts = [e for e in map(json.loads, lines) if e["type"] == "start"]
+        assert len(starts) == 2 and starts[0]["resumed_from_step"] == 0
+        assert starts[1]["resumed_from_step"] >= 5, "attempt 2 resumed from a checkpoint"
+    finally:
+        stack.stop()
