@@ -28,9 +28,7 @@ COMMAND_MODULES = [
 
 @app.callback()
 def main(
-    url: str = typer.Option(
-        None, "--url", envvar="TRAINBOX_URL", help="API base URL [default: http://127.0.0.1:8000]"
-    ),
+    url: str = typer.Option(None, "--url", envvar="TRAINBOX_URL", help="API base URL [default: http://127.0.0.1:8000]"),
     token: str = typer.Option(None, "--token", envvar="TRAINBOX_TOKEN", help="API bearer token"),
 ) -> None:
     """trainbox: a training queue for one shared GPU box."""

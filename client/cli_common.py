@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +22,18 @@ err_console = Console(stderr=True)
 options: dict[str, str | None] = {"url": None, "token": None}
 
 
+def local_token() -> str | None:
+    """The token `trainbox up` wrote into its data dir (TRAINBOX_DATA_DIR, default ./.trainbox)."""
+    path = Path(os.environ.get("TRAINBOX_DATA_DIR", ".trainbox")).expanduser() / "token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def make_client() -> Client:
-    """A client for the API the user pointed the CLI at."""
-    return Client(options["url"], options["token"])
+    """A client for the API the user pointed the CLI at: --token, TRAINBOX_TOKEN, or the local token."""
+    return Client(options["url"], options["token"] or local_token())
 
 
 @contextmanager

@@ -54,9 +54,7 @@ def running_stack(stack: Stack) -> Iterator[Stack]:
 
 
 def up(
-    data_dir: Path = typer.Option(
-        None, "--data-dir", help="where the database, runs and data live [.trainbox]"
-    ),
+    data_dir: Path = typer.Option(None, "--data-dir", help="where the database, runs and data live [.trainbox]"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     slots: int = typer.Option(None, "--cpu-slots", help="CPU slots offered when the box has no GPU"),
@@ -87,8 +85,7 @@ def write_demo_corpus(data_root: Path, records: int = 600, seed: int = 0) -> Pat
     with path.open("w") as f:
         for _ in range(records):
             text = ". ".join(
-                f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}"
-                for _ in range(rng.randint(6, 12))
+                f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(rng.randint(6, 12))
             )
             f.write(json.dumps({"text": text + "."}) + "\n")
     return path
@@ -112,6 +109,11 @@ def demo_spec(steps: int) -> dict[str, Any]:
         "checkpoint_every": max(1, steps // 2),
         "max_runtime_s": 1800,
     }
+
+
+def _read_token(data_dir: Path) -> str | None:
+    path = data_dir / "token"
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _healthy(url: str) -> bool:
@@ -142,14 +144,15 @@ def demo(
     url = options["url"] or (json.loads(record.read_text())["url"] if record.exists() else None)
     if url and _healthy(url):
         console.print(f"using the running stack at {url}")
+        token = options["token"] or _read_token(data_dir)
         with api_errors():
-            final = _run_demo(Client(url, options["token"]), data_dir, steps)
+            final = _run_demo(Client(url, token), data_dir, steps)
     else:
         stack = Stack(data_dir=data_dir, port=port)
         console.print(f"[bold]trainbox demo[/]: starting the stack in {data_dir}")
         try:
             with running_stack(stack), api_errors():
-                final = _run_demo(Client(stack.url, options["token"]), data_dir, steps)
+                final = _run_demo(Client(stack.url, options["token"] or stack.token()), data_dir, steps)
         except (KeyboardInterrupt, _Terminated):
             raise typer.Exit(130) from None
         except StackError as exc:

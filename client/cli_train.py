@@ -39,8 +39,20 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json())
     offset = (run_dir / EVENTS_FILE).stat().st_size if (run_dir / EVENTS_FILE).exists() else 0
-    cmd = [sys.executable, "-m", "trainer", "run", "--spec", str(run_dir / "spec.json"), "--run-dir", str(run_dir),
-           "--data-root", str(data_root), "--model-root", str(model_root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "run",
+        "--spec",
+        str(run_dir / "spec.json"),
+        "--run-dir",
+        str(run_dir),
+        "--data-root",
+        str(data_root),
+        "--model-root",
+        str(model_root),
+    ]
     proc = subprocess.Popen(cmd)
     end = None
     with FollowView(console, {"id": spec.name, "name": spec.name, "state": "running"}) as view:
@@ -82,9 +94,27 @@ def bench(
     out_json: Path = typer.Option(None, "--json"),
 ) -> None:
     """Measure samples/s, tokens/s, peak memory and MFU over batch sizes (warm-up excluded)."""
-    argv = ["bench", "--model", model, "--batch-sizes", batch_sizes, "--seq-len", str(seq_len), "--gpus", str(gpus),
-            "--precision", precision, "--zero", str(zero), "--steps", str(steps), "--warmup", str(warmup),
-            "--max-micro", str(max_micro)]
+    argv = [
+        "bench",
+        "--model",
+        model,
+        "--batch-sizes",
+        batch_sizes,
+        "--seq-len",
+        str(seq_len),
+        "--gpus",
+        str(gpus),
+        "--precision",
+        precision,
+        "--zero",
+        str(zero),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--max-micro",
+        str(max_micro),
+    ]
     if out_json:
         argv += ["--json", str(out_json)]
     from trainer.__main__ import main
@@ -96,6 +126,3 @@ def register(app: typer.Typer) -> None:
     """Add `train` and `bench` to the CLI."""
     app.command()(train)
     app.command()(bench)
-
-
-

@@ -116,9 +116,7 @@ def summary(job: dict[str, Any]) -> str:
         lines.append(f"  error [red]{error.get('type')}[/]: {error.get('message')}")
     artifacts = job.get("artifacts") or {}
     if artifacts.get("model"):
-        lines.append(
-            f"  model: {len(artifacts['model'])} files (trainbox artifacts, GET /jobs/{job['id']}/artifacts)"
-        )
+        lines.append(f"  model: {len(artifacts['model'])} files (trainbox artifacts, GET /jobs/{job['id']}/artifacts)")
     if artifacts.get("checkpoints"):
         lines.append(f"  checkpoints: {', '.join(c['name'] for c in artifacts['checkpoints'])}")
     return "\n".join(lines)

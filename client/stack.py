@@ -19,6 +19,17 @@ from pathlib import Path
 import httpx
 
 _PR_SET_PDEATHSIG = 1
+# Migrations, then the local admin and its token file (in a child: `up` itself imports no server code).
+BOOTSTRAP = """
+from core.db import upgrade
+upgrade()
+try:
+    from core.users import bootstrap_local_admin
+except ImportError:  # a server without users and tokens
+    bootstrap_local_admin = None
+if bootstrap_local_admin is not None:
+    bootstrap_local_admin()
+"""
 
 
 class StackError(RuntimeError):
@@ -125,7 +136,7 @@ class Stack:
             self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
             self._wait_redis(self.redis_url, timeout_s=20.0)
             on_step(f"redis      {self.redis_url} (embedded)")
-        on_step("database   migrating")
+        on_step("database   migrating; local admin token")
         self._run_migrations()
         self._spawn("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", self.host,
                             "--port", str(self.port), "--log-level", "warning"])  # fmt: skip
@@ -135,10 +146,20 @@ class Stack:
         self._wait_healthy(ready_timeout_s)
         on_step(f"api        {self.url} (docs at {self.url}/docs)")
         on_step(f"logs       {self.data_dir / 'logs'}")
+        if self.token_file.is_file():
+            on_step(f"token      {self.token_file} (the CLI reads it; send it as `Authorization: Bearer`)")
+
+    @property
+    def token_file(self) -> Path:
+        """The local admin's API token, written at start (mode 0600); the CLI reads it from here."""
+        return self.data_dir / "token"
+
+    def token(self) -> str | None:
+        return self.token_file.read_text().strip() if self.token_file.is_file() else None
 
     def _run_migrations(self) -> None:
         result = subprocess.run(
-            [sys.executable, "-c", "from core.db import upgrade; upgrade()"],
+            [sys.executable, "-c", BOOTSTRAP],
             env=self.env(),
             cwd=self.data_dir,
             capture_output=True,

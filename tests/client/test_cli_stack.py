@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from client.sdk import Client
 from client.stack import free_port
 from tests.client.conftest import trainbox_argv
 from tests.helpers import wait_for
@@ -78,7 +79,8 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
         spec.write_text(spec.read_text().replace("max_steps: 5", "max_steps: 100000\ncheckpoint_every: 5"))
         long_job = _run(["submit", str(spec)], cli_env, tmp_path)
         long_id = long_job.stdout.split()[1]
-        wait_for(lambda: (httpx.get(f"{url}/jobs/{long_id}").json()["progress"]["step"] or 0) >= 3, timeout=120)
+        api = Client(url, (tmp_path / ".trainbox" / "token").read_text().strip())
+        wait_for(lambda: (api.get(long_id)["progress"]["step"] or 0) >= 3, timeout=120)
     finally:
         up.send_signal(signal.SIGINT)  # Ctrl-C
         out, _ = up.communicate(timeout=120)

@@ -124,5 +124,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def api(stack: Any) -> Iterator[Any]:
     from client.sdk import Client
 
-    with Client(stack.url) as c:
+    with Client(stack.url, stack.token()) as c:
         yield c

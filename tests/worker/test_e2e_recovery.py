@@ -22,7 +22,7 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 def test_a_killed_worker_loses_its_ranks_and_the_job_resumes(tmp_path) -> None:
     stack = start_stack(tmp_path, REDIS_URL, heartbeat_s="0.5", lease_s="2", cancel_grace_s="2")
     try:
-        api = Client(stack.url)
+        api = Client(stack.url, stack.token())
         job = api.submit(tiny_spec("e2e-lost", steps=60, checkpoint_every=5, max_runtime_s=600))
         wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 8, timeout=120, what="past a checkpoint")
         run_dir = str(stack.data_dir / "runs" / job["id"])
