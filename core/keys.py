@@ -25,4 +25,9 @@ def job_cancel(job_id: str) -> str:
     return f"job:{job_id}:cancel"
 
 
+def submit_rate(user: str, window: int) -> str:
+    """Counter of a user's POST /jobs in one rate-limit window (a minute; expires with it)."""
+    return f"trainbox:rate:submit:{user}:{window}"
+
+
 EVENT_FIELD = "data"

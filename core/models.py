@@ -1,4 +1,4 @@
-"""The ORM models: jobs, their step metrics, boxes and their GPUs.
+"""The ORM models: jobs, their step metrics, boxes and their GPUs; users, their API tokens and uploads.
 
 The schema is created only by migrations (migrations/versions); these classes must match them (a
 test compares the two).
@@ -176,3 +176,54 @@ class Gpu(Base):
     box_row: Mapped[Box] = relationship(back_populates="gpus")
 
     __table_args__ = (UniqueConstraint("box", "index", name="uq_gpus_box_index"),)
+
+
+class User(Base):
+    """Someone who submits jobs; `is_admin` sees and cancels every job. Limits: NULL = the setting."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Jobs and datasets name their owner by this (immutable) name.
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_gpus: Mapped[int | None] = mapped_column(Integer)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    max_runtime_s: Mapped[int | None] = mapped_column(Integer)
+    max_priority: Mapped[int | None] = mapped_column(Integer)
+    submit_rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", order_by="ApiToken.created_at")
+
+
+class ApiToken(Base):
+    """An API token: `id` is public (listing, revoking), only the SHA-256 of the secret is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class Dataset(Base):
+    """An uploaded training file, stored as `<data root>/uploads/<id>`; only its owner may train on it."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))
+    text_field: Mapped[str] = mapped_column(String(100))
+    records: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

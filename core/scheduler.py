@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 from core import keys
 from core.db import SQLITE_BEGIN, is_postgres
-from core.models import Box, Gpu, Job, utcnow
+from core.models import Box, Gpu, Job, User, utcnow
 from core.settings import get_settings
-from core.states import JobState, transition
+from core.states import ACTIVE_STATES, JobState, transition
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 SCHEDULER_LOCK_KEY = 0x7472_6169_6E62
 
 Dispatch = Callable[[str, int, str], None]  # (job_id, attempt, box queue)
+
+
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
 
 
 @dataclass(frozen=True)
@@ -68,16 +75,21 @@ def schedule(
     *,
     box_ttl_s: float | None = None,
     ports: range | None = None,
+    max_gpus_per_user: int | None | _Unset = _UNSET,
 ) -> list[Placement]:
     """Place what fits, commit, then call dispatch(job_id, attempt, queue) for each placement.
 
     Commits whatever the session held first. `box_ttl_s`: ignore boxes whose heartbeat is older.
+    `max_gpus_per_user` (default: the setting; users.max_gpus overrides it per user): a job whose
+    owner would hold more GPUs at once waits, without blocking other users' jobs behind it.
     A failing dispatch is logged; the job stays `starting` and the sweep re-sends it.
     """
     ports = ports or get_settings().ports
+    if isinstance(max_gpus_per_user, _Unset):
+        max_gpus_per_user = get_settings().max_gpus_per_user
     begin_locked(session)
     try:
-        placements = _place(session, box_ttl_s=box_ttl_s, ports=ports)
+        placements = _place(session, box_ttl_s=box_ttl_s, ports=ports, max_gpus_per_user=max_gpus_per_user)
         session.commit()
     except BaseException:
         session.rollback()
@@ -97,7 +109,19 @@ def schedule(
     return placements
 
 
-def _place(session: Session, *, box_ttl_s: float | None, ports: range) -> list[Placement]:
+def _gpu_budget(session: Session, default: int | None) -> tuple[dict[str, int], dict[str, int | None]]:
+    """GPUs each owner's active jobs hold, and each owner's cap (a per-user override, else `default`)."""
+    active = [s.value for s in ACTIVE_STATES]
+    held = dict(
+        session.execute(select(Job.owner, func.sum(Job.gpus)).where(Job.state.in_(active)).group_by(Job.owner)).all()
+    )
+    caps: dict[str, int | None] = {name: cap for name, cap in session.execute(select(User.name, User.max_gpus))}
+    return {k: int(v or 0) for k, v in held.items()}, {k: default if v is None else v for k, v in caps.items()}
+
+
+def _place(
+    session: Session, *, box_ttl_s: float | None, ports: range, max_gpus_per_user: int | None
+) -> list[Placement]:
     boxes_q = select(Box).order_by(Box.name)
     if box_ttl_s is not None:
         boxes_q = boxes_q.where(Box.heartbeat_at >= utcnow() - timedelta(seconds=box_ttl_s))
@@ -117,10 +141,14 @@ def _place(session: Session, *, box_ttl_s: float | None, ports: range) -> list[P
     ):
         used_ports[box].add(port)
 
+    held, caps = _gpu_budget(session, max_gpus_per_user)
     placements: list[Placement] = []
     for job in session.scalars(queued_order(select(Job).where(Job.cancel_requested.is_(False)))):
         if job.gpus > largest:
             continue  # can never run on the boxes there are; do not block the queue behind it
+        cap = caps.get(job.owner, max_gpus_per_user)
+        if cap is not None and held.get(job.owner, 0) + job.gpus > cap:
+            continue  # its owner is at their GPU cap: it waits, other users' jobs go ahead
         fitting = [name for name in boxes if len(free[name]) >= job.gpus]
         if not fitting:
             break  # the head waits for GPUs; everything behind it waits too
@@ -134,6 +162,7 @@ def _place(session: Session, *, box_ttl_s: float | None, ports: range) -> list[P
             continue
         free[box] = free[box][job.gpus :]
         used_ports[box].add(port)
+        held[job.owner] = held.get(job.owner, 0) + job.gpus
         placements.append(Placement(job.id, job.attempt, box, boxes[box].queue, gpu_ids, port))
     return placements
 

@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     port_base: int = Field(29500, ge=1024, le=65000, description="first rendezvous (master) port")
     port_count: int = Field(500, ge=1, le=10000, description="rendezvous ports per box")
 
+    # Limits per user; each can be overridden per user by an admin (`trainbox users set`).
+    max_gpus_per_user: int | None = Field(None, ge=1, description="GPUs one user's jobs hold at once; None: no cap")
+    max_queued_per_user: int = Field(50, ge=1, description="jobs one user may have waiting in the queue")
+    max_runtime_s: int = Field(7 * 86400, ge=1, description="cap on a spec's max_runtime_s")
+    max_priority: int = Field(0, ge=-100, le=100, description="highest priority a non-admin may ask for")
+    submit_rate_per_minute: int = Field(60, ge=1, description="POST /jobs per user per minute (needs Redis)")
+    # Request hardening.
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (uploads excepted) -> 413")
+    max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest dataset upload -> 413")
+    max_json_depth: int = Field(32, ge=4, le=1000, description="deepest JSON nesting accepted in a body")
+    metrics_public: bool = Field(False, description="serve /metrics without a token (a private scrape network)")
+
     sse_block_ms: int = Field(5000, ge=10, le=60000, description="XREAD BLOCK per SSE poll")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
@@ -76,6 +88,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def token_file(self) -> Path:
+        """Where `trainbox up` keeps the local admin's token (mode 0600); the CLI reads it."""
+        return self.data_dir / "token"
 
     def run_dir(self, job_id: str) -> Path:
         """Where a job's run directory lives (see docs/TRAINER.md for its layout)."""

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 PG_ADMIN = os.environ.get("TRAINBOX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgres"]
-TABLES = ("gpus", "job_metrics", "jobs", "boxes")
+TABLES = ("gpus", "job_metrics", "jobs", "boxes", "datasets", "api_tokens", "users")
 
 
 def _pg_url(dbname: str) -> str:

@@ -12,7 +12,7 @@ from core.db import alembic_config, downgrade, make_engine, upgrade
 from core.models import Base
 from tests.core.databases import BACKENDS, fresh_database
 
-TABLES = {"jobs", "job_metrics", "boxes", "gpus"}
+TABLES = {"jobs", "job_metrics", "boxes", "gpus", "users", "api_tokens", "datasets"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
