@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api import errors
+from api.deps import current_user
+from api.hardening import RequestLimits
 from api.observability import MetricsMiddleware, make_registry
-from api.routers import events, files, jobs, system
+from api.routers import datasets, events, files, jobs, system, users
 from core import events as job_events
 from core import keys
 from core.db import make_engine, make_sessionmaker
@@ -63,14 +65,24 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.read_sessions = make_sessionmaker(engine, read_only=True)
     app.state.redis = None
     app.state.dispatch = dispatch
+    app.state.sync_redis = sync_redis
     app.state.publish = _publisher(sync_redis, settings)
     app.state.notify_cancel = _cancel_notifier(sync_redis)
     registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
+    app.add_middleware(
+        RequestLimits,
+        max_body=settings.max_body_bytes,
+        max_upload=settings.max_upload_bytes,
+        max_depth=settings.max_json_depth,
+        upload_paths=frozenset({"/datasets"}),
+    )
     app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
     errors.install(app)
-    for module in (jobs, events, files, system):
-        app.include_router(module.router)
+    # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.
+    for module in (jobs, events, files, datasets, users):
+        app.include_router(module.router, dependencies=[Depends(current_user)])
+    app.include_router(system.router)
     return app
 
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import ServiceUnavailable, Unprocessable
-from core.jobs import get_job
+from api.errors import Forbidden, ServiceUnavailable, Unauthorized
+from core.jobs import JobNotFound, get_job
 from core.models import Job
 from core.scheduler import Dispatch
 from core.settings import Settings
-
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
+from core.users import Principal, authenticate
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -40,22 +39,42 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_user(x_trainbox_user: Annotated[str | None, Header()] = None) -> str:
-    """Who is asking. Until users and tokens exist: the X-Trainbox-User header, default "local"."""
-    user = x_trainbox_user or "local"
-    if not _USER.match(user):
-        raise Unprocessable("user names are 1-100 letters, digits, '.', '_', '@' or '-'", ["header", "X-Trainbox-User"])
+_bearer = HTTPBearer(auto_error=False, description="an API token: `trainbox tokens create NAME`")
+
+
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def current_user(request: Request, session: SessionDep, credentials: BearerDep) -> Principal:
+    """Who is asking: the user of the `Authorization: Bearer` token; 401 without a valid one."""
+    if credentials is None:
+        raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>` (trainbox tokens create)")
+    user = authenticate(session, credentials.credentials, request.app.state.settings)
+    if user is None:
+        raise Unauthorized("invalid, revoked or expired token")
     return user
 
 
-CurrentUser = Annotated[str, Depends(current_user)]
+CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+def require_admin(user: CurrentUser) -> Principal:
+    if not user.is_admin:
+        raise Forbidden("only an admin may do this", [])
+    return user
+
+
+AdminUser = Annotated[Principal, Depends(require_admin)]
 
 JobId = Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 def job_for_user(job_id: JobId, session: SessionDep, user: CurrentUser) -> Job:
-    """The job named in the path (404 if there is none); ownership checks go here."""
-    return get_job(session, job_id)
+    """The job named in the path, if the caller owns it or is an admin; 404 otherwise (ids are not confirmed)."""
+    job = get_job(session, job_id)
+    if not user.can_see(job.owner):
+        raise JobNotFound(job_id)
+    return job
 
 
 JobDep = Annotated[Job, Depends(job_for_user)]

@@ -28,6 +28,36 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class Unauthorized(ApiError):
+    status_code = 401
+    type = "unauthorized"
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, ["header", "Authorization"], {"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ApiError):
+    status_code = 403
+    type = "forbidden"
+
+
+class LimitExceeded(ApiError):
+    """A per-user quota or limit; the message names the limit and where it is set."""
+
+    status_code = 403
+    type = "limit_exceeded"
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+    type = "rate_limited"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    type = "too_large"
+
+
 class NotFound(ApiError):
     status_code = 404
     type = "not_found"

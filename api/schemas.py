@@ -163,3 +163,50 @@ class GpuView(BaseModel):
     data: list[BoxRead]
     total: int
     in_use: int
+
+
+class DatasetRead(BaseModel):
+    id: str = Field(description='name it in a spec: "dataset": {"id": ...}')
+    filename: str = Field(description="the uploaded file's name (a label only)")
+    format: str
+    text_field: str
+    records: int
+    bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class DatasetPage(BaseModel):
+    data: list[DatasetRead]
+
+
+class QueueEntry(BaseModel):
+    id: str | None = Field(None, description="only for your own jobs (admins: every job)")
+    name: str
+    owner: str
+    state: str
+    gpus: int
+    priority: int
+    queue_position: int | None = None
+    box: str | None
+    gpu_ids: list[int] | None
+    created_at: datetime
+    started_at: datetime | None
+
+
+class QueueView(BaseModel):
+    data: list[QueueEntry] = Field(description="every unfinished job: running first, then the queue in order")
+
+
+class LimitsRead(BaseModel):
+    max_gpus: int | None
+    max_queued: int
+    max_runtime_s: int
+    max_priority: int | None
+    submit_rate_per_minute: int
+
+
+class UserRead(BaseModel):
+    name: str
+    is_admin: bool
+    limits: LimitsRead

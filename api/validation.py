@@ -9,9 +9,11 @@ from sqlalchemy.orm import Session
 
 from api.errors import Unprocessable
 from api.estimate import estimate_memory, model_config
-from core.models import Gpu
+from api.limits import check_spec_limits
+from core.models import Dataset, Gpu
 from core.scheduler import queue_position_for
 from core.settings import Settings
+from core.users import Principal
 from trainer import dsconfig
 from trainer.paths import DatasetInfo, ModelSource, SpecError, inspect_dataset, resolve_dataset, resolve_model
 from trainer.spec import JobSpec
@@ -20,9 +22,18 @@ from trainer.spec import JobSpec
 INSPECT_RECORDS = 200
 
 
-def check_files(spec: JobSpec, settings: Settings) -> tuple[ModelSource, DatasetInfo]:
-    """The model and dataset the spec names, resolved under their roots; 422 naming the field if not."""
+def check_files(
+    spec: JobSpec, settings: Settings, session: Session, user: Principal
+) -> tuple[ModelSource, DatasetInfo]:
+    """The model and dataset the spec names, resolved under their roots; 422 naming the field if not.
+
+    An uploaded dataset (`{"id": ...}`) may be used by its owner only; to anyone else it does not exist.
+    """
     assert settings.model_root is not None and settings.data_root is not None
+    if spec.dataset.id is not None:
+        row = session.get(Dataset, spec.dataset.id)
+        if row is None or row.owner != user.name:
+            raise Unprocessable(f"no uploaded dataset with id {spec.dataset.id!r}", ["body", "dataset", "id"])
     try:
         source = resolve_model(spec.model, settings.model_root)
         path = resolve_dataset(spec.dataset, settings.data_root)
@@ -52,9 +63,10 @@ def check_fits_a_box(spec: JobSpec, session: Session) -> None:
         )
 
 
-def dry_run(spec: JobSpec, settings: Settings, session: Session) -> dict[str, Any]:
-    """Everything `POST /jobs/validate` reports about a spec that passed the checks."""
-    source, info = check_files(spec, settings)
+def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal) -> dict[str, Any]:
+    """Everything `POST /jobs/validate` reports about a spec that passed the checks (limits included)."""
+    check_spec_limits(spec, user)
+    source, info = check_files(spec, settings, session, user)
     check_fits_a_box(spec, session)
     sizes = box_sizes(session)
     candidates = [mem for mem in sizes.values() if len(mem) >= spec.gpus]
@@ -89,3 +101,8 @@ def dry_run(spec: JobSpec, settings: Settings, session: Session) -> dict[str, An
         "memory": {**memory, "gpu_memory_gb": round(gpu_gb, 2) if gpu_gb else None, "fits": fits},
         "queue_position": queue_position_for(session, priority=spec.priority),
     }
+
+
+def schedule_options(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments the API passes to core.scheduler.schedule."""
+    return {"ports": settings.ports, "box_ttl_s": settings.box_ttl_s, "max_gpus_per_user": settings.max_gpus_per_user}

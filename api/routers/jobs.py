@@ -9,8 +9,9 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.artifacts import list_artifacts
 from api.deps import CurrentUser, DispatchDep, JobDep, SessionDep, SettingsDep
+from api.limits import check_queue_limit, check_spec_limits, check_submit_rate
 from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
-from api.validation import check_files, check_fits_a_box, dry_run
+from api.validation import check_files, check_fits_a_box, dry_run, schedule_options
 from core import jobs as service
 from core.scheduler import queue_positions, schedule
 from core.states import JobState
@@ -47,16 +48,19 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> JobRead:
     """Submit a training job; it is queued and placed on GPUs as soon as they are free."""
+    check_submit_rate(request.app.state.sync_redis, user)
     if idempotency_key is not None:
-        earlier = service.find_replay(session=session, owner=user, key=idempotency_key, spec=spec)
+        earlier = service.find_replay(session=session, owner=user.name, key=idempotency_key, spec=spec)
         if earlier is not None:
             response.headers["Idempotent-Replayed"] = "true"
             return read_job(request, earlier.id, session)
-    check_files(spec, settings)
+    check_spec_limits(spec, user)
+    check_files(spec, settings, session, user)
     check_fits_a_box(spec, session)
+    check_queue_limit(session, user)
     submitted = service.create_job(
         session=session,
-        owner=user,
+        owner=user.name,
         spec=spec,
         idempotency_key=idempotency_key,
         max_attempts=settings.max_attempts,
@@ -64,7 +68,7 @@ def submit_job(
     if submitted.created:
         request.app.state.publish(submitted.job.id, {"type": "state", "state": JobState.QUEUED.value})
         try:
-            schedule(session, dispatch, ports=settings.ports, box_ttl_s=settings.box_ttl_s)
+            schedule(session, dispatch, **schedule_options(settings))
         except Exception:
             # The job is committed; the periodic sweep will place it.
             log.exception("scheduling after submit of %s failed", submitted.job.id)
@@ -76,7 +80,7 @@ def submit_job(
 @router.post("/validate", response_model=ValidateResult)
 def validate_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> ValidateResult:
     """Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position."""
-    return ValidateResult(**dry_run(spec, settings, session))
+    return ValidateResult(**dry_run(spec, settings, session, user))
 
 
 @router.get("", response_model=JobPage)
@@ -88,7 +92,11 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> JobPage:
-    """Jobs, newest first, one page at a time."""
+    """Your jobs (admins: everyone's), newest first, one page at a time. GET /queue shows every job."""
+    if not user.is_admin:
+        if owner is not None and owner != user.name:
+            return JobPage(data=[], next_cursor=None)
+        owner = user.name
     page, next_cursor = service.list_jobs(session, states=state, owner=owner, limit=limit, cursor=cursor)
     positions = queue_positions(session) if any(j.state == JobState.QUEUED for j in page) else {}
     return JobPage(data=[JobSummary.of(j, positions) for j in page], next_cursor=next_cursor)
@@ -113,7 +121,7 @@ def cancel_job(
     if after.state == JobState.CANCELLED and before == JobState.QUEUED:
         try:
             # The cancelled job may have been the head that blocked the queue.
-            schedule(session, dispatch, ports=settings.ports, box_ttl_s=settings.box_ttl_s)
+            schedule(session, dispatch, **schedule_options(settings))
         except Exception:
             log.exception("scheduling after cancel of %s failed", job.id)
     return read_job(request, job.id, session)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, text
@@ -13,17 +13,25 @@ from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from api.dashboard import DASHBOARD_HTML
-from api.deps import SessionDep
-from api.schemas import BoxRead, GpuRead, GpuView
+from api.deps import BearerDep, CurrentUser, SessionDep, current_user
+from api.schemas import BoxRead, GpuRead, GpuView, QueueEntry, QueueView
 from core.models import Box, Job
+from core.scheduler import queued_order
+from core.states import ACTIVE_STATES
+from core.users import Principal
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["system"])
 
 
+def public_job(job: Job, user: Principal) -> dict[str, object]:
+    """What everyone may see of any job: name, owner, state; the id only to those who may open it."""
+    return {"id": job.id if user.can_see(job.owner) else None, "name": job.name, "owner": job.owner, "state": job.state}
+
+
 @router.get("/gpus", response_model=GpuView)
-def list_gpus(session: SessionDep) -> GpuView:
-    """Every box, its GPUs (or CPU slots), and the job holding each."""
+def list_gpus(session: SessionDep, user: CurrentUser) -> GpuView:
+    """Every box, its GPUs (or CPU slots), and the job holding each (name, owner, state)."""
     boxes = session.scalars(select(Box).options(selectinload(Box.gpus)).order_by(Box.name)).all()
     held = {g.job_id for b in boxes for g in b.gpus if g.job_id}
     jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(held)))} if held else {}
@@ -32,7 +40,7 @@ def list_gpus(session: SessionDep) -> GpuView:
         gpus = []
         for g in box.gpus:
             job = jobs.get(g.job_id) if g.job_id else None
-            holder = {"id": job.id, "name": job.name, "owner": job.owner, "state": job.state} if job else None
+            holder = public_job(job, user) if job else None
             gpus.append(
                 GpuRead(
                     index=g.index,
@@ -45,6 +53,35 @@ def list_gpus(session: SessionDep) -> GpuView:
         data.append(BoxRead(name=box.name, queue=box.queue, heartbeat_at=box.heartbeat_at, gpus=gpus))
     total = sum(len(b.gpus) for b in data)
     return GpuView(data=data, total=total, in_use=sum(1 for b in data for g in b.gpus if g.job))
+
+
+@router.get("/queue", response_model=QueueView)
+def queue(session: SessionDep, user: CurrentUser) -> QueueView:
+    """Every unfinished job of every user (name, owner, state, GPUs): what runs and what waits, in order."""
+    active = [s.value for s in ACTIVE_STATES]
+    running = session.scalars(select(Job).where(Job.state.in_(active)).order_by(Job.started_at, Job.created_at)).all()
+    waiting = session.scalars(queued_order(select(Job))).all()
+    data = []
+    for position, job in [(None, j) for j in running] + list(enumerate(waiting, 1)):
+        data.append(
+            QueueEntry(
+                **public_job(job, user),
+                gpus=job.gpus,
+                priority=job.priority,
+                queue_position=position,
+                box=job.box,
+                gpu_ids=job.gpu_ids,
+                created_at=job.created_at,
+                started_at=job.started_at,
+            )
+        )
+    return QueueView(data=data)
+
+
+def metrics_access(request: Request, session: SessionDep, credentials: BearerDep) -> None:
+    """/metrics needs a token unless TRAINBOX_METRICS_PUBLIC is set (a private scrape network)."""
+    if not request.app.state.settings.metrics_public:
+        current_user(request, session, credentials)
 
 
 def _check_db(request: Request) -> None:
@@ -76,7 +113,7 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok" if healthy else "unavailable", **checks}, status_code=200 if healthy else 503)
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_access)])
 def metrics(request: Request) -> Response:
     """Prometheus exposition: jobs by state, GPUs in use, HTTP requests."""
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
@@ -84,5 +121,5 @@ def metrics(request: Request) -> Response:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def dashboard() -> HTMLResponse:
-    """The dashboard: queue, jobs, live loss chart."""
+    """The dashboard page (public HTML; it asks for a token and sends it with every data call)."""
     return HTMLResponse(DASHBOARD_HTML)

@@ -109,10 +109,26 @@ def dispatched(api_env) -> Dispatched:
     return api_env[1]
 
 
+def make_user(client: TestClient, name: str, *, admin: bool = False) -> dict[str, str]:
+    """A user with a fresh token; returns the headers that authenticate as them."""
+    from core.users import create_token, create_user
+
+    with client.app.state.sessions() as s:  # type: ignore[attr-defined]
+        create_user(s, name=name, is_admin=admin)
+        _, token = create_token(s, user_name=name)
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def client(api_env, redis) -> Iterator[TestClient]:
+    """The app's client, authenticated as `local`, an admin (tests of rules for others make users)."""
     settings, dispatched, client = api_env
+    client.headers.update(make_user(client, "local", admin=True))
     yield client
+    client.headers.pop("Authorization", None)
+    rate_keys = list(redis.scan_iter("trainbox:rate:*"))
+    if rate_keys:
+        redis.delete(*rate_keys)
     app = client.app
     with app.state.sessions() as s:  # type: ignore[attr-defined]
         from sqlalchemy import select

@@ -128,6 +128,7 @@ def test_live_stream_delivers_each_event_once_across_a_reconnect(client, session
 
     def follow(last_id=None, stop_after=None):
         headers = {"Last-Event-ID": last_id} if last_id else {}
+        headers["Authorization"] = client.headers["Authorization"]
         with httpx.stream("GET", f"{live_server}/jobs/{job_id}/events", headers=headers, timeout=10) as r:
             lines = []
             for line in r.iter_lines():

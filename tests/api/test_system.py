@@ -81,14 +81,14 @@ def test_healthz_reports_a_dead_redis_and_a_missing_one(settings, client):
     from api.app import create_app
 
     dead = create_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}), dispatch=None)
-    with TestClient(dead) as c:
+    with TestClient(dead, headers=client.headers) as c:
         r = c.get("/healthz")
         assert r.status_code == 503 and r.json()["redis"].startswith("error") and r.json()["database"] == "ok"
         [err] = c.get("/jobs/j0000000000000000/events").json()["detail"]
         assert err["type"] == "not_found"
     dead.state.engine.dispose()
     none = create_app(settings.model_copy(update={"redis_url": None}), dispatch=None)
-    with TestClient(none) as c:
+    with TestClient(none, headers=client.headers) as c:
         assert c.get("/healthz").json() == {"status": "ok", "database": "ok", "redis": "not configured"}
         job_id = c.post("/jobs", json=spec()).json()["id"]
         r = c.get(f"/jobs/{job_id}/events")

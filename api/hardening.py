@@ -1,0 +1,131 @@
+"""Request limits applied before any route runs: body size (413) and JSON nesting depth (422).
+
+A body over the limit is refused from its Content-Length when it has one, and by counting the bytes
+as they arrive when it has not (chunked uploads), so nothing over the limit is read into memory or
+written to disk. JSON bodies are small (max_body_bytes): they are read whole and their nesting is
+measured before the JSON parser sees them (a deep document would otherwise exhaust its recursion).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_body
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped; no parsing)."""
+    depth = deepest = 0
+    for b in _BRACKETS.findall(_STRING.sub(b"", raw)):
+        if b in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+class RequestLimits:
+    """ASGI middleware: 413 over `max_body` (`max_upload` on upload paths), 422 over `max_depth`."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_body: int, max_upload: int, max_depth: int, upload_paths: frozenset[str]
+    ) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_upload = max_upload
+        self.max_depth = max_depth
+        self.upload_paths = upload_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_upload if scope["path"] in self.upload_paths else self.max_body
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            await _reply(send, 413, _too_large(limit))
+            return
+        if "json" in headers.get("content-type", "") or not headers.get("content-type"):
+            body, more = await _read_upto(receive, limit)
+            if more:
+                await _reply(send, 413, _too_large(limit))
+                return
+            if json_depth(body) > self.max_depth:
+                msg = f"JSON nested deeper than {self.max_depth} levels is refused"
+                await _reply(send, 422, error_body(msg, ["body"], "too_deep"))
+                return
+            await self.app(scope, _replay(body, receive), send)
+            return
+        await self.app(scope, _counting(receive, limit), send)
+
+
+def _too_large(limit: int) -> dict[str, Any]:
+    return error_body(f"request body is larger than {limit} bytes", ["body"], "too_large")
+
+
+async def _read_upto(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", True
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: the client's disconnect, as usual
+
+    return replayed
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                # Raised inside body parsing: FastAPI passes HTTPExceptions through to the handlers.
+                raise HTTPException(413, _too_large(limit)["detail"])
+        return message
+
+    return counted
+
+
+async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,102 @@
+"""Per-user limits on what a job may ask for, on the queue, and on how fast one submits.
+
+Each refusal names the limit and where it is set: the TRAINBOX_ setting, or a per-user override an
+admin sets with `trainbox users set NAME --<limit> N`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from redis import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.errors import LimitExceeded, TooManyRequests
+from core import keys
+from core.models import Job
+from core.states import JobState
+from core.users import Principal
+from trainer.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 60
+_WHERE = {
+    "max_gpus": "TRAINBOX_MAX_GPUS_PER_USER",
+    "max_queued": "TRAINBOX_MAX_QUEUED_PER_USER",
+    "max_runtime_s": "TRAINBOX_MAX_RUNTIME_S",
+    "max_priority": "TRAINBOX_MAX_PRIORITY",
+    "submit_rate_per_minute": "TRAINBOX_SUBMIT_RATE_PER_MINUTE",
+}
+
+
+def _where(limit: str) -> str:
+    flag = "--" + limit.replace("_", "-")
+    return f"(limit {limit}: {_WHERE[limit]}, or per user by an admin: trainbox users set NAME {flag} N)"
+
+
+def check_spec_limits(spec: JobSpec, user: Principal) -> None:
+    """403 if the spec asks for more than the user may have: GPUs, runtime, priority."""
+    lim = user.limits
+    if lim.max_gpus is not None and spec.gpus > lim.max_gpus:
+        raise LimitExceeded(
+            f"gpus {spec.gpus} is more than your {lim.max_gpus} GPUs in use at once {_where('max_gpus')}",
+            ["body", "gpus"],
+        )
+    if spec.max_runtime_s is None or spec.max_runtime_s > lim.max_runtime_s:
+        asked = "no max_runtime_s" if spec.max_runtime_s is None else f"max_runtime_s {spec.max_runtime_s}"
+        raise LimitExceeded(
+            f"{asked} is over your cap of {lim.max_runtime_s} s per job {_where('max_runtime_s')}",
+            ["body", "max_runtime_s"],
+        )
+    if lim.max_priority is not None and spec.priority > lim.max_priority:
+        raise LimitExceeded(
+            f"priority {spec.priority} is above your ceiling of {lim.max_priority} {_where('max_priority')}",
+            ["body", "priority"],
+        )
+
+
+def check_queue_limit(session: Session, user: Principal) -> None:
+    """403 if the user already has as many jobs waiting as they may."""
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner == user.name, Job.state == JobState.QUEUED.value)
+    )
+    if (queued or 0) >= user.limits.max_queued:
+        raise LimitExceeded(
+            f"you have {queued} jobs queued, the most you may have waiting {_where('max_queued')}; "
+            "wait for some to start or cancel some",
+            ["body"],
+        )
+
+
+def check_submit_rate(redis: Redis | None, user: Principal) -> None:
+    """429 with Retry-After once the user has submitted `submit_rate_per_minute` times this minute.
+
+    A fixed one-minute window counted in Redis, so every API process shares it. Without Redis (or
+    when it does not answer) submissions are not rate-limited: the queue limit still holds.
+    """
+    if redis is None:
+        return
+    now = time.time()
+    window = int(now // RATE_WINDOW_S)
+    key = keys.submit_rate(user.name, window)
+    try:
+        with redis.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, RATE_WINDOW_S + 5)
+            count = int(pipe.execute()[0])
+    except RedisError as e:
+        log.warning("submit rate limit not checked (Redis): %s", e)
+        return
+    limit = user.limits.submit_rate_per_minute
+    if count > limit:
+        retry = max(1, math.ceil((window + 1) * RATE_WINDOW_S - now))
+        raise TooManyRequests(
+            f"too many submissions: {limit} per minute {_where('submit_rate_per_minute')}; retry in {retry} s",
+            [],
+            headers={"Retry-After": str(retry)},
+        )

@@ -1,0 +1,59 @@
+"""Who am I (GET /users/me), and an admin's per-user limits (GET /users, PATCH /users/{name})."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
+from api.errors import NotFound
+from api.schemas import LimitsRead, UserRead
+from core import users as service
+from core.models import User
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+UserName = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")]
+
+
+class LimitsUpdate(BaseModel):
+    """Per-user overrides; a field set to null goes back to the server's setting, an absent one is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_gpus: int | None = Field(None, ge=1, le=1024)
+    max_queued: int | None = Field(None, ge=1, le=100_000)
+    max_runtime_s: int | None = Field(None, ge=1, le=365 * 86400)
+    max_priority: int | None = Field(None, ge=-100, le=100)
+    submit_rate_per_minute: int | None = Field(None, ge=1, le=100_000)
+
+
+def _read(user: User, settings: SettingsDep) -> UserRead:
+    limits = service.effective_limits(user, settings)
+    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**limits.__dict__))
+
+
+@router.get("/me", response_model=UserRead)
+def me(user: CurrentUser) -> UserRead:
+    """The caller: name, admin or not, and the limits in force for them."""
+    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**user.limits.__dict__))
+
+
+@router.get("", response_model=list[UserRead])
+def list_users(session: SessionDep, settings: SettingsDep, admin: AdminUser) -> list[UserRead]:
+    """Every user and their limits (admins only)."""
+    return [_read(u, settings) for u in service.list_users(session)]
+
+
+@router.patch("/{name}", response_model=UserRead)
+def set_limits(
+    name: UserName, body: LimitsUpdate, session: SessionDep, settings: SettingsDep, admin: AdminUser
+) -> UserRead:
+    """Set a user's limits (admins only)."""
+    try:
+        user = service.set_limits(session, name=name, **body.model_dump(exclude_unset=True))
+    except service.UserError as e:
+        raise NotFound(str(e), ["path", "name"]) from None
+    return _read(user, settings)
