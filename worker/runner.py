@@ -67,7 +67,9 @@ def build_launch(job_id: str, attempt: int) -> Launch:
         box_gpus = session.scalars(select(Gpu).where(Gpu.box == job.box)).all()
         cpu_box = bool(box_gpus) and all(g.name.startswith("cpu") for g in box_gpus)
         spec, port, slots = dict(job.spec), job.master_port, max(1, len(box_gpus))
-    threads = max(1, (os.cpu_count() or 1) * len(devices) // slots) if cpu_box else None
+    # OMP_NUM_THREADS is per rank, and each CPU slot runs one rank: a slot's share of the cores.
+    # (More threads than cores makes gloo ranks spin against each other, several times slower.)
+    threads = max(1, (os.cpu_count() or 1) // slots) if cpu_box else None
     return Launch(
         job_id=job_id,
         attempt=attempt,

@@ -55,7 +55,7 @@ class Launch:
     data_root: Path
     max_runtime_s: float | None = None
     cancel_grace_s: float = 30.0
-    cpu_threads: int | None = None  # CPU boxes: the share of cores this job's ranks may use
+    cpu_threads: int | None = None  # CPU boxes: threads per rank (OMP_NUM_THREADS), a slot's share of cores
     command: list[str] | None = None  # replaces the trainer command (tests, benchmarks)
 
 
