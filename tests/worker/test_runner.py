@@ -219,3 +219,14 @@ def test_the_last_attempt_lost_fails_and_an_expired_cancel_ends_cancelled(db):
     assert sorted(reap_expired()) == sorted([(last_id, "failed"), (cancel_id, "cancelled")])
     assert _job(last_id).error["type"] == "lost"
     assert _held() == [None, None]
+
+
+def test_cpu_ranks_share_the_cores_without_oversubscribing(db: str) -> None:
+    """OMP_NUM_THREADS is per rank: a job's ranks together get at most the box's cores."""
+    import os
+
+    job_id, attempt = _placed_job(gpus=2)
+    launch = runner.build_launch(job_id, attempt)
+    assert launch.accelerator == "cpu" and len(launch.devices) == 2
+    assert launch.cpu_threads is not None and launch.cpu_threads >= 1
+    assert launch.cpu_threads * len(launch.devices) <= max(2, os.cpu_count() or 1)
