@@ -1,7 +1,10 @@
 # ruff: noqa: E501 - an embedded HTML page; its lines are markup, not Python
 """The dashboard: one self-contained page (no CDN): GPUs, queue, jobs, and a live loss chart.
 
-The chart loads the step history from /jobs/{id}/metrics, then follows /jobs/{id}/events (SSE).
+The page itself is public; every data call sends the API token the user pastes into it (kept in the
+browser's localStorage, sent as `Authorization: Bearer`, never put in a URL). The chart loads the
+step history from /jobs/{id}/metrics, then follows /jobs/{id}/events (SSE read with fetch, because
+EventSource cannot send headers).
 """
 
 DASHBOARD_HTML = r"""<!doctype html>
@@ -26,7 +29,8 @@ th{color:var(--dim);font-weight:500}tr.job{cursor:pointer}tr.job:hover,tr.sel{ba
 #chartwrap{position:relative}canvas{width:100%;height:260px;display:block}#stats{display:flex;gap:1.2rem;flex-wrap:wrap;margin:.5rem 0}
 #stats div b{display:block;font-size:1.1rem}#log{max-height:180px;overflow:auto;font:12px monospace;color:var(--dim);white-space:pre-wrap}
 </style></head><body>
-<header><h1>trainbox</h1><span id="health">checking...</span></header>
+<header><h1>trainbox</h1><span id="health">checking...</span>
+<form id="login" style="margin-left:auto"><input id="token" type="password" placeholder="API token (trainbox tokens create)" size="34" autocomplete="off"> <button>use token</button></form></header>
 <main>
 <div>
 <section><h2>GPUs</h2><div id="gpus" class="gpus"></div></section>
@@ -43,7 +47,32 @@ const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
 const fmt = (v, d = 3) => v == null ? "-" : (Math.abs(v) >= 1000 ? Math.round(v).toLocaleString() : Number(v).toPrecision(d));
 const eta = (s) => s == null ? "-" : s < 90 ? Math.round(s) + "s" : s < 5400 ? Math.round(s / 60) + "m" : (s / 3600).toFixed(1) + "h";
-async function api(path, opts) { const r = await fetch(path, opts); if (!r.ok) throw new Error(path + ": " + r.status); return r.json(); }
+const auth = (h = {}) => { const t = localStorage.getItem("trainbox-token"); return t ? {...h, Authorization: "Bearer " + t} : h; };
+async function api(path, opts = {}) {
+  const r = await fetch(path, {...opts, headers: auth(opts.headers)});
+  if (r.status === 401) $("health").textContent = "paste an API token (top right) to see the queue";
+  if (!r.ok) throw new Error(path + ": " + r.status); return r.json();
+}
+$("login").addEventListener("submit", (ev) => { ev.preventDefault(); const t = $("token").value.trim();
+  if (t) localStorage.setItem("trainbox-token", t); else localStorage.removeItem("trainbox-token"); $("token").value = ""; refresh(); });
+
+// Server-Sent Events over fetch: EventSource cannot send the Authorization header.
+async function stream(path, on, signal) {
+  const r = await fetch(path, {headers: auth({Accept: "text/event-stream"}), signal});
+  if (!r.ok || !r.body) return;
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "", name = "message", data = [];
+  for (;;) {
+    const {value, done} = await reader.read(); if (done) return;
+    buf += value; let i;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, i).replace(/\r$/, ""); buf = buf.slice(i + 1);
+      if (line === "") { if (data.length && on[name]) on[name]({data: data.join("\n")}); name = "message"; data = []; }
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      else if (line.startsWith("event:")) name = line.slice(6).trim();
+    }
+  }
+}
 
 let selected = null, source = null, points = [], tput = [];
 
@@ -56,9 +85,9 @@ async function refresh() {
       `<div class="gpu ${x.job ? "busy" : ""}"><b>${esc(b.name)}:${x.index}</b> <span class="dim">${esc(x.name)}</span><br>` +
       (x.job ? `${esc(x.job.name)} <span class="dim">(${esc(x.job.owner)})</span>` : '<span class="dim">free</span>') + "</div>")).join("")
       || '<span class="dim">no boxes registered yet</span>';
-    const q = await api("/jobs?state=queued&limit=200");
-    $("queue").innerHTML = q.data.sort((a, b) => a.queue_position - b.queue_position).map((j) =>
-      `<tr><td>${j.queue_position}</td><td>${esc(j.name)}</td><td>${esc(j.owner)}</td><td>${j.gpus}</td><td>${j.priority}</td></tr>`).join("")
+    const q = await api("/queue");
+    $("queue").innerHTML = q.data.map((j) =>
+      `<tr><td>${j.queue_position ?? esc(j.state)}</td><td>${esc(j.name)}</td><td>${esc(j.owner)}</td><td>${j.gpus}</td><td>${j.priority}</td></tr>`).join("")
       || '<tr><td colspan="5" class="dim">empty</td></tr>';
     const jobs = await api("/jobs?limit=50");
     $("jobs").innerHTML = jobs.data.map((j) => {
@@ -75,7 +104,7 @@ async function refresh() {
 
 $("jobs").addEventListener("click", async (ev) => {
   const cancel = ev.target.closest("[data-cancel]");
-  if (cancel) { ev.stopPropagation(); await fetch(`/jobs/${cancel.dataset.cancel}/cancel`, {method: "POST"}); refresh(); return; }
+  if (cancel) { ev.stopPropagation(); await fetch(`/jobs/${cancel.dataset.cancel}/cancel`, {method: "POST", headers: auth()}); refresh(); return; }
   const row = ev.target.closest("tr.job"); if (row) select(row.dataset.id);
 });
 
@@ -95,7 +124,7 @@ function stats(m) {
 
 async function select(id) {
   selected = id; points = []; tput = []; $("log").textContent = "";
-  if (source) source.close();
+  if (source) source.abort();
   const job = await api(`/jobs/${id}`);
   $("title").textContent = `${job.name} (${job.id}): ${job.state}`;
   const hist = await api(`/jobs/${id}/metrics?limit=10000`);
@@ -105,12 +134,14 @@ async function select(id) {
   // replaying the whole stream (steps seen twice are merged by step number).
   const last = hist.data.length ? hist.data[hist.data.length - 1].time : null;
   const after = last == null ? "0-0" : `${Math.max(0, Math.floor(last * 1000) - 5000)}-0`;
-  source = new EventSource(`/jobs/${id}/events?after=${after}`);
-  source.addEventListener("metric", (e) => { const m = JSON.parse(e.data); addPoint(m); stats(m); draw(); });
-  source.addEventListener("log", (e) => { const d = JSON.parse(e.data); const el = $("log");
-    el.textContent += (d.lines || [d.line || d.text || ""]).join("\n") + "\n"; el.scrollTop = el.scrollHeight; });
-  source.addEventListener("state", (e) => { const d = JSON.parse(e.data); if (d.state) $("title").textContent = `${job.name} (${job.id}): ${d.state}`; });
-  source.addEventListener("end", (e) => { const d = JSON.parse(e.data); $("title").textContent = `${job.name} (${job.id}): ${d.state}`; source.close(); refresh(); });
+  source = new AbortController();
+  stream(`/jobs/${id}/events?after=${after}`, {
+    metric: (e) => { const m = JSON.parse(e.data); addPoint(m); stats(m); draw(); },
+    log: (e) => { const d = JSON.parse(e.data); const el = $("log");
+      el.textContent += (d.lines || [d.line || d.text || ""]).join("\n") + "\n"; el.scrollTop = el.scrollHeight; },
+    state: (e) => { const d = JSON.parse(e.data); if (d.state) $("title").textContent = `${job.name} (${job.id}): ${d.state}`; },
+    end: (e) => { const d = JSON.parse(e.data); $("title").textContent = `${job.name} (${job.id}): ${d.state}`; refresh(); },
+  }, source.signal).catch(() => {});
   refresh();
 }
 
