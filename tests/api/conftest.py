@@ -70,6 +70,7 @@ def api_env(request, tmp_path_factory, redis) -> Iterator[tuple[Settings, Dispat
             port_base=31000,
             port_count=50,
             submit_rate_per_minute=10000,  # the rate limit's own test lowers it per user
+            max_upload_bytes=256 * 1024,
         )
         _make_files(settings)
         dispatched = Dispatched()

@@ -1,0 +1,103 @@
+"""POST /datasets (multipart upload, checked line by line, size-capped), GET /datasets, and specs
+that name an upload by id: only its owner may train on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from core.models import Dataset, Job
+from tests.api.conftest import make_user, spec
+from tests.api.test_jobs import only_error
+from trainer.paths import uploaded_dataset_path
+
+JSONL = "".join(json.dumps({"text": f"line {i} " * 10}) + "\n" for i in range(50)).encode()
+
+
+def upload(client, content: bytes, headers=None, filename="train.jsonl", **form):
+    return client.post("/datasets", files={"file": (filename, content)}, data=form, headers=headers or {})
+
+
+def stored(sessions, settings) -> tuple[int, list[str]]:
+    with sessions() as s:
+        rows = s.scalar(select(func.count()).select_from(Dataset)) or 0
+    uploads = settings.data_root / "uploads"
+    return rows, sorted(p.name for p in uploads.iterdir()) if uploads.is_dir() else []
+
+
+@pytest.fixture(autouse=True)
+def _clean_uploads(settings):
+    yield
+    uploads = settings.data_root / "uploads"
+    if uploads.is_dir():
+        for p in uploads.iterdir():
+            p.unlink()
+
+
+def test_upload_list_and_train_on_it(client, sessions, settings):
+    ann = make_user(client, "ann")
+    r = upload(client, JSONL, ann, filename="../../etc/my data.jsonl")
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["id"].startswith("d") and ds["format"] == "jsonl" and ds["records"] == 50
+    assert ds["bytes"] == len(JSONL) and ds["filename"] == "my_data.jsonl" and ds["text_field"] == "text"
+    path = uploaded_dataset_path(settings.data_root, ds["id"])
+    assert path.read_bytes() == JSONL
+    assert [d["id"] for d in client.get("/datasets", headers=ann).json()["data"]] == [ds["id"]]
+    job = client.post("/jobs", json=spec(dataset={"id": ds["id"]}), headers=ann)
+    assert job.status_code == 201 and job.json()["spec"]["dataset"]["id"] == ds["id"]
+    text = upload(client, b"plain words\nmore words\n", ann, filename="notes.txt").json()
+    assert text["format"] == "text" and text["records"] == 2
+
+
+def test_only_the_owner_may_use_or_list_an_upload(client, sessions):
+    ann, bob = make_user(client, "ann"), make_user(client, "bob")
+    ds = upload(client, JSONL, ann).json()
+    assert client.get("/datasets", headers=bob).json()["data"] == []
+    [err] = only_error(client.post("/jobs", json=spec(dataset={"id": ds["id"]}), headers=bob), 422)
+    assert err["loc"] == ["body", "dataset", "id"] and err["msg"] == f"no uploaded dataset with id {ds['id']!r}"
+    only_error(client.post("/jobs/validate", json=spec(dataset={"id": ds["id"]}), headers=bob), 422)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "form", "loc", "fragment"),
+    [
+        (b'{"text": "ok"}\n{not json\n', {}, ["body", "file"], "line 2 is not valid JSON"),
+        (b'{"body": "x"}\n', {}, ["body", "text_field"], "no text field 'text'"),
+        (b'{"body": "x"}\n', {"text_field": "content"}, ["body", "text_field"], "no text field 'content'"),
+        (b"caf\xe9 latin-1\n", {}, ["body", "file"], "line 1 is not UTF-8"),
+        (b"\n\n  \n", {}, ["body", "file"], "dataset is empty"),
+        (b'{"text": 5}\n', {}, ["body", "file"], "is not a string"),
+        (b"plain\n", {"format": "jsonl"}, ["body", "file"], "not valid JSON"),
+    ],
+)
+def test_bad_uploads_are_422_and_leave_nothing(client, sessions, settings, content, form, loc, fragment):
+    [err] = only_error(upload(client, content, **form), 422)
+    assert err["loc"] == loc and fragment in err["msg"], err
+    assert stored(sessions, settings) == (0, [])
+
+
+def test_upload_over_the_cap_is_413_and_leaves_nothing(client, sessions, settings):
+    big = JSONL * (settings.max_upload_bytes // len(JSONL) + 2)
+    [err] = only_error(upload(client, big), 413)
+    assert err["type"] == "too_large" and str(settings.max_upload_bytes) in err["msg"]
+
+    def chunks():  # no Content-Length: counted while it arrives
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
+        body = head + big + b"\r\n--b--\r\n"
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    r = client.post("/datasets", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    only_error(r, 413)
+    assert stored(sessions, settings) == (0, [])
+
+
+def test_upload_form_errors(client, sessions, settings):
+    only_error(client.post("/datasets"), 422)
+    only_error(upload(client, JSONL, format="parquet"), 422)
+    assert stored(sessions, settings) == (0, [])
