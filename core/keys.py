@@ -20,6 +20,12 @@ def job_events(job_id: str) -> str:
     return f"job:{job_id}:events"
 
 
+def job_relay_offsets(job_id: str) -> str:
+    """Hash: how far the worker's relay has read each file of the job's run dir (a later attempt
+    resumes there: nothing lost, nothing repeated)."""
+    return f"job:{job_id}:relay"
+
+
 def job_cancel(job_id: str) -> str:
     """Pub/sub channel the API publishes on when a cancel is requested (the DB flag stays the truth)."""
     return f"job:{job_id}:cancel"
