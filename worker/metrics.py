@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -19,6 +21,26 @@ def metric_row(job_id: str, attempt: int, event: dict[str, Any]) -> dict[str, An
     row = {"job_id": job_id, "attempt": attempt, "step": int(event["step"]), "time": float(event["time"])}
     row.update({name: event.get(name) for name in METRIC_FIELDS})
     return row
+
+
+def backfill_metrics(session: Session, *, job_id: str, attempt: int, events_path: Path) -> int:
+    """Store step events an earlier attempt wrote but never stored (its worker died between the trainer
+    writing them and the next flush); returns how many. Does not commit."""
+    if not events_path.exists():
+        return 0
+    stored = session.scalar(select(func.max(JobMetric.step)).where(JobMetric.job_id == job_id))
+    steps = []
+    with events_path.open("rb") as f:
+        for raw in f:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue  # a torn last line
+            if isinstance(event, dict) and event.get("type") == "step" and int(event["step"]) > (stored or 0):
+                steps.append(event)
+    if steps:
+        store_metrics(session, job_id=job_id, attempt=attempt, steps=steps, fields={})
+    return len(steps)
 
 
 def store_metrics(

@@ -35,6 +35,11 @@ class FileTail:
         self.offset = offset
         self._partial = b""
 
+    @property
+    def position(self) -> int:
+        """Bytes of the file consumed as whole lines (where a later reader should resume)."""
+        return self.offset - len(self._partial)
+
     @classmethod
     def from_end(cls, path: Path) -> FileTail:
         """Start after what the file holds now (a resumed attempt: earlier lines were relayed already)."""
@@ -74,14 +79,18 @@ class Relay:
         stream_cap: int = 10_000,
         flush_s: float = 1.0,
         log_files: tuple[str, ...] = ("train.log", "launcher.log"),
+        offsets_key: str | None = None,
     ) -> None:
         self.stream_key = stream_key
         self.redis = redis
         self.sink = sink
         self.stream_cap = stream_cap
         self.flush_s = flush_s
-        self.events = FileTail.from_end(run_dir / "events.jsonl")
-        self.logs = [FileTail.from_end(run_dir / name) for name in log_files]
+        self.offsets_key = offsets_key
+        self.tails = {name: FileTail.from_end(run_dir / name) for name in ("events.jsonl", *log_files)}
+        self._resume_from_stored_offsets()
+        self.events = self.tails["events.jsonl"]
+        self.logs = [self.tails[name] for name in log_files]
         self.pending_metrics: list[dict[str, Any]] = []
         self.pending_fields: dict[str, Any] = {}
         self.last_flush = time.monotonic()
@@ -89,15 +98,34 @@ class Relay:
         self.published = 0
         self._backlog: list[dict[str, Any]] = []
 
+    def _resume_from_stored_offsets(self) -> None:
+        """A later attempt resumes where the last one's relay stopped, so lines written after its last
+        publish (its worker died) are relayed now, and nothing published is published twice."""
+        if not self.offsets_key:
+            return
+        try:
+            stored = self.redis.hgetall(self.offsets_key)
+        except RedisError:
+            return
+        for raw_name, raw_offset in stored.items():
+            name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+            tail = self.tails.get(name)
+            if tail is not None and 0 <= int(raw_offset) <= tail.offset:
+                tail.offset = int(raw_offset)
+
     def publish(self, events: list[dict[str, Any]]) -> None:
         """XADD events in order; if Redis is away, keep them and retry on the next call."""
         self._backlog.extend(events)
         if not self._backlog:
             return
         try:
-            pipe = self.redis.pipeline(transaction=False)
+            # The events and how far the files were read go in together (MULTI): a crash between
+            # the two would otherwise lose events or repeat them.
+            pipe = self.redis.pipeline(transaction=bool(self.offsets_key))
             for event in self._backlog:
                 pipe.xadd(self.stream_key, stream_fields(event), maxlen=self.stream_cap, approximate=True)
+            if self.offsets_key:
+                pipe.hset(self.offsets_key, mapping={name: t.position for name, t in self.tails.items()})
             pipe.execute()
         except RedisError as exc:
             # Training goes on without Redis; the stream catches up when it is back.

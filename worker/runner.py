@@ -26,7 +26,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import free_gpus, schedule
 from core.settings import get_settings
 from core.states import JobState, transition
-from worker.metrics import store_metrics
+from worker.metrics import backfill_metrics, store_metrics
 from worker.ports import ensure_free_port
 from worker.relay import Relay, stream_fields
 from worker.supervisor import Launch, Outcome, Stop, supervise
@@ -237,7 +237,12 @@ def run_attempt(job_id: str, attempt: int) -> str:
         redis=redis,
         sink=make_sink(job_id, attempt),
         stream_cap=settings.stream_maxlen,
+        offsets_key=keys.job_relay_offsets(job_id),
     )
+    if attempt > 1:
+        relay.pump(final=True)  # what the last attempt's relay never got to (its worker died)
+        with session_scope() as session:
+            backfill_metrics(session, job_id=job_id, attempt=attempt, events_path=relay.events.path)
     relay.state(JobState.RUNNING, attempt=attempt)
     try:
         launch = build_launch(job_id, attempt)
@@ -252,6 +257,9 @@ def run_attempt(job_id: str, attempt: int) -> str:
     if state is not None:
         extra = {"error": outcome.error} if outcome.error else {}
         relay.state(state, attempt=attempt, **extra)
+        if JobState(state).is_terminal():
+            with contextlib.suppress(RedisError):
+                redis.delete(keys.job_relay_offsets(job_id))
     redis.close()
     if not shutting_down.is_set():  # a box going away must not be handed the job straight back
         reschedule()

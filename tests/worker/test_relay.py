@@ -77,3 +77,23 @@ def test_relay_retries_a_failed_metrics_write(tmp_path, redis):
     assert relay.pending_metrics, "kept for the next flush"
     relay.pump()
     assert calls == [1, 1] and not relay.pending_metrics
+
+
+def test_a_later_relay_resumes_where_the_last_one_published(tmp_path, redis):
+    events = tmp_path / "events.jsonl"
+
+    def relay() -> Relay:
+        return Relay(run_dir=tmp_path, stream_key="job:r4:events", redis=redis, sink=lambda *a: None,
+                     offsets_key="job:r4:relay")  # fmt: skip
+
+    first = relay()
+    events.write_text("".join(json.dumps({"type": "step", "step": s, "time": 1.0}) + "\n" for s in (1, 2)))
+    first.pump()
+    with events.open("a") as f:  # written after the last publish; then the worker dies
+        f.write(json.dumps({"type": "step", "step": 3, "time": 1.0}) + "\n" + '{"type": "st')
+    second = relay()
+    second.pump()
+    with events.open("a") as f:
+        f.write('ep", "step": 4, "time": 1.0}\n')
+    second.pump()
+    assert [e["step"] for e in _stream(redis, "job:r4:events")] == [1, 2, 3, 4]
