@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from api import errors
 from api.deps import current_user
+from api.errors import documented
 from api.hardening import RequestLimits
 from api.observability import MetricsMiddleware, make_registry
 from api.routers import datasets, events, files, jobs, system, users
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     errors.install(app)
     # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.
     for module in (jobs, events, files, datasets, users):
-        app.include_router(module.router, dependencies=[Depends(current_user)])
+        app.include_router(module.router, dependencies=[Depends(current_user)], responses=documented(401))
     app.include_router(system.router)
     return app
 

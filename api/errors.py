@@ -73,6 +73,44 @@ class ServiceUnavailable(ApiError):
     type = "unavailable"
 
 
+# The one error shape as a JSON schema, written out so that routes whose success is not JSON (logs,
+# downloads) still document their errors as application/json.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        }
+    },
+}
+_MEANING = {
+    401: "no token, or an invalid, revoked or expired one",
+    403: "not allowed: a per-user limit (the message names it) or an admin-only action",
+    404: "no such resource, or not one the caller may see",
+    409: "the Idempotency-Key was used with a different body",
+    413: "the request body is over the size limit",
+    422: "the request is not valid (the message says what and where)",
+    429: "too many submissions; see Retry-After",
+    503: "a backing service (Redis) is not available",
+}
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, all with the one error shape."""
+    content = {"application/json": {"schema": ERROR_SCHEMA}}
+    return {code: {"description": _MEANING[code], "content": content} for code in codes}
+
+
 def error_body(msg: str, loc: list[Any] | None = None, type_: str = "error") -> dict[str, Any]:
     return {"detail": [{"loc": loc or [], "msg": msg, "type": type_}]}
 

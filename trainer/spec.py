@@ -103,7 +103,8 @@ class OptimizerConfig(_Strict):
 
 
 class SchedulerParams(_Strict):
-    warmup_min_lr: float | Auto = Field(0.0, ge=0)
+    # The bound sits on the number alone: on the union pydantic would apply it to "auto" (a TypeError).
+    warmup_min_lr: Annotated[float, Field(ge=0)] | Auto = 0.0
     warmup_max_lr: float | Auto = "auto"
     warmup_num_steps: int | Auto = "auto"
     warmup_type: Literal["log", "linear"] = "linear"

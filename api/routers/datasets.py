@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 from sqlalchemy import select
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.errors import PayloadTooLarge, Unprocessable
+from api.errors import PayloadTooLarge, Unprocessable, documented
 from api.schemas import DatasetPage, DatasetRead
 from core.models import Dataset, new_job_id, utcnow
 from trainer.paths import UPLOADS_DIR, SpecError, inspect_dataset, uploaded_dataset_path
@@ -50,7 +50,7 @@ def _copy_capped(src: BinaryIO, dst: Path, limit: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead, responses=documented(413))
 def upload_dataset(
     file: Annotated[UploadFile, File(description="JSONL (one object per line with the text field) or UTF-8 text")],
     session: SessionDep,

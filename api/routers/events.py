@@ -19,12 +19,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, RedisDep, SessionDep
-from api.errors import Unprocessable
+from api.errors import Unprocessable, documented
 from core import events, keys
 from core.models import Job
 from core.states import JobState
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], responses=documented(404, 503))
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 BATCH = 200

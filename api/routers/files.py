@@ -9,9 +9,10 @@ from fastapi.responses import FileResponse, PlainTextResponse
 
 from api.artifacts import artifact_path, list_artifacts, tail_lines
 from api.deps import JobDep, SettingsDep
+from api.errors import documented
 from api.schemas import Artifacts
 
-router = APIRouter(prefix="/jobs/{job_id}", tags=["files"])
+router = APIRouter(prefix="/jobs/{job_id}", tags=["files"], responses=documented(404))
 
 
 @router.get("/logs", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.artifacts import list_artifacts
 from api.deps import CurrentUser, DispatchDep, JobDep, SessionDep, SettingsDep
+from api.errors import documented
 from api.limits import check_queue_limit, check_spec_limits, check_submit_rate
 from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
 from api.validation import check_files, check_fits_a_box, dry_run, schedule_options
@@ -36,7 +37,9 @@ def read_job(request: Request, job_id: str, session: SessionDep) -> JobRead:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=JobRead, responses=documented(403, 409, 413, 429)
+)
 def submit_job(
     spec: JobSpec,
     request: Request,
@@ -77,7 +80,7 @@ def submit_job(
     return read_job(request, submitted.job.id, session)
 
 
-@router.post("/validate", response_model=ValidateResult)
+@router.post("/validate", response_model=ValidateResult, responses=documented(403, 413))
 def validate_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> ValidateResult:
     """Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position."""
     return ValidateResult(**dry_run(spec, settings, session, user))
@@ -102,13 +105,15 @@ def list_jobs(
     return JobPage(data=[JobSummary.of(j, positions) for j in page], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
+@router.get("/{job_id}", response_model=JobRead, responses=documented(404))
 def get_job(job: JobDep, request: Request, session: SessionDep) -> JobRead:
     """One job: state, placement, progress with ETA, latest metrics, error, artifacts."""
     return read_job(request, job.id, session)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+@router.post(
+    "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead, responses=documented(404, 413)
+)
 def cancel_job(
     job: JobDep, request: Request, session: SessionDep, settings: SettingsDep, dispatch: DispatchDep
 ) -> JobRead:
@@ -127,7 +132,7 @@ def cancel_job(
     return read_job(request, job.id, session)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricPage)
+@router.get("/{job_id}/metrics", response_model=MetricPage, responses=documented(404))
 def job_metrics(
     job: JobDep,
     session: SessionDep,

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.dashboard import DASHBOARD_HTML
 from api.deps import BearerDep, CurrentUser, SessionDep, current_user
+from api.errors import documented
 from api.schemas import BoxRead, GpuRead, GpuView, QueueEntry, QueueView
 from core.models import Box, Job
 from core.scheduler import queued_order
@@ -29,7 +30,7 @@ def public_job(job: Job, user: Principal) -> dict[str, object]:
     return {"id": job.id if user.can_see(job.owner) else None, "name": job.name, "owner": job.owner, "state": job.state}
 
 
-@router.get("/gpus", response_model=GpuView)
+@router.get("/gpus", response_model=GpuView, responses=documented(401))
 def list_gpus(session: SessionDep, user: CurrentUser) -> GpuView:
     """Every box, its GPUs (or CPU slots), and the job holding each (name, owner, state)."""
     boxes = session.scalars(select(Box).options(selectinload(Box.gpus)).order_by(Box.name)).all()
@@ -55,7 +56,7 @@ def list_gpus(session: SessionDep, user: CurrentUser) -> GpuView:
     return GpuView(data=data, total=total, in_use=sum(1 for b in data for g in b.gpus if g.job))
 
 
-@router.get("/queue", response_model=QueueView)
+@router.get("/queue", response_model=QueueView, responses=documented(401))
 def queue(session: SessionDep, user: CurrentUser) -> QueueView:
     """Every unfinished job of every user (name, owner, state, GPUs): what runs and what waits, in order."""
     active = [s.value for s in ACTIVE_STATES]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
-from api.errors import NotFound
+from api.errors import NotFound, documented
 from api.schemas import LimitsRead, UserRead
 from core import users as service
 from core.models import User
@@ -41,13 +41,13 @@ def me(user: CurrentUser) -> UserRead:
     return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**user.limits.__dict__))
 
 
-@router.get("", response_model=list[UserRead])
+@router.get("", response_model=list[UserRead], responses=documented(403))
 def list_users(session: SessionDep, settings: SettingsDep, admin: AdminUser) -> list[UserRead]:
     """Every user and their limits (admins only)."""
     return [_read(u, settings) for u in service.list_users(session)]
 
 
-@router.patch("/{name}", response_model=UserRead)
+@router.patch("/{name}", response_model=UserRead, responses=documented(403, 404, 413))
 def set_limits(
     name: UserName, body: LimitsUpdate, session: SessionDep, settings: SettingsDep, admin: AdminUser
 ) -> UserRead:
