@@ -56,3 +56,31 @@ def test_python_m_migrations_uses_the_settings(tmp_path):
     with engine.connect() as conn:
         assert set(inspect(conn).get_table_names()) >= TABLES
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0002_adds_users_tokens_datasets_and_reverts_keeping_jobs(backend, tmp_path):
+    """A database with jobs from before users existed: 0002 keeps them, and going back to 0001 too."""
+    from sqlalchemy import text
+
+    with fresh_database(backend, tmp_path) as url:
+        upgrade(url, "0001")
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(
+                    "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
+                    "cancel_requested, created_at, updated_at) VALUES ('j1', 'old', 'local', 'queued', '{}', 1, 0, "
+                    "1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                ))  # fmt: skip
+            upgrade(url, "0002")
+            with engine.connect() as conn:
+                names = set(inspect(conn).get_table_names())
+                assert {"users", "api_tokens", "datasets"} <= names
+                assert conn.execute(text("SELECT owner FROM jobs")).scalar() == "local"
+            downgrade(url, "0001")
+            with engine.connect() as conn:
+                assert not {"users", "api_tokens", "datasets"} & set(inspect(conn).get_table_names())
+                assert conn.execute(text("SELECT name FROM jobs")).scalar() == "old"
+        finally:
+            engine.dispose()
