@@ -1,0 +1,71 @@
+"""Commands for the caller's own things: `datasets upload/list`, `queue`, `whoami`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from client.cli_common import api_errors, console, make_client
+
+datasets_app = typer.Typer(help="Upload training files and list yours.", no_args_is_help=True)
+
+
+@datasets_app.command("upload")
+def upload(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL (with the text field) or UTF-8 text"),
+    text_field: str = typer.Option("text", "--text-field", help="the JSONL field that holds the text"),
+) -> None:
+    """Upload a dataset; prints the id to name in a spec: dataset: {id: <id>}."""
+    with api_errors(), file.open("rb") as f:
+        ds = make_client()._call("POST", "/datasets", files={"file": (file.name, f)}, data={"text_field": text_field},
+                                 timeout=600)  # fmt: skip
+    console.print(f"uploaded [bold]{ds['id']}[/] ({ds['format']}, {ds['records']} records, {ds['bytes']} bytes); "
+                  f"in a spec: dataset: {{id: {ds['id']}}}")  # fmt: skip
+
+
+@datasets_app.command("list")
+def list_datasets(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Your uploaded datasets, newest first."""
+    with api_errors():
+        body = make_client()._call("GET", "/datasets")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("id", "file", "format", "records", "bytes", "uploaded")
+    for d in body["data"]:
+        table.add_row(d["id"], d["filename"], d["format"], str(d["records"]), str(d["bytes"]),
+                      str(d["created_at"])[:19].replace("T", " "))  # fmt: skip
+    console.print(table)
+
+
+def queue(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every unfinished job of every user: what runs, and what waits in which order."""
+    with api_errors():
+        body = make_client()._call("GET", "/queue")
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    table = Table("#", "name", "owner", "state", "gpus", "prio", "id")
+    for j in body["data"]:
+        table.add_row(str(j["queue_position"] or ""), j["name"], j["owner"], j["state"], str(j["gpus"]),
+                      str(j["priority"]), j["id"] or "")  # fmt: skip
+    console.print(table)
+
+
+def whoami() -> None:
+    """The user of the token in use, and the limits in force for them."""
+    with api_errors():
+        me = make_client()._call("GET", "/users/me")
+    console.print(f"[bold]{me['name']}[/]{' (admin)' if me['is_admin'] else ''}")
+    for key, value in me["limits"].items():
+        console.print(f"  {key:<24} {'no cap' if value is None else value}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `datasets`, `queue` and `whoami` to the CLI."""
+    app.add_typer(datasets_app, name="datasets")
+    app.command()(queue)
+    app.command()(whoami)
