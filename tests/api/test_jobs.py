@@ -90,6 +90,19 @@ def test_article_config_is_refused_with_valid_choices(client):
         (spec(dataset={"path": "/etc/passwd"}), ["body", "dataset"], "not absolute"),
         (spec(dataset={"path": "../secret.jsonl"}), ["body", "dataset"], "must not contain '..'"),
         (spec(model="../models/x"), ["body", "model"], "must not contain '..'"),
+        (spec(dataset={"path": "corpus/a\x00b.jsonl"}), ["body", "dataset"], "without NUL bytes"),
+        (spec(model="~/models/x"), ["body", "model"], "not absolute"),
+        (spec(env={"LD_PRELOAD": "/tmp/x.so"}), ["body", "env"], "Extra inputs are not permitted"),
+        (spec(launcher_args=["--master_addr", "evil"]), ["body", "launcher_args"], "Extra inputs are not permitted"),
+        (spec(deepspeed={"flops_profiler": {"output_file": "/etc/x"}}), ["body", "deepspeed"], "refused"),
+        (spec(deepspeed={"csv_monitor": {"output_path": "/tmp"}}), ["body", "deepspeed"], "refused"),
+        (spec(deepspeed={"checkpoint": {"load_universal": True}}), ["body", "deepspeed"], "refused"),
+        (spec(deepspeed={"aio": {"block_size": 1}}), ["body", "deepspeed"], "refused"),
+        (
+            spec(deepspeed={"zero_optimization": {"offload_optimizer": {"device": "cpu", "nvme_path": "/tmp"}}}),
+            ["body", "deepspeed", "zero_optimization", "offload_optimizer"],
+            "NVMe offload is refused",
+        ),
     ],
 )
 def test_invalid_specs_are_422_with_precise_messages(client, body, loc, fragment):
@@ -114,11 +127,13 @@ def test_invalid_specs_are_422_with_precise_messages(client, body, loc, fragment
         (spec(dataset={"id": "nope"}), ["body", "dataset", "id"], "no uploaded dataset"),
         (spec(model="nowhere"), ["body", "model"], "not found under the model root"),
         (spec(model="no-config"), ["body", "model"], "has no config.json"),
+        (spec(model="someorg/not-in-any-cache-xyz"), ["body", "model"], "nor in the local Hugging Face cache"),
     ],
 )
 def test_file_checks(client, body, loc, fragment):
     [err] = only_error(client.post("/jobs", json=body), 422)
     assert err["loc"] == loc and fragment in err["msg"], err
+    assert client.get("/jobs").json()["data"] == []
 
 
 def test_symlink_escaping_a_root_is_refused(client, settings, tmp_path):
@@ -129,6 +144,7 @@ def test_symlink_escaping_a_root_is_refused(client, settings, tmp_path):
     os.symlink(outside, link)
     [err] = only_error(client.post("/jobs", json=spec(dataset={"path": "corpus/escape.jsonl"})), 422)
     assert "outside its configured root" in err["msg"]
+    assert client.get("/jobs").json()["data"] == []
 
 
 def test_local_model_dir_and_text_dataset_are_accepted(client):
