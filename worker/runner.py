@@ -253,7 +253,7 @@ def run_attempt(job_id: str, attempt: int) -> str:
         error = {"type": "launch_error", "message": f"worker error: {exc!r}", "log_tail": ""}
         outcome = Outcome("failed", None, error)
     relay.pump(final=True)
-    state = finish(job_id, attempt, outcome)
+    state = _retry(lambda: finish(job_id, attempt, outcome), what=f"recording the end of job {job_id}")
     if state is not None:
         extra = {"error": outcome.error} if outcome.error else {}
         relay.state(state, attempt=attempt, **extra)
@@ -264,6 +264,18 @@ def run_attempt(job_id: str, attempt: int) -> str:
     if not shutting_down.is_set():  # a box going away must not be handed the job straight back
         reschedule()
     return state or "lost"
+
+
+def _retry(fn: Any, *, what: str, tries: int = 10, wait_s: float = 2.0) -> Any:
+    """A database blip at the end of a run must not leave the job to the reaper (and a rerun)."""
+    for i in range(tries):
+        try:
+            return fn()
+        except Exception:
+            if i == tries - 1:
+                raise
+            log.warning("%s failed; retrying in %.0fs", what, wait_s, exc_info=True)
+            time.sleep(wait_s)
 
 
 def reschedule() -> None:
