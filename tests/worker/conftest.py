@@ -11,10 +11,15 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from core.db import session_scope, upgrade
+from core.scheduler import GpuInfo, register_box
+from core.settings import get_settings
+from tests.core.databases import BACKENDS, fresh_database
 from worker.supervisor import Launch
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 RELAY_REDIS_URL = "redis://127.0.0.1:6379/12"
+BOX = "test-box"
 
 
 @pytest.fixture
@@ -47,6 +52,27 @@ def redis() -> Iterator[Redis]:
     yield r
     r.flushdb()
     r.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request, tmp_path, monkeypatch, redis) -> Iterator[str]:
+    """A migrated database, and settings pointing the worker code at it and at Redis db 12."""
+    with fresh_database(request.param, tmp_path) as url:
+        upgrade(url)
+        monkeypatch.setenv("TRAINBOX_DATABASE_URL", url)
+        monkeypatch.setenv("TRAINBOX_REDIS_URL", RELAY_REDIS_URL)
+        monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
+        # Rendezvous ports away from the usual 29500, which other programs on the machine may hold.
+        monkeypatch.setenv("TRAINBOX_PORT_BASE", str(random.randrange(41000, 49000, 100)))
+        get_settings.cache_clear()
+        with session_scope() as s:
+            register_box(s, BOX, [GpuInfo(0, "cpu-slot"), GpuInfo(1, "cpu-slot")])
+        yield url
+        from core.db import get_engine
+
+        get_engine(url).dispose()
+    get_settings.cache_clear()
 
 
 # --- the real stack (end-to-end tests) -------------------------------------------------------------

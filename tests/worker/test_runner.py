@@ -5,10 +5,8 @@ cancel before launch, failure, worker shutdown, GPUs freed, metrics and stream w
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,39 +15,15 @@ from sqlalchemy import select
 
 from core import events as job_events
 from core import keys
-from core.db import session_scope, upgrade
+from core.db import session_scope
 from core.jobs import create_job, request_cancel
 from core.models import Gpu, Job, JobMetric
-from core.scheduler import GpuInfo, register_box, schedule
+from core.scheduler import schedule
 from core.settings import get_settings
-from tests.core.databases import BACKENDS, fresh_database
 from tests.helpers import wait_for
-from tests.worker.conftest import FAKE_TRAINER, RELAY_REDIS_URL
+from tests.worker.conftest import BOX, FAKE_TRAINER, RELAY_REDIS_URL
 from trainer.spec import JobSpec
 from worker import runner
-
-BOX = "test-box"
-
-
-@pytest.fixture(params=BACKENDS)
-def db(request, tmp_path, monkeypatch, redis) -> Iterator[str]:
-    """A migrated database, and settings pointing the worker code at it and at Redis db 12."""
-    with fresh_database(request.param, tmp_path) as url:
-        upgrade(url)
-        monkeypatch.setenv("TRAINBOX_DATABASE_URL", url)
-        monkeypatch.setenv("TRAINBOX_REDIS_URL", RELAY_REDIS_URL)
-        monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
-        monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
-        # Rendezvous ports away from the usual 29500, which other programs on the machine may hold.
-        monkeypatch.setenv("TRAINBOX_PORT_BASE", str(random.randrange(41000, 49000, 100)))
-        get_settings.cache_clear()
-        with session_scope() as s:
-            register_box(s, BOX, [GpuInfo(0, "cpu-slot"), GpuInfo(1, "cpu-slot")])
-        yield url
-        from core.db import get_engine
-
-        get_engine(url).dispose()
-    get_settings.cache_clear()
 
 
 @pytest.fixture

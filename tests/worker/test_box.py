@@ -1,0 +1,73 @@
+"""This box: devices offered, registration, and the sweep (re-sending stale `starting` jobs, placing
+queued ones) on SQLite and Postgres."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from core import keys
+from core.db import session_scope
+from core.models import Box, Gpu, Job, utcnow
+from core.settings import get_settings
+from tests.worker.conftest import BOX
+from tests.worker.test_runner import _job, _placed_job
+from worker import box as box_mod
+from worker import celery_app
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[tuple[str, int, str]]:
+    calls: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(celery_app, "dispatch", lambda *a: calls.append(a))
+    return calls
+
+
+def test_a_box_without_gpus_offers_its_cpu_slots(monkeypatch):
+    if box_mod.detect_gpus():
+        pytest.skip("this machine has GPUs")
+    monkeypatch.setenv("TRAINBOX_CPU_SLOTS", "3")
+    get_settings.cache_clear()
+    try:
+        devices = box_mod.box_devices()
+    finally:
+        get_settings.cache_clear()
+    assert [(d.index, d.name) for d in devices] == [(0, "cpu-slot"), (1, "cpu-slot"), (2, "cpu-slot")]
+
+
+def test_register_names_the_box_after_the_setting(db, monkeypatch):
+    monkeypatch.setenv("TRAINBOX_BOX_NAME", "box-b")
+    get_settings.cache_clear()
+    assert box_mod.register(box_mod.box_devices()) == "box-b"
+    with session_scope() as s:
+        assert s.get_one(Box, "box-b").queue == keys.box_queue("box-b")
+        assert len(s.scalars(select(Gpu).where(Gpu.box == "box-b")).all()) == get_settings().cpu_slots
+
+
+def test_sweep_resends_stale_starting_jobs_only(db, sent):
+    stale_id, stale_attempt = _placed_job()
+    fresh_id, _ = _placed_job()
+    with session_scope() as s:
+        s.get_one(Job, stale_id).updated_at = utcnow() - timedelta(hours=1)
+    assert box_mod.resend_stale_starting(BOX, older_than_s=60) == 1
+    assert sent == [(stale_id, stale_attempt, keys.box_queue(BOX))]
+    assert _job(fresh_id).state == "starting"
+
+
+def test_sweep_places_queued_jobs_and_marks_the_box_alive(db, sent):
+    with session_scope() as s:
+        s.get_one(Box, BOX).heartbeat_at = utcnow() - timedelta(days=1)
+    first, _ = _placed_job()  # one slot taken; the sweep must place a queued job on the other
+    from core.jobs import create_job
+    from trainer.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "q", "model": "preset:tiny", "dataset": {"path": "x.jsonl"}, "gpus": 1,
+                                   "deepspeed": {"train_batch_size": 2}})  # fmt: skip
+    with session_scope() as s:
+        queued = create_job(session=s, owner="u", spec=spec).job.id
+    box_mod.sweep(BOX)
+    assert _job(queued).state == "starting" and [c[0] for c in sent] == [queued]
+    with session_scope() as s:
+        assert s.get_one(Box, BOX).heartbeat_at > utcnow() - timedelta(minutes=1)
