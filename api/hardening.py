@@ -50,13 +50,15 @@ class RequestLimits:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        limit = self.max_upload if scope["path"] in self.upload_paths else self.max_body
+        upload = scope["path"] in self.upload_paths
+        limit = self.max_upload if upload else self.max_body
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             await _reply(send, 413, _too_large(limit))
             return
-        if "json" in headers.get("content-type", "") or not headers.get("content-type"):
+        # Uploads stream through (counted); other bodies are JSON-sized and read whole for the depth check.
+        if not upload and ("json" in headers.get("content-type", "") or not headers.get("content-type")):
             body, more = await _read_upto(receive, limit)
             if more:
                 await _reply(send, 413, _too_large(limit))
