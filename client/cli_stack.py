@@ -91,12 +91,12 @@ def write_demo_corpus(data_root: Path, records: int = 600, seed: int = 0) -> Pat
     return path
 
 
-def demo_spec(steps: int) -> dict[str, Any]:
-    """A 2-GPU (CPU slot) job on the tiny preset."""
+def demo_spec(steps: int, dataset_id: str | None = None) -> dict[str, Any]:
+    """A 2-GPU (CPU slot) job on the tiny preset (on an uploaded dataset, or the corpus in the data root)."""
     return {
         "name": "demo-tiny",
         "model": "preset:tiny",
-        "dataset": {"path": DEMO_DATASET, "text_field": "text"},
+        "dataset": {"id": dataset_id} if dataset_id else {"path": DEMO_DATASET, "text_field": "text"},
         "gpus": 2,
         "seq_len": 64,
         "max_steps": steps,
@@ -124,8 +124,10 @@ def _healthy(url: str) -> bool:
 
 
 def _run_demo(client: Client, data_dir: Path, steps: int) -> dict[str, Any]:
-    write_demo_corpus(data_dir / "data")
-    job = client.submit(demo_spec(steps))
+    corpus = write_demo_corpus(data_dir / "data")
+    # Uploaded, so the demo works against any stack, not only one sharing this data dir.
+    dataset = client.upload_dataset(corpus, text_field="text")
+    job = client.submit(demo_spec(steps, dataset["id"]))
     console.print(f"submitted [bold]{job['id']}[/]: preset:tiny on 2 slots, {steps} steps")
     with FollowView(console, job) as view:
         for event in client.events(job["id"]):

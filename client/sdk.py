@@ -166,6 +166,24 @@ class Client:
         """The boxes and their GPUs, with the job holding each."""
         return self._call("GET", "/gpus")
 
+    def queue(self) -> dict[str, Any]:
+        """Every unfinished job, running first, then the queue in order."""
+        return self._call("GET", "/queue")
+
+    def me(self) -> dict[str, Any]:
+        """Who the token belongs to, and the limits in force for them."""
+        return self._call("GET", "/users/me")
+
+    def upload_dataset(self, path: str | os.PathLike[str], *, text_field: str = "text", format: str = "auto") -> Any:
+        """Upload a JSONL or text training file; name the returned id in a spec: `{"id": ...}`."""
+        with open(path, "rb") as f:
+            files = {"file": (os.path.basename(path), f, "application/octet-stream")}
+            return self._call("POST", "/datasets", files=files, data={"text_field": text_field, "format": format})
+
+    def datasets(self) -> dict[str, Any]:
+        """Your uploaded datasets."""
+        return self._call("GET", "/datasets")
+
     def events(
         self, job_id: str, *, last_event_id: str | None = None, reconnect: bool = True, retry_s: float = 0.5
     ) -> Iterator[Event]:
