@@ -50,6 +50,9 @@ def current_user(request: Request, session: SessionDep, credentials: BearerDep) 
     if credentials is None:
         raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>` (trainbox tokens create)")
     user = authenticate(session, credentials.credentials, request.app.state.settings)
+    # End the look-up's transaction now: on SQLite a writing request's transaction holds the write
+    # lock, and an upload may take a while before it writes anything.
+    session.commit()
     if user is None:
         raise Unauthorized("invalid, revoked or expired token")
     return user
