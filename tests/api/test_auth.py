@@ -176,3 +176,16 @@ def test_users_me_and_admin_limits(client):
     only_error(client.patch("/users/nobody", json={"max_gpus": 1}), 404)
     only_error(client.patch("/users/ann", json={"max_gpus": 0}), 422)
     assert {u["name"] for u in client.get("/users").json()} == {"local", "ann"}
+
+
+def test_metrics_can_be_made_public_for_a_private_scrape_network(client, settings):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    assert client.get("/metrics").status_code == 200  # with a token
+    app = create_app(settings.model_copy(update={"metrics_public": True}), dispatch=None)
+    with TestClient(app) as anonymous:
+        assert "trainbox_jobs" in anonymous.get("/metrics").text
+        only_error(anonymous.get("/jobs"), 401)
+    app.state.engine.dispose()
