@@ -128,3 +128,33 @@ def test_two_one_slot_jobs_share_the_box_while_a_third_waits(api: Client) -> Non
         assert wait_for(lambda j=job: _ended(api, j["id"]), timeout=120)["state"] == "succeeded"
     assert wait_for(lambda: _ended(api, c["id"]), timeout=60)["state"] == "cancelled"
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
+
+
+def test_max_runtime_checkpoints_then_fails_as_timeout(api: Client, stack: Any) -> None:
+    job = api.submit(tiny_spec("e2e-timeout", steps=100_000, max_runtime_s=12))
+    final = wait_for(lambda: _ended(api, job["id"]), timeout=120, what="timed out")
+    assert final["state"] == "failed" and final["error"]["type"] == "timeout"
+    checkpoints = stack.data_dir / "runs" / job["id"] / "checkpoints"
+    assert any(checkpoints.iterdir()), "SIGTERM let the trainer checkpoint first"
+    assert _job_processes(str(stack.data_dir / "runs" / job["id"])) == []
+    wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
+
+
+def test_a_killed_rank_fails_the_job_cleanly(api: Client, stack: Any) -> None:
+    job = api.submit(tiny_spec("e2e-rank-kill", steps=100_000))
+    run_dir = str(stack.data_dir / "runs" / job["id"])
+    wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 2, timeout=120, what="training")
+    rank1 = next(p for p in _job_processes(run_dir) if _rank(p) == "1")
+    rank1.kill()
+    final = wait_for(lambda: _ended(api, job["id"]), timeout=60, what="failed")
+    assert final["state"] == "failed" and final["error"]["type"] == "train_error"
+    assert "rank 1" in final["error"]["message"]
+    assert _job_processes(run_dir) == []
+    wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
+
+
+def _rank(p: psutil.Process) -> str | None:
+    try:
+        return p.environ().get("RANK")
+    except psutil.Error:
+        return None
