@@ -97,6 +97,8 @@ def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str,
         root = str(Path(spec.origin).parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if launch.accelerator == "cuda":
+        # Device numbers are NVML's (the box registered them so); CUDA's default order may differ.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in launch.devices)
         env.pop("DS_ACCELERATOR", None)
     else:

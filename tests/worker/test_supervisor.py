@@ -117,6 +117,7 @@ def test_env_shows_only_the_assigned_devices_and_no_settings(make_launch):
     base = {"PATH": "/bin", "TRAINBOX_DATABASE_URL": "postgresql://secret", "CUDA_VISIBLE_DEVICES": "0,1,2"}
     gpu = trainer_env(make_launch(accelerator="cuda", devices=[2, 0]), base)
     assert gpu["CUDA_VISIBLE_DEVICES"] == "2,0" and "DS_ACCELERATOR" not in gpu
+    assert gpu["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID", "the same numbering as NVML, which registered them"
     assert not any(k.startswith("TRAINBOX_") for k in gpu)
     cpu = trainer_env(make_launch(cpu_threads=3), base)
     assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "3"
