@@ -193,14 +193,15 @@ def classify(exit_code: int | None, end: dict[str, Any] | None, stop: Stop | Non
 
     if stop is Stop.LOST:
         return Outcome("lost", exit_code, None, end, stop)
+    if exit_code == EXIT_OK:
+        # Finished before a stop could take effect (a stopped trainer exits 75): the work is done.
+        return Outcome("succeeded", exit_code, None, end, stop)
     if stop is Stop.CANCEL:
         return Outcome("cancelled", exit_code, None, end, stop)
     if stop is Stop.TIMEOUT:
         step = (end or {}).get("step")
         where = f" at step {step}" if step is not None else ""
         return failed("timeout", f"max_runtime_s passed; stopped{where} after a checkpoint")
-    if exit_code == EXIT_OK:
-        return Outcome("succeeded", exit_code, None, end, stop)
     if exit_code == EXIT_PREEMPTED or stop is Stop.SHUTDOWN:
         return Outcome("preempted", exit_code, None, end, stop)
     end_error = (end or {}).get("error") or {}

@@ -131,3 +131,13 @@ def test_trainer_command_follows_the_contract(tmp_path):
     assert argv[argv.index("--spec") + 1] == str(tmp_path / "r" / "spec.json")
     assert argv[argv.index("--master-port") + 1] == "29555"
     assert {"--run-dir", "--model-root", "--data-root"} <= set(argv)
+
+
+def test_a_run_that_finished_before_the_stop_took_effect_succeeded(tmp_path):
+    from worker.supervisor import classify
+
+    assert classify(0, {"type": "end", "status": "succeeded"}, Stop.CANCEL, tmp_path).kind == "succeeded"
+    assert classify(0, None, Stop.TIMEOUT, tmp_path).kind == "succeeded"
+    assert classify(0, None, Stop.LOST, tmp_path).kind == "lost", "a fenced attempt writes nothing"
+    assert classify(75, None, Stop.CANCEL, tmp_path).kind == "cancelled"
+    assert classify(-9, None, None, tmp_path).error["message"] == "the trainer was killed by signal SIGKILL"
