@@ -93,8 +93,8 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 def _follow_to_end(job_id: str, show_logs: bool = False) -> None:
-    job = follow(make_client(), job_id, console, show_logs=show_logs)
-    console.print(summary(job))
+    job, first_loss = follow(make_client(), job_id, console, show_logs=show_logs)
+    console.print(summary(job, first_loss))
     if job["state"] != "succeeded":
         raise typer.Exit(1)
 

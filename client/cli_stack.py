@@ -123,7 +123,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _run_demo(client: Client, data_dir: Path, steps: int) -> dict[str, Any]:
+def _run_demo(client: Client, data_dir: Path, steps: int) -> tuple[dict[str, Any], float | None]:
     corpus = write_demo_corpus(data_dir / "data")
     # Uploaded, so the demo works against any stack, not only one sharing this data dir.
     dataset = client.upload_dataset(corpus, text_field="text")
@@ -132,7 +132,7 @@ def _run_demo(client: Client, data_dir: Path, steps: int) -> dict[str, Any]:
     with FollowView(console, job) as view:
         for event in client.events(job["id"]):
             view.handle(event.type, event.data)
-    return client.get(job["id"])
+    return client.get(job["id"]), view.first_loss
 
 
 def demo(
@@ -148,19 +148,19 @@ def demo(
         console.print(f"using the running stack at {url}")
         token = options["token"] or _read_token(data_dir)
         with api_errors():
-            final = _run_demo(Client(url, token), data_dir, steps)
+            final, first_loss = _run_demo(Client(url, token), data_dir, steps)
     else:
         stack = Stack(data_dir=data_dir, port=port)
         console.print(f"[bold]trainbox demo[/]: starting the stack in {data_dir}")
         try:
             with running_stack(stack), api_errors():
-                final = _run_demo(Client(stack.url, options["token"] or stack.token()), data_dir, steps)
+                final, first_loss = _run_demo(Client(stack.url, options["token"] or stack.token()), data_dir, steps)
         except (KeyboardInterrupt, _Terminated):
             raise typer.Exit(130) from None
         except StackError as exc:
             err_console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(1) from None
-    console.print(summary(final))
+    console.print(summary(final, first_loss))
     if final["state"] != "succeeded":
         raise typer.Exit(1)
 

@@ -32,6 +32,7 @@ class FollowView:
         self.show_logs = show_logs
         self.state = job.get("state", "?")
         self.last_step: dict[str, Any] | None = None
+        self.first_loss: float | None = None
         self.end: dict[str, Any] | None = None
         self.steps_seen = 0
         total = (job.get("progress") or {}).get("total_steps")
@@ -67,6 +68,8 @@ class FollowView:
         elif event_type in ("step", "metric"):
             self.steps_seen += 1
             self.last_step = data
+            if self.first_loss is None and isinstance(data.get("loss"), int | float):
+                self.first_loss = float(data["loss"])
             loss = data.get("loss")
             self.progress.update(
                 self.task,
@@ -86,18 +89,22 @@ class FollowView:
                 self.progress.console.print(line, markup=False, highlight=False)
 
 
-def follow(client: Client, job_id: str, console: Console, *, show_logs: bool = False) -> dict[str, Any]:
-    """Show a job's progress until it ends; return the final job."""
+def follow(
+    client: Client, job_id: str, console: Console, *, show_logs: bool = False
+) -> tuple[dict[str, Any], float | None]:
+    """Show a job's progress until it ends; return the final job and the first loss seen."""
     job = client.get(job_id)
+    first_loss = None
     if job["state"] not in TERMINAL_STATES:
         with FollowView(console, job, show_logs) as view:
             for event in client.events(job_id):
                 view.handle(event.type, event.data)
-    return client.get(job_id)
+        first_loss = view.first_loss
+    return client.get(job_id), first_loss
 
 
-def summary(job: dict[str, Any]) -> str:
-    """A few lines saying how a job ended."""
+def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
+    """A few lines saying how a job ended (with the loss it started from, when known)."""
     state = job["state"]
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
     lines = [f"job {job['id']} [bold {colour}]{state}[/]"]
@@ -105,7 +112,8 @@ def summary(job: dict[str, Any]) -> str:
     if latest:
         parts = [f"step {latest.get('step')}"]
         if isinstance(latest.get("loss"), int | float):
-            parts.append(f"loss {latest['loss']:.4f}")
+            start = f"{first_loss:.4f} -> " if first_loss is not None else ""
+            parts.append(f"loss {start}{latest['loss']:.4f}")
         if isinstance(latest.get("tokens_per_s"), int | float):
             parts.append(f"{latest['tokens_per_s']:.0f} tokens/s")
         if isinstance(latest.get("samples_per_s"), int | float):
@@ -116,7 +124,7 @@ def summary(job: dict[str, Any]) -> str:
         lines.append(f"  error [red]{error.get('type')}[/]: {error.get('message')}")
     artifacts = job.get("artifacts") or {}
     if artifacts.get("model"):
-        lines.append(f"  model: {len(artifacts['model'])} files (trainbox artifacts, GET /jobs/{job['id']}/artifacts)")
+        lines.append(f"  model: {len(artifacts['model'])} files (GET /jobs/{job['id']}/artifacts to download)")
     if artifacts.get("checkpoints"):
         lines.append(f"  checkpoints: {', '.join(c['name'] for c in artifacts['checkpoints'])}")
     return "\n".join(lines)
