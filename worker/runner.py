@@ -239,12 +239,12 @@ def run_attempt(job_id: str, attempt: int) -> str:
         stream_cap=settings.stream_maxlen,
         offsets_key=keys.job_relay_offsets(job_id),
     )
-    if attempt > 1:
-        relay.pump(final=True)  # what the last attempt's relay never got to (its worker died)
-        with session_scope() as session:
-            backfill_metrics(session, job_id=job_id, attempt=attempt, events_path=relay.events.path)
-    relay.state(JobState.RUNNING, attempt=attempt)
     try:
+        if attempt > 1:
+            relay.pump(final=True)  # what the last attempt's relay never got to (its worker died)
+            with session_scope() as session:
+                backfill_metrics(session, job_id=job_id, attempt=attempt, events_path=relay.events.path)
+        relay.state(JobState.RUNNING, attempt=attempt)
         launch = build_launch(job_id, attempt)
         outcome = supervise(launch, Tick(job_id, attempt, relay))
     except Exception as exc:

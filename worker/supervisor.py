@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,6 @@ class Outcome:
     end_event: dict[str, Any] | None = None
     stop: Stop | None = None
     survivors_killed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def trainer_command(launch: Launch) -> list[str]:
