@@ -134,6 +134,14 @@ class Relay:
         self.published += len(self._backlog)
         self._backlog = []
 
+    def drain(self, timeout_s: float = 30.0, interval_s: float = 0.5) -> bool:
+        """At the end of a run, keep offering held events to Redis for a while; True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._backlog and time.monotonic() < deadline:
+            time.sleep(interval_s)
+            self.publish([])
+        return not self._backlog
+
     def state(self, state: str, **extra: Any) -> None:
         """Publish a `state` event (the worker's transitions, interleaved in order with the trainer's)."""
         self.publish([{"type": "state", "state": state, "time": time.time(), **extra}])

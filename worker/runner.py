@@ -257,9 +257,11 @@ def run_attempt(job_id: str, attempt: int) -> str:
     if state is not None:
         extra = {"error": outcome.error} if outcome.error else {}
         relay.state(state, attempt=attempt, **extra)
-        if JobState(state).is_terminal():
-            with contextlib.suppress(RedisError):
-                redis.delete(keys.job_relay_offsets(job_id))
+    if not relay.drain():
+        log.warning("job %s: Redis stayed away; %d events were not streamed", job_id, len(relay._backlog))
+    if state is not None and JobState(state).is_terminal():
+        with contextlib.suppress(RedisError):
+            redis.delete(keys.job_relay_offsets(job_id))
     redis.close()
     if not shutting_down.is_set():  # a box going away must not be handed the job straight back
         reschedule()

@@ -97,3 +97,15 @@ def test_a_later_relay_resumes_where_the_last_one_published(tmp_path, redis):
         f.write('ep", "step": 4, "time": 1.0}\n')
     second.pump()
     assert [e["step"] for e in _stream(redis, "job:r4:events")] == [1, 2, 3, 4]
+
+
+def test_drain_gives_up_after_its_timeout(tmp_path, redis):
+    from redis import Redis
+
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.1)
+    relay = Relay(run_dir=tmp_path, stream_key="job:r5:events", redis=dead, sink=lambda *a: None)
+    relay.state("succeeded")
+    assert relay.drain(timeout_s=0.3, interval_s=0.1) is False
+    relay.redis = redis
+    assert relay.drain(timeout_s=1, interval_s=0.05) is True
+    assert [e["state"] for e in _stream(redis, "job:r5:events")] == ["succeeded"]

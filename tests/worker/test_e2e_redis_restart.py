@@ -1,0 +1,52 @@
+"""Redis restarted mid-run (its data gone): training goes on, the worker reconnects, the relay sends
+what it held meanwhile, the job succeeds with its whole step history. Real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from urllib.parse import urlparse
+
+import pytest
+from redis import Redis
+
+from client.sdk import Client
+from client.stack import Stack, free_port, redis_server_binary
+from tests.helpers import wait_for
+from tests.worker.conftest import tiny_spec, write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_survives_a_redis_restart(tmp_path) -> None:
+    env = {"TRAINBOX_DATABASE_URL": f"sqlite:///{tmp_path / 'trainbox.db'}", "TRAINBOX_CPU_SLOTS": "2",
+           "TRAINBOX_PORT_BASE": str(free_port())}  # fmt: skip
+    write_corpus(tmp_path / "data" / "corpus.jsonl")
+    stack = Stack(data_dir=tmp_path, port=free_port(), extra_env=env)  # its own Redis, as `trainbox up`
+    stack.start(on_step=lambda _: None)
+    try:
+        api = Client(stack.url, stack.token())
+        job = api.submit(tiny_spec("e2e-redis", steps=150))
+        wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 3, timeout=120, what="training")
+
+        redis_child = next(c for c in stack.children if c.name == "redis")
+        os.kill(redis_child.proc.pid, signal.SIGKILL)
+        redis_child.proc.wait()
+        stack.children.remove(redis_child)
+        step_while_down = api.get(job["id"])["progress"]["step"]
+        wait_for(lambda: api.get(job["id"])["progress"]["step"] > step_while_down + 5, timeout=60,
+                 what="training goes on without Redis")  # fmt: skip
+        port = urlparse(stack.redis_url).port
+        stack._spawn("redis", [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no"], stop_timeout_s=5.0)  # fmt: skip
+        final = wait_for(lambda: (j := api.get(job["id"]))["state"] in ("succeeded", "failed") and j, timeout=180)
+        assert final["state"] == "succeeded", final["error"]
+        assert [m["step"] for m in api.all_metrics(job["id"])] == list(range(1, 151))
+        # The restarted Redis lost the stream; what the relay held while it was down arrived after it.
+        r = Redis.from_url(stack.redis_url)
+        entries = [f[b"data"] for _i, f in r.xrange(f"job:{job['id']}:events")]
+        r.close()
+        assert any(b'"type":"end"' in e for e in entries) and any(b'"state":"succeeded"' in e for e in entries)
+        assert any(b'"step":150,' in e for e in entries)
+    finally:
+        stack.stop()
