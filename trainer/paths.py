@@ -65,6 +65,10 @@ def resolve_dataset(ref: DatasetRef, data_root: Path) -> Path:
         return path
     assert ref.path is not None
     path = resolve_under(data_root, ref.path, "dataset.path")
+    if path.is_relative_to(data_root.resolve() / UPLOADS_DIR):
+        # Uploads belong to their uploader; the service checks that when a spec names one by id.
+        msg = "dataset.path may not lead into the uploads directory; name an upload by its id"
+        raise SpecError(msg, "dataset.path")
     if not path.is_file():
         raise SpecError(f"dataset file {ref.path!r} not found under the data root", "dataset.path")
     return path

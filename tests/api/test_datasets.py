@@ -101,3 +101,20 @@ def test_upload_form_errors(client, sessions, settings):
     only_error(client.post("/datasets"), 422)
     only_error(upload(client, JSONL, format="parquet"), 422)
     assert stored(sessions, settings) == (0, [])
+
+
+def test_an_upload_cannot_be_reached_by_path(client, sessions, settings, tmp_path):
+    import os
+
+    ds = upload(client, JSONL, make_user(client, "ann")).json()
+    bob = make_user(client, "bob")
+    link = settings.data_root / "corpus" / "via-link.jsonl"
+    os.symlink(uploaded_dataset_path(settings.data_root, ds["id"]), link)
+    try:
+        for path in (f"uploads/{ds['id']}", "corpus/via-link.jsonl"):
+            [err] = only_error(client.post("/jobs", json=spec(dataset={"path": path}), headers=bob), 422)
+            assert err["loc"] == ["body", "dataset", "path"] and "name an upload by its id" in err["msg"], err
+    finally:
+        link.unlink()
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
