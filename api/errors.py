@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.jobs import IdempotencyConflict, InvalidCursor, JobNotFound
+from core.users import UserError
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,10 @@ def _bad_cursor(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(str(exc), ["query", "cursor"], "value_error"), status_code=422)
 
 
+def _user_error(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), ["body"], "value_error"), status_code=422)
+
+
 def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(error_body("internal server error", [], "internal_error"), status_code=500)
@@ -172,4 +177,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(IdempotencyConflict, _conflict)
     app.add_exception_handler(InvalidCursor, _bad_cursor)
+    app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(Exception, _unexpected)

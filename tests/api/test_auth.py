@@ -189,3 +189,24 @@ def test_metrics_can_be_made_public_for_a_private_scrape_network(client, setting
         assert "trainbox_jobs" in anonymous.get("/metrics").text
         only_error(anonymous.get("/jobs"), 401)
     app.state.engine.dispose()
+
+
+def test_users_manage_their_own_tokens(client, sessions):
+    ann, bob = make_user(client, "ann"), make_user(client, "bob")
+    r = client.post("/tokens", json={"name": "ci runner", "expires_in_days": 30}, headers=ann)
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["user"] == "ann" and new["state"] == "active" and new["token"].startswith("tbx_") and new["expires_at"]
+    fresh = {"Authorization": f"Bearer {new['token']}"}
+    assert client.get("/users/me", headers=fresh).json()["name"] == "ann"
+    listed = client.get("/tokens", headers=ann).json()
+    assert [t["name"] for t in listed] == ["default", "ci runner"] and all("token" not in t for t in listed)
+    # bob can neither see nor revoke ann's token; the answer does not confirm that it exists.
+    assert client.get("/tokens", headers=bob).json()[0]["user"] == "bob"
+    [err] = only_error(client.delete(f"/tokens/{new['id']}", headers=bob), 404)
+    assert err["msg"] == f"no token with id {new['id']!r}"
+    assert client.get("/users/me", headers=fresh).status_code == 200
+    assert client.delete(f"/tokens/{new['id']}", headers=ann).status_code == 204
+    only_error(client.get("/users/me", headers=fresh), 401)
+    assert client.get("/tokens", headers=ann).json()[1]["state"] == "revoked"
+    only_error(client.post("/tokens", json={"name": "x", "secret": "mine"}, headers=ann), 422)

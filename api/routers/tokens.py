@@ -1,0 +1,77 @@
+"""A user's own API tokens: list (never the secrets), create (the secret shown once), revoke."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import CurrentUser, SessionDep
+from api.errors import NotFound, documented
+from core import users as service
+from core.models import ApiToken
+
+router = APIRouter(prefix="/tokens", tags=["tokens"])
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("default", min_length=1, max_length=100, pattern=r"^[\w .@:()-]+$")
+    expires_in_days: float | None = Field(None, ge=0.001, le=3650, description="none: until revoked")
+
+
+class TokenRead(BaseModel):
+    id: str = Field(description="public: names the token for listing and revoking")
+    name: str
+    user: str
+    state: str = Field(description="active, expired or revoked")
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenRead):
+    token: str = Field(description="the secret: shown this once, stored only as a hash")
+
+
+def _read(row: ApiToken, user: str) -> dict[str, object]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "user": user,
+        "state": service.token_status(row),
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+    }
+
+
+@router.get("", response_model=list[TokenRead])
+def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenRead]:
+    """Your tokens, oldest first (never their secrets)."""
+    return [TokenRead(**_read(t, user.name)) for t in service.list_tokens(session, user_name=user.name)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=TokenCreated, responses=documented(413))
+def create_token(body: TokenCreate, session: SessionDep, user: CurrentUser) -> TokenCreated:
+    """A new token for yourself (e.g. to rotate one); its secret is in this response only."""
+    expires = timedelta(days=body.expires_in_days) if body.expires_in_days else None
+    row, token = service.create_token(session, user_name=user.name, name=body.name, expires_in=expires)
+    return TokenCreated(**_read(row, user.name), token=token)
+
+
+@router.delete("/{token_id}", status_code=status.HTTP_204_NO_CONTENT, responses=documented(404))
+def revoke_token(
+    token_id: Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[0-9a-z]+$")],
+    session: SessionDep,
+    user: CurrentUser,
+) -> Response:
+    """Revoke one of your tokens (admins: anyone's); requests with it get 401 from now on."""
+    row = session.get(ApiToken, token_id)
+    if row is None or not (user.is_admin or row.user_id == user.id):
+        raise NotFound(f"no token with id {token_id!r}", ["path", "token_id"])
+    service.revoke_token(session, token_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
