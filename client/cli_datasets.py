@@ -19,9 +19,8 @@ def upload(
     text_field: str = typer.Option("text", "--text-field", help="the JSONL field that holds the text"),
 ) -> None:
     """Upload a dataset; prints the id to name in a spec: dataset: {id: <id>}."""
-    with api_errors(), file.open("rb") as f:
-        ds = make_client()._call("POST", "/datasets", files={"file": (file.name, f)}, data={"text_field": text_field},
-                                 timeout=600)  # fmt: skip
+    with api_errors():
+        ds = make_client().upload_dataset(file, text_field=text_field)
     console.print(f"uploaded [bold]{ds['id']}[/] ({ds['format']}, {ds['records']} records, {ds['bytes']} bytes); "
                   f"in a spec: dataset: {{id: {ds['id']}}}")  # fmt: skip
 
@@ -30,7 +29,7 @@ def upload(
 def list_datasets(as_json: bool = typer.Option(False, "--json")) -> None:
     """Your uploaded datasets, newest first."""
     with api_errors():
-        body = make_client()._call("GET", "/datasets")
+        body = make_client().datasets()
     if as_json:
         console.print_json(json.dumps(body))
         return
@@ -44,7 +43,7 @@ def list_datasets(as_json: bool = typer.Option(False, "--json")) -> None:
 def queue(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every unfinished job of every user: what runs, and what waits in which order."""
     with api_errors():
-        body = make_client()._call("GET", "/queue")
+        body = make_client().queue()
     if as_json:
         console.print_json(json.dumps(body))
         return
@@ -58,7 +57,7 @@ def queue(as_json: bool = typer.Option(False, "--json")) -> None:
 def whoami() -> None:
     """The user of the token in use, and the limits in force for them."""
     with api_errors():
-        me = make_client()._call("GET", "/users/me")
+        me = make_client().me()
     console.print(f"[bold]{me['name']}[/]{' (admin)' if me['is_admin'] else ''}")
     for key, value in me["limits"].items():
         console.print(f"  {key:<24} {'no cap' if value is None else value}")
