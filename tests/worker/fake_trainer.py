@@ -23,7 +23,12 @@ def main() -> None:
     p.add_argument("--error-type", default=None)
     p.add_argument("--stubborn-child", action="store_true", help="leave a child that ignores SIGTERM")
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--alloc-log", type=Path, help="append 'start|end job devices time' lines here")
+    p.add_argument("--label", default="", help="'job:devices' for the allocation log")
     a = p.parse_args()
+    if a.alloc_log:
+        with a.alloc_log.open("a") as f:  # one short write per line: appends from many processes stay whole
+            f.write(f"start {a.label} {time.time()}\n")
     events = (a.run_dir / "events.jsonl").open("a", buffering=1)
     log = (a.run_dir / "train.log").open("a", buffering=1)
     step = 0
@@ -51,6 +56,9 @@ def main() -> None:
         log.write("[rank 1] Traceback (most recent call last):\n[rank 1] RuntimeError: boom\n")
         error = {"type": a.error_type, "message": "boom"} if a.error_type else None
         emit("end", status="failed", step=step, error=error)
+    if a.alloc_log:
+        with a.alloc_log.open("a") as f:
+            f.write(f"end {a.label} {time.time()}\n")
     sys.exit(a.exit)
 
 
