@@ -24,8 +24,8 @@ from typing import Any
 
 import psutil
 
-# The trainer's exit codes (docs/TRAINER.md).
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = 0, 1, 2, 75
+from trainer.events import EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
+
 LOG_TAIL_LINES = 40
 LAUNCHER_LOG = "launcher.log"
 _PR_SET_PDEATHSIG = 1
