@@ -149,6 +149,7 @@ class GpuRead(BaseModel):
     name: str
     memory_mb: int | None
     memory_used_mb: int | None
+    busy: bool = Field(False, description="used by processes outside trainbox: not given to jobs until they leave")
     job: dict[str, Any] | None = Field(None, description="{id, name, owner, state} of the job holding it")
 
 

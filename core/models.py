@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -171,6 +172,8 @@ class Gpu(Base):
     name: Mapped[str] = mapped_column(String(200))
     memory_mb: Mapped[int | None] = mapped_column(Integer)
     memory_used_mb: Mapped[int | None] = mapped_column(Integer)
+    # Processes outside trainbox use it (NVML, checked by its box's worker): not placed until they leave.
+    busy: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
 
     box_row: Mapped[Box] = relationship(back_populates="gpus")

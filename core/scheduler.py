@@ -132,7 +132,7 @@ def _place(
     size: dict[str, int] = dict.fromkeys(boxes, 0)
     for gpu in session.scalars(select(Gpu).where(Gpu.box.in_(boxes)).order_by(Gpu.box, Gpu.index)):
         size[gpu.box] += 1
-        if gpu.job_id is None:
+        if gpu.job_id is None and not gpu.busy:  # busy: used outside trainbox (worker.gpucheck)
             free[gpu.box].append(gpu.index)
     largest = max(size.values())
     used_ports: dict[str, set[int]] = {name: set() for name in boxes}
@@ -172,7 +172,7 @@ def _claim(session: Session, job: Job, box: str, gpu_ids: list[int], port: int) 
     with session.begin_nested() as nested:
         taken = session.execute(
             update(Gpu)
-            .where(Gpu.box == box, Gpu.index.in_(gpu_ids), Gpu.job_id.is_(None))
+            .where(Gpu.box == box, Gpu.index.in_(gpu_ids), Gpu.job_id.is_(None), Gpu.busy.is_(False))
             .values(job_id=job.id)
             .execution_options(synchronize_session=False)
         ).rowcount

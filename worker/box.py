@@ -15,6 +15,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
+from worker.gpucheck import refresh_busy
 from worker.reaper import reap_expired
 from worker.runner import shutting_down
 
@@ -99,7 +100,7 @@ def gpu_memory_used() -> dict[int, int]:
 
 
 def sweep(box: str) -> None:
-    """One sweep: say the box is alive (with GPU memory in use), re-send stale `starting` jobs, schedule."""
+    """One sweep: the box is alive (GPU memory in use, busy GPUs flagged), stale `starting` re-sent, schedule."""
     from worker.celery_app import dispatch
 
     settings = get_settings()
@@ -111,6 +112,7 @@ def sweep(box: str) -> None:
                 update(Gpu).where(Gpu.box == box, Gpu.index == index).values(memory_used_mb=mb)
                 .execution_options(synchronize_session=False)
             )  # fmt: skip
+    refresh_busy(box)
     resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     try:

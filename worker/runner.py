@@ -26,6 +26,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import free_gpus, schedule
 from core.settings import get_settings
 from core.states import JobState, transition
+from worker.gpucheck import requeue_if_busy
 from worker.metrics import backfill_metrics, store_metrics
 from worker.ports import ensure_free_port
 from worker.relay import Relay, stream_fields
@@ -223,6 +224,9 @@ def cancel_unstarted(job_id: str, attempt: int) -> bool:
 
 def run_attempt(job_id: str, attempt: int) -> str:
     """Claim, run and finish one attempt of a job; returns what happened (for logs and tests)."""
+    if requeue_if_busy(job_id, attempt):  # a GPU used outside trainbox: back to the queue, not launched
+        reschedule()
+        return "requeued"
     if not claim(job_id, attempt):
         if cancel_unstarted(job_id, attempt):
             reschedule()

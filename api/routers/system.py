@@ -48,6 +48,7 @@ def list_gpus(session: SessionDep, user: CurrentUser) -> GpuView:
                     name=g.name,
                     memory_mb=g.memory_mb,
                     memory_used_mb=g.memory_used_mb,
+                    busy=g.busy,
                     job=holder,
                 )
             )

@@ -129,3 +129,18 @@ def test_module_level_app_for_uvicorn(tmp_path, monkeypatch):
         app.state.engine.dispose()
     finally:
         get_settings.cache_clear()
+
+
+def test_gpus_view_shows_a_gpu_used_outside_trainbox(client, sessions):
+    from sqlalchemy import update
+
+    from core.models import Gpu
+
+    add_box(sessions, n=2)
+    with sessions() as s:
+        s.execute(update(Gpu).where(Gpu.index == 1).values(busy=True))
+        s.commit()
+    [box] = client.get("/gpus").json()["data"]
+    assert [(g["index"], g["busy"], g["job"]) for g in box["gpus"]] == [(0, False, None), (1, True, None)]
+    job = client.post("/jobs", json=spec(gpus=1)).json()
+    assert job["gpu_ids"] == [0] and client.post("/jobs", json=spec(gpus=1)).json()["state"] == "queued"

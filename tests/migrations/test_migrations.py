@@ -84,3 +84,27 @@ def test_0002_adds_users_tokens_datasets_and_reverts_keeping_jobs(backend, tmp_p
                 assert conn.execute(text("SELECT name FROM jobs")).scalar() == "old"
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0003_gpu_busy_up_and_down_keeps_the_rows(backend, tmp_path):
+    from sqlalchemy import text
+
+    with fresh_database(backend, tmp_path) as url:
+        upgrade(url, "0002")
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO boxes (name, queue, heartbeat_at, created_at) "
+                                  "VALUES ('b', 'q', '2026-01-01', '2026-01-01')"))  # fmt: skip
+                conn.execute(text("INSERT INTO gpus (box, \"index\", name) VALUES ('b', 0, 'g')"))
+            upgrade(url, "0003")
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT busy FROM gpus")).scalar_one() in (False, 0)
+            downgrade(url, "0002")
+            with engine.connect() as conn:
+                assert "busy" not in {c["name"] for c in inspect(conn).get_columns("gpus")}
+                assert conn.execute(text("SELECT count(*) FROM gpus")).scalar_one() == 1
+            upgrade(url, "0003")
+        finally:
+            engine.dispose()
