@@ -1,9 +1,14 @@
 """The live event stream of a job: Server-Sent Events read from the job's Redis stream.
 
 Each SSE event's `id` is the Redis stream id, so `Last-Event-ID` resumes exactly after the last
-event a client saw. Trainer `step` events are sent as `metric`, `start` and trainer `end` as `state`;
-the final `end` event is sent once the job is terminal and the stream is drained, then the
-response closes.
+event a client saw. Where the stream no longer holds what followed that id (Redis restarted and lost
+it, or the cap trimmed it), the missing steps come from the DB's step history first, then the stream
+goes on. A DB event's id is `<its time in ms>-<DB_SEQ + step>`: still a valid stream position, and a
+resume from it continues by step. Rows are matched to a Redis id by time, so a step written within
+the same millisecond as the client's last event, and lost by Redis, is not recovered.
+
+Trainer `step` events are sent as `metric`, `start` and trainer `end` as `state`; the final `end`
+event is sent once the job is terminal and the stream is drained, then the response closes.
 """
 
 from __future__ import annotations
@@ -15,19 +20,21 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from redis.asyncio import Redis
+from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobDep, RedisDep, SessionDep
 from api.errors import Unprocessable, documented
 from core import events, keys
-from core.models import Job
+from core.models import Job, JobMetric
 from core.states import JobState
 
 router = APIRouter(tags=["events"], responses=documented(404, 503))
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 BATCH = 200
+DB_SEQ = 10**12  # DB event ids carry the step above this (Redis's own sequence numbers stay far below)
 SSE_NAMES = {"step": "metric", "start": "state", "end": "state"}
 
 
@@ -44,9 +51,58 @@ def _to_sse(entry_id: Any, fields: dict[Any, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(event, separators=(",", ":")), event=name, id=eid)
 
 
+def _id(stream_id: Any) -> tuple[int, int]:
+    ms, _, seq = (stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _metrics_after(request: Request, job_id: str, after: tuple[int, int], below_step: int | None) -> list[Any]:
+    """Step rows after stream position `after` (a DB id: by step; a Redis id: by time), below `below_step`."""
+    query = select(JobMetric).where(JobMetric.job_id == job_id)
+    if after[1] >= DB_SEQ:
+        query = query.where(JobMetric.step > after[1] - DB_SEQ)
+    else:
+        query = query.where(JobMetric.time >= after[0] / 1000)
+    if below_step is not None:
+        query = query.where(JobMetric.step < below_step)
+    with request.app.state.read_sessions() as session:
+        rows = session.scalars(query.order_by(JobMetric.step)).all()
+        return [r for r in rows if after[1] >= DB_SEQ or int(r.time * 1000) > after[0]]
+
+
+async def _lost_steps(request: Request, redis: Redis, job_id: str, last_id: str) -> list[ServerSentEvent]:
+    """The steps after `last_id` that the stream no longer holds, from the DB ([] when it holds them)."""
+    key, after = keys.job_events(job_id), _id(last_id)
+    head = await redis.xrange(key, count=1)
+    if head and _id(head[0][0]) <= after:
+        return []  # the stream still reaches back to the client's position
+    first_step, start = None, "-"
+    while first_step is None:  # the first step the stream still has: the DB fills in below it
+        batch = await redis.xrange(key, min=start, count=BATCH)
+        if not batch:
+            break
+        first_step = next((e["step"] for _i, f in batch if (e := events.decode(f)).get("type") == "step"), None)
+        start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else str(batch[-1][0]))
+    rows = await run_in_threadpool(_metrics_after, request, job_id, after, first_step)
+    fields = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
+    return [
+        ServerSentEvent(
+            data=json.dumps({"type": "step", **{f: getattr(r, f) for f in fields}}, separators=(",", ":")),
+            event="metric",
+            id=f"{int(r.time * 1000)}-{DB_SEQ + r.step}",
+        )
+        for r in rows
+    ]
+
+
 async def _stream(request: Request, redis: Redis, job_id: str, last_id: str) -> AsyncIterator[ServerSentEvent]:
     key = keys.job_events(job_id)
     block_ms = request.app.state.settings.sse_block_ms
+    from_db = await _lost_steps(request, redis, job_id, last_id)
+    for sse in from_db:
+        yield sse
+    # Steps the relay held while Redis was away reach the stream later; the DB may have sent them already.
+    db_step = json.loads(from_db[-1].data)["step"] if from_db else None
 
     async def terminal() -> tuple[bool, str, dict[str, Any] | None]:
         state, error = await run_in_threadpool(_read_state, request, job_id)
@@ -70,6 +126,8 @@ async def _stream(request: Request, redis: Redis, job_id: str, last_id: str) -> 
             for entry_id, fields in items:
                 sse = _to_sse(entry_id, fields)
                 last_id = sse.id or last_id
+                if db_step is not None and sse.event == "metric" and json.loads(sse.data).get("step", 0) <= db_step:
+                    continue
                 saw_state = saw_state or sse.event == "state"
                 yield sse
         if saw_state and not done:

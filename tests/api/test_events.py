@@ -157,3 +157,39 @@ def test_live_stream_delivers_each_event_once_across_a_reconnect(client, session
     assert received[-1][1] == "end"
     assert len({m[0] for m in received if m[1] != "end"}) == len([m for m in received if m[1] != "end"])
     assert ids_so_far <= {m[0] for m in received}
+
+
+def test_steps_redis_lost_come_from_the_db(client, sessions, redis):
+    """Redis lost the stream (a restart) after the client saw step 4; steps 8-10 reached the new stream
+    (the relay held them): a resume gets 5-7 from the DB, then 8-10, each once, then the end."""
+    from core import keys
+    from core.models import JobMetric
+
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    ids = []
+    for i in range(1, 11):
+        t = time.time()
+        ids.append(events.publish(redis, job_id, {"type": "step", "step": i, "loss": 1.0 / i, "time": t}, maxlen=1000))
+        with sessions() as s:
+            s.add(JobMetric(job_id=job_id, attempt=1, step=i, loss=1.0 / i, time=t))
+            s.commit()
+        time.sleep(0.005)
+    redis.delete(keys.job_events(job_id))  # the restarted Redis has none of it ...
+    redis.xadd(keys.job_events(job_id), events.encode({"type": "state", "state": "running"}))
+    for i in range(8, 11):  # ... then gets what the relay held
+        events.publish(redis, job_id, {"type": "step", "step": i, "loss": 1.0 / i, "time": time.time()}, maxlen=1000)
+    set_state(sessions, job_id, "succeeded")
+
+    got = read_all(client, job_id, **{"Last-Event-ID": ids[3]})
+    assert [(e[1], e[2].get("step")) for e in got] == [
+        ("metric", 5), ("metric", 6), ("metric", 7), ("state", None), ("metric", 8), ("metric", 9), ("metric", 10),
+        ("end", None),
+    ]  # fmt: skip
+    assert got[0][2]["loss"] == pytest.approx(0.2) and len({e[0] for e in got[:-1]}) == 7
+    # A client that drops in the middle of the DB part resumes from a DB id; a new one gets it all.
+    again = read_all(client, job_id, **{"Last-Event-ID": got[0][0]})
+    assert [e[2].get("step") for e in again if e[1] == "metric"] == [6, 7, 8, 9, 10]
+    fresh = read_all(client, job_id)
+    assert [e[2].get("step") for e in fresh if e[1] == "metric"] == list(range(1, 11))
+    # Nothing lost: the DB is not consulted.
+    assert [e[2].get("step") for e in read_all(client, job_id, **{"Last-Event-ID": got[4][0]})] == [9, 10, None]
