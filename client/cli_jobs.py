@@ -133,7 +133,8 @@ def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
             table.add_row(
                 str(box.get("name")), str(gpu.get("index")), str(gpu.get("name") or ""),
                 f"{mem / 1024:.0f} GiB" if isinstance(mem, int | float) and mem else "",
-                str(job.get("id") or "free"), str(job.get("owner") or ""), str(job.get("state") or ""),
+                str(job.get("id") or job.get("name") or "free"),  # others' jobs show by name only
+                str(job.get("owner") or ""), str(job.get("state") or ""),
             )  # fmt: skip
     console.print(table)
     if "total" in body:
