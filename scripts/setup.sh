@@ -13,4 +13,4 @@ run python -m pip install -q --upgrade pip
 # torch first, pinned to the CPU build: an unpinned torch would pull a multi-GB CUDA build.
 run python -m pip install -q "torch==2.13.0"
 run python -m pip install -q -e ".[dev]"
-python -c "import trainer, deepspeed, transformers" 2>/dev/null || { echo "setup failed: imports do not work" >&2; exit 1; }
+python -c "import trainer, deepspeed, transformers" >/dev/null 2>&1 || { echo "setup failed: imports do not work" >&2; exit 1; }
