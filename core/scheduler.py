@@ -135,11 +135,9 @@ def _place(
         if gpu.job_id is None and not gpu.busy:  # busy: used outside trainbox (worker.gpucheck)
             free[gpu.box].append(gpu.index)
     largest = max(size.values())
-    used_ports: dict[str, set[int]] = {name: set() for name in boxes}
-    for box, port in session.execute(
-        select(Job.box, Job.master_port).where(Job.master_port.is_not(None), Job.box.in_(boxes))
-    ):
-        used_ports[box].add(port)
+    # One set for every box: boxes may share a host (and its ports), and 500 ports are plenty for all.
+    in_use = set(session.scalars(select(Job.master_port).where(Job.master_port.is_not(None))))
+    used_ports: dict[str, set[int]] = dict.fromkeys(boxes, in_use)
 
     held, caps = _gpu_budget(session, max_gpus_per_user)
     placements: list[Placement] = []

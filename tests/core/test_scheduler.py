@@ -231,3 +231,13 @@ def test_gpu_claim_is_guarded_even_without_the_lock(session):
     session.commit()
     assert held_gpus(session) == {a.id: [("box1", 0)]}
     assert session.get(Job, b.id).state == "queued"
+
+
+def test_ports_are_unique_across_boxes_that_may_share_a_host(session):
+    box(session, name="a", n=1)
+    box(session, name="b", n=1)
+    add_job(session)
+    add_job(session)
+    placements = run(session)
+    assert sorted(p.box for p in placements) == ["a", "b"]
+    assert len({p.master_port for p in placements}) == 2
