@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -39,6 +40,24 @@ def make_launch(tmp_path: Path) -> Callable[..., Launch]:
         return Launch(**fields)
 
     return make
+
+
+@pytest.fixture
+def fake(monkeypatch) -> dict[str, list[str]]:
+    """Make the runner launch the fake trainer with these extra arguments."""
+    args: dict[str, list[str]] = {"argv": []}
+    from worker import runner
+
+    real = runner.build_launch
+
+    def build(job_id: str, attempt: int) -> Any:
+        launch = real(job_id, attempt)
+        command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(launch.run_dir), *args["argv"]]
+        return dataclasses.replace(launch, command=command)
+
+    monkeypatch.setattr(runner, "build_launch", build)
+    monkeypatch.setattr(runner, "reschedule", lambda: None)
+    return args
 
 
 @pytest.fixture

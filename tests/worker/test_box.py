@@ -71,3 +71,22 @@ def test_sweep_places_queued_jobs_and_marks_the_box_alive(db, sent):
     assert _job(queued).state == "starting" and [c[0] for c in sent] == [queued]
     with session_scope() as s:
         assert s.get_one(Box, BOX).heartbeat_at > utcnow() - timedelta(minutes=1)
+
+
+def test_a_job_whose_message_was_never_sent_still_runs_once(db, fake, monkeypatch):
+    """The row committed as `starting`, the enqueue skipped (the API died, or Redis lost the message):
+    the sweep re-sends it and the job runs, once."""
+    from tests.worker.test_runner import _runs_started, _trainers_left
+    from worker import runner
+
+    fake["argv"] = ["--steps", "3"]
+    results: list[str] = []
+    monkeypatch.setattr(celery_app, "dispatch", lambda job_id, attempt, _q: results.append(
+        runner.run_attempt(job_id, attempt)))  # fmt: skip
+    job_id, _attempt = _placed_job()  # placed; its message went nowhere
+    with session_scope() as s:
+        s.get_one(Job, job_id).updated_at = utcnow() - timedelta(hours=1)
+    box_mod.sweep(BOX)
+    box_mod.sweep(BOX)  # a second sweep finds nothing stale
+    assert results == ["succeeded"] and _job(job_id).state == "succeeded"
+    assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []

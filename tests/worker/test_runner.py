@@ -4,11 +4,11 @@ cancel before launch, failure, worker shutdown, GPUs freed, metrics and stream w
 
 from __future__ import annotations
 
-import dataclasses
-import sys
+import json
 import threading
 from typing import Any
 
+import psutil
 import pytest
 from redis import Redis
 from sqlalchemy import select
@@ -21,25 +21,9 @@ from core.models import Gpu, Job, JobMetric
 from core.scheduler import schedule
 from core.settings import get_settings
 from tests.helpers import wait_for
-from tests.worker.conftest import BOX, FAKE_TRAINER, RELAY_REDIS_URL
+from tests.worker.conftest import BOX, RELAY_REDIS_URL
 from trainer.spec import JobSpec
 from worker import runner
-
-
-@pytest.fixture
-def fake(monkeypatch) -> dict[str, list[str]]:
-    """Make the runner launch the fake trainer with these extra arguments."""
-    args: dict[str, list[str]] = {"argv": []}
-    real = runner.build_launch
-
-    def build(job_id: str, attempt: int) -> Any:
-        launch = real(job_id, attempt)
-        command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(launch.run_dir), *args["argv"]]
-        return dataclasses.replace(launch, command=command)
-
-    monkeypatch.setattr(runner, "build_launch", build)
-    monkeypatch.setattr(runner, "reschedule", lambda: None)
-    return args
 
 
 def _placed_job(gpus: int = 1) -> tuple[str, int]:
@@ -71,11 +55,31 @@ def _stream(job_id: str) -> list[dict[str, Any]]:
         r.close()
 
 
+def _runs_started(job_id: str) -> int:
+    """How many trainer runs began in the job's run dir (one `start` event each)."""
+    events = get_settings().run_dir(job_id) / "events.jsonl"
+    lines = events.read_text().splitlines() if events.exists() else []
+    return sum(json.loads(line)["type"] == "start" for line in lines)
+
+
+def _trainers_left(job_id: str) -> list[Any]:
+    run_dir = str(get_settings().run_dir(job_id))
+    return [p for p in psutil.process_iter(["cmdline"]) if run_dir in " ".join(p.info["cmdline"] or [])]
+
+
 def test_run_succeeds_once_and_a_duplicate_does_nothing(db, fake):
     fake["argv"] = ["--steps", "4"]
     job_id, attempt = _placed_job(gpus=2)
     assert _held() == [job_id, job_id]
-    assert runner.run_attempt(job_id, attempt) == "succeeded"
+    # The message delivered twice at once: one claim wins, the other runs nothing.
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(runner.run_attempt(job_id, attempt))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["skipped", "succeeded"]
+    assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []
     job = _job(job_id)
     assert (job.state, job.step, job.total_steps, job.lease_owner) == ("succeeded", 4, 4, None)
     assert job.latest["loss"] == pytest.approx(2.5)
@@ -86,7 +90,8 @@ def test_run_succeeds_once_and_a_duplicate_does_nothing(db, fake):
     states = [e["state"] for e in stream if e["type"] == "state"]
     assert states == ["running", "succeeded"]
     assert [e["step"] for e in stream if e["type"] == "step"] == [1, 2, 3, 4]
-    assert runner.run_attempt(job_id, attempt) == "skipped", "a second delivery runs nothing"
+    assert runner.run_attempt(job_id, attempt) == "skipped", "a late delivery runs nothing"
+    assert _runs_started(job_id) == 1
 
 
 def test_failure_records_type_and_log_tail(db, fake):
@@ -105,6 +110,7 @@ def test_cancel_before_the_message_arrives_launches_nothing(db, fake):
     assert runner.run_attempt(job_id, attempt) == "cancelled"
     assert _job(job_id).state == "cancelled" and _held() == [None, None]
     assert not (get_settings().run_dir(job_id) / "events.jsonl").exists()
+    assert _runs_started(job_id) == 0 and _trainers_left(job_id) == []
 
 
 def test_cancel_while_running(db, fake):
@@ -118,6 +124,7 @@ def test_cancel_while_running(db, fake):
         request_cancel(session=s, job_id=job_id)
     t.join(30)
     assert result["state"] == "cancelled" and _job(job_id).state == "cancelled" and _held() == [None, None]
+    assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []
 
 
 def test_worker_shutdown_requeues_for_the_next_attempt(db, fake):
@@ -136,6 +143,8 @@ def test_worker_shutdown_requeues_for_the_next_attempt(db, fake):
     assert result["state"] == "queued" and (job.state, job.attempt, job.box, job.gpu_ids) == ("queued", 2, None, None)
     assert _held() == [None, None]
     assert runner.run_attempt(job_id, attempt) == "skipped", "the old attempt is fenced off"
+    assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []
+    assert "checkpoint" in (get_settings().run_dir(job_id) / "events.jsonl").read_text(), "SIGTERM checkpointed"
 
 
 def test_a_port_taken_outside_trainbox_is_swapped_for_a_free_one(db):
