@@ -187,7 +187,9 @@ def classify(exit_code: int | None, end: dict[str, Any] | None, stop: Stop | Non
     """Map the trainer's exit code, its `end` event and the supervisor's stop reason to an outcome."""
 
     def failed(kind: str, message: str) -> Outcome:
-        error = {"type": kind, "message": message, "log_tail": log_tail(run_dir)}
+        # The failing rank's exit code when the trainer names one (a killed rank: -9), else the trainer's.
+        code = ((end or {}).get("error") or {}).get("exit_code", exit_code)
+        error = {"type": kind, "message": message, "log_tail": log_tail(run_dir), "exit_code": code}
         return Outcome("failed", exit_code, error, end, stop)
 
     if stop is Stop.LOST:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -95,7 +97,7 @@ def test_cancel_a_running_job_leaves_no_process(api: Client, stack: Any) -> None
     final = wait_for(lambda: _ended(api, job["id"]), timeout=60, what="cancelled")
     assert final["state"] == "cancelled"
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert _job_processes(run_dir) == []
+    assert _job_processes(run_dir) == [] and _starts(run_dir) == 1
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
     assert api.cancel(job["id"])["state"] == "cancelled", "cancel is idempotent"
 
@@ -138,7 +140,7 @@ def test_max_runtime_checkpoints_then_fails_as_timeout(api: Client, stack: Any) 
     events = run_dir / "events.jsonl"
     if events.exists() and '"type":"step"' in events.read_text():  # a loaded machine may not get that far
         assert any((run_dir / "checkpoints").iterdir()), "SIGTERM let the trainer checkpoint first"
-    assert _job_processes(str(stack.data_dir / "runs" / job["id"])) == []
+    assert _job_processes(str(run_dir)) == [] and _starts(str(run_dir)) <= 1 and final["attempt"] == 1
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
 
 
@@ -150,9 +152,16 @@ def test_a_killed_rank_fails_the_job_cleanly(api: Client, stack: Any) -> None:
     rank1.kill()
     final = wait_for(lambda: _ended(api, job["id"]), timeout=60, what="failed")
     assert final["state"] == "failed" and final["error"]["type"] == "train_error"
-    assert "rank 1" in final["error"]["message"]
-    assert _job_processes(run_dir) == []
+    assert "rank 1" in final["error"]["message"] and final["error"]["exit_code"] == -9
+    assert _job_processes(run_dir) == [] and _starts(run_dir) == 1 and final["attempt"] == 1
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
+
+
+def _starts(run_dir: str) -> int:
+    """Trainer runs begun in a run dir (one `start` event each)."""
+    events = Path(run_dir) / "events.jsonl"
+    lines = events.read_text().splitlines() if events.exists() else []
+    return sum(json.loads(line)["type"] == "start" for line in lines)
 
 
 def _rank(p: psutil.Process) -> str | None:

@@ -14,6 +14,7 @@ import pytest
 from client.sdk import Client
 from tests.helpers import wait_for
 from tests.worker.conftest import start_stack, tiny_spec
+from tests.worker.test_e2e import _job_processes
 
 pytestmark = pytest.mark.slow
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -52,5 +53,40 @@ def test_a_killed_worker_loses_its_ranks_and_the_job_resumes(tmp_path) -> None:
         starts = [e for e in map(json.loads, lines) if e["type"] == "start"]
         assert len(starts) == 2 and starts[0]["resumed_from_step"] == 0
         assert starts[1]["resumed_from_step"] >= 5, "attempt 2 resumed from a checkpoint"
+        assert final["attempt"] == 2 and _job_processes(run_dir) == []
+        wait_for(lambda: api.gpus()["in_use"] == 0, timeout=10, what="slots freed")
+    finally:
+        stack.stop()
+
+
+def test_a_sigtermed_worker_requeues_its_job_and_the_next_worker_resumes_it(tmp_path) -> None:
+    """A redeploy: SIGTERM -> the trainer checkpoints, the job goes back to `queued` (not failed) with
+    attempt 2, the worker exits; the next worker resumes from that checkpoint and the job succeeds."""
+    stack = start_stack(tmp_path, REDIS_URL, heartbeat_s="0.5", lease_s="2", cancel_grace_s="10")
+    try:
+        api = Client(stack.url, stack.token())
+        job = api.submit(tiny_spec("e2e-redeploy", steps=40, checkpoint_every=0, max_runtime_s=600))
+        wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 5, timeout=120, what="training")
+        run_dir = str(stack.data_dir / "runs" / job["id"])
+        worker = next(c for c in stack.children if c.name == "worker")
+        os.kill(worker.proc.pid, signal.SIGTERM)
+        assert worker.proc.wait(60) == 0, "the worker exits once its job is back in the queue"
+        stack.children.remove(worker)
+        requeued = api.get(job["id"])
+        assert (requeued["state"], requeued["attempt"], requeued["error"]) == ("queued", 2, None)
+        assert _job_processes(run_dir) == []
+        lines = (stack.data_dir / "runs" / job["id"] / "events.jsonl").read_text().splitlines()
+        saved = [e["step"] for e in map(json.loads, lines) if e["type"] == "checkpoint"]
+        assert saved, "SIGTERM let the trainer checkpoint"
+
+        stack._spawn("worker", [sys.executable, "-m", "worker"])
+        final = wait_for(lambda: (j := api.get(job["id"]))["state"] in ("succeeded", "failed") and j, timeout=180)
+        assert final["state"] == "succeeded" and final["attempt"] == 2, final["error"]
+        lines = (stack.data_dir / "runs" / job["id"] / "events.jsonl").read_text().splitlines()
+        starts = [e for e in map(json.loads, lines) if e["type"] == "start"]
+        assert [s["resumed_from_step"] for s in starts] == [0, saved[-1]], "two runs; the second resumed"
+        assert [m["step"] for m in api.all_metrics(job["id"])] == list(range(1, 41))
+        assert _job_processes(run_dir) == []
+        wait_for(lambda: api.gpus()["in_use"] == 0, timeout=10, what="slots freed")
     finally:
         stack.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -14,6 +15,7 @@ from client.sdk import Client
 from client.stack import Stack, free_port, redis_server_binary
 from tests.helpers import wait_for
 from tests.worker.conftest import tiny_spec, write_corpus
+from tests.worker.test_e2e import _job_processes
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +30,14 @@ def test_training_survives_a_redis_restart(tmp_path) -> None:
         api = Client(stack.url, stack.token())
         job = api.submit(tiny_spec("e2e-redis", steps=150))
         wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 3, timeout=120, what="training")
+        # An SSE client reads the first steps, then loses its connection as Redis dies.
+        seen: list[Any] = []
+        stream = api.events(job["id"])
+        for event in stream:
+            seen.append(event)
+            if sum(e.type == "step" for e in seen) >= 3:
+                break
+        stream.close()
 
         redis_child = next(c for c in stack.children if c.name == "redis")
         os.kill(redis_child.proc.pid, signal.SIGKILL)
@@ -48,5 +58,13 @@ def test_training_survives_a_redis_restart(tmp_path) -> None:
         r.close()
         assert any(b'"type":"end"' in e for e in entries) and any(b'"state":"succeeded"' in e for e in entries)
         assert any(b'"step":150,' in e for e in entries)
+        # The client resumes with Last-Event-ID: what Redis lost comes from the DB, the rest from the new
+        # stream, every step once; a new client gets the whole history the same way.
+        resumed = [e for e in api.events(job["id"], last_event_id=seen[-1].id) if e.type == "step"]
+        steps = [e.data["step"] for e in seen if e.type == "step"] + [e.data["step"] for e in resumed]
+        assert steps == list(range(1, 151)), steps
+        assert [e.data["step"] for e in api.events(job["id"]) if e.type == "step"] == list(range(1, 151))
+        assert final["attempt"] == 1 and api.gpus()["in_use"] == 0
+        assert _job_processes(str(tmp_path / "runs" / job["id"])) == []
     finally:
         stack.stop()

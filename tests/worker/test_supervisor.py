@@ -48,7 +48,7 @@ def test_end_event_error_type_is_used(make_launch):
 def test_unknown_failure_is_a_train_error(make_launch):
     outcome = supervise(make_launch("--steps", "1", "--exit", "3"))
     assert outcome.error["type"] == "train_error"
-    assert "code 3" in outcome.error["message"]
+    assert "code 3" in outcome.error["message"] and outcome.error["exit_code"] == 3
 
 
 def test_launch_error_when_the_program_cannot_start(make_launch, tmp_path):
