@@ -42,6 +42,9 @@ class JobSummary(BaseModel):
     priority: int
     attempt: int
     queue_position: int | None = Field(None, description="1-based position among queued jobs")
+    start_eta_s: float | None = Field(
+        None, description="queued: seconds until it should start, from the running jobs' progress (None: unknown)"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -189,6 +192,7 @@ class QueueEntry(BaseModel):
     gpus: int
     priority: int
     queue_position: int | None = None
+    start_eta_s: float | None = Field(None, description="queued: seconds until it should start (None: unknown)")
     box: str | None
     gpu_ids: list[int] | None
     created_at: datetime

@@ -14,6 +14,7 @@ from api.limits import check_queue_limit, check_spec_limits, check_submit_rate
 from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
 from api.validation import check_files, check_fits_a_box, dry_run, schedule_options
 from core import jobs as service
+from core.eta import start_etas
 from core.scheduler import queue_positions, schedule
 from core.states import JobState
 from trainer.spec import JobSpec
@@ -29,6 +30,7 @@ def read_job(request: Request, job_id: str, session: SessionDep) -> JobRead:
     return JobRead.of(
         job,
         positions,
+        start_eta_s=start_etas(session).get(job.id) if job.state == JobState.QUEUED else None,
         spec=job.spec,
         max_attempts=job.max_attempts,
         cancel_requested=job.cancel_requested,

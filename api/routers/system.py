@@ -16,6 +16,7 @@ from api.dashboard import DASHBOARD_HTML
 from api.deps import BearerDep, CurrentUser, SessionDep, current_user
 from api.errors import documented
 from api.schemas import BoxRead, GpuRead, GpuView, QueueEntry, QueueView
+from core.eta import start_etas
 from core.models import Box, Job
 from core.scheduler import queued_order
 from core.states import ACTIVE_STATES
@@ -63,6 +64,7 @@ def queue(session: SessionDep, user: CurrentUser) -> QueueView:
     active = [s.value for s in ACTIVE_STATES]
     running = session.scalars(select(Job).where(Job.state.in_(active)).order_by(Job.started_at, Job.created_at)).all()
     waiting = session.scalars(queued_order(select(Job))).all()
+    etas = start_etas(session) if waiting else {}
     data = []
     for position, job in [(None, j) for j in running] + list(enumerate(waiting, 1)):
         data.append(
@@ -71,6 +73,7 @@ def queue(session: SessionDep, user: CurrentUser) -> QueueView:
                 gpus=job.gpus,
                 priority=job.priority,
                 queue_position=position,
+                start_eta_s=etas.get(job.id),
                 box=job.box,
                 gpu_ids=job.gpu_ids,
                 created_at=job.created_at,

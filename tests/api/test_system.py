@@ -144,3 +144,13 @@ def test_gpus_view_shows_a_gpu_used_outside_trainbox(client, sessions):
     assert [(g["index"], g["busy"], g["job"]) for g in box["gpus"]] == [(0, False, None), (1, True, None)]
     job = client.post("/jobs", json=spec(gpus=1)).json()
     assert job["gpu_ids"] == [0] and client.post("/jobs", json=spec(gpus=1)).json()["state"] == "queued"
+
+
+def test_queued_jobs_show_a_start_eta(client, sessions):
+    add_box(sessions, n=1)
+    running = client.post("/jobs", json=spec(gpus=1)).json()
+    queued = client.post("/jobs", json=spec(gpus=1)).json()
+    assert running["start_eta_s"] is None and queued["queue_position"] == 1
+    assert client.get(f"/jobs/{queued['id']}").json()["start_eta_s"] is None, "the holder has no ETA yet"
+    entries = {e["id"]: e for e in client.get("/queue").json()["data"]}
+    assert "start_eta_s" in entries[queued["id"]]
