@@ -152,7 +152,12 @@ def test_a_killed_rank_fails_the_job_cleanly(api: Client, stack: Any) -> None:
     rank1.kill()
     final = wait_for(lambda: _ended(api, job["id"]), timeout=60, what="failed")
     assert final["state"] == "failed" and final["error"]["type"] == "train_error"
-    assert "rank 1" in final["error"]["message"] and final["error"]["exit_code"] == -9
+    err = final["error"]
+    # The trainer's launcher names the first rank it saw fail: the killed one (-9), or rank 0 when its
+    # collective broke within the same poll.
+    assert ("rank 1" in err["message"] and err["exit_code"] == -9) or (
+        "rank 0" in err["message"] and err["exit_code"] not in (0, None)
+    ), err
     assert _job_processes(run_dir) == [] and _starts(run_dir) == 1 and final["attempt"] == 1
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
 
