@@ -169,12 +169,14 @@ class Launcher:
         first: tuple[int, int] | None = None
         kill_at = None
         while any(p.poll() is None for p in self.procs):
-            for r, p in enumerate(self.procs):
-                code = p.poll()
-                if code is not None and code not in (EXIT_OK, EXIT_PREEMPTED) and first is None:
-                    first = (r, code)
-                    kill_at = time.monotonic() + FAILURE_GRACE_S
-                    self._forward(signal.SIGTERM, None)
+            codes = [(r, p.poll()) for r, p in enumerate(self.procs)]
+            failed = [(r, c) for r, c in codes if c not in (None, EXIT_OK, EXIT_PREEMPTED)]
+            if failed and first is None:
+                # Ranks that fail in the same poll: a rank killed by a signal is the cause, the others
+                # only saw their collective break when it went.
+                first = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))  # type: ignore[operator]
+                kill_at = time.monotonic() + FAILURE_GRACE_S
+                self._forward(signal.SIGTERM, None)
             if kill_at is not None and time.monotonic() > kill_at:
                 for p in self.procs:
                     if p.poll() is None:
