@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,10 @@ from trainer.spec import JobSpec, describe_errors
 
 PR_SET_PDEATHSIG = 1
 FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get before SIGKILL
+# How a rank reports that a peer died under it (gloo, NCCL): a symptom, not the cause.
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|peer.*(died|closed)", re.I
+)
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
@@ -166,28 +171,41 @@ class Launcher:
 
     def _wait(self) -> tuple[int, int] | None:
         """Wait for every rank; on the first failure stop the rest (SIGTERM, then SIGKILL)."""
-        first: tuple[int, int] | None = None
+        failures: list[tuple[int, int]] = []  # in the order seen
+        killed_by_us: set[int] = set()
         kill_at = None
         while any(p.poll() is None for p in self.procs):
-            codes = [(r, p.poll()) for r, p in enumerate(self.procs)]
-            failed = [(r, c) for r, c in codes if c not in (None, EXIT_OK, EXIT_PREEMPTED)]
-            if failed and first is None:
-                # Ranks that fail in the same poll: a rank killed by a signal is the cause, the others
-                # only saw their collective break when it went.
-                first = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))  # type: ignore[operator]
+            for r, p in enumerate(self.procs):
+                code = p.poll()
+                if code not in (None, EXIT_OK, EXIT_PREEMPTED) and r not in {f[0] for f in failures}:
+                    failures.append((r, code))  # type: ignore[arg-type]
+            if failures and kill_at is None:
                 kill_at = time.monotonic() + FAILURE_GRACE_S
                 self._forward(signal.SIGTERM, None)
             if kill_at is not None and time.monotonic() > kill_at:
-                for p in self.procs:
+                for r, p in enumerate(self.procs):
                     if p.poll() is None:
+                        killed_by_us.add(r)
                         p.kill()
             time.sleep(0.05)
-        if first is None:
-            for r, p in enumerate(self.procs):
-                if p.returncode not in (EXIT_OK, EXIT_PREEMPTED):
-                    first = (r, p.returncode)
-                    break
-        return first
+        for r, p in enumerate(self.procs):
+            if p.returncode not in (EXIT_OK, EXIT_PREEMPTED) and r not in {f[0] for f in failures}:
+                failures.append((r, p.returncode))
+        return self._cause(failures, killed_by_us)
+
+    def _cause(self, failures: list[tuple[int, int]], killed_by_us: set[int]) -> tuple[int, int] | None:
+        """The failure worth reporting: a rank killed from outside, else one whose error is not merely
+        a broken connection to a peer that went first, else the first failure seen."""
+        if not failures:
+            return None
+        for r, code in failures:
+            if code < 0 and r not in killed_by_us:
+                return r, code
+        for r, code in failures:
+            error_file = self.run_dir / ERRORS_DIR / f"rank-{r}.json"
+            if error_file.exists() and not _PEER_GONE.search(error_file.read_text()):
+                return r, code
+        return failures[0]
 
     def _finish(self, first_failure: tuple[int, int] | None, offset: int) -> int:
         ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))

@@ -48,3 +48,20 @@ def test_non_finite_values_are_written_as_null(tmp_path: Path) -> None:
 def test_a_torn_last_line_is_left_for_later(tmp_path: Path) -> None:
     (tmp_path / "events.jsonl").write_text('{"type": "step", "step": 1}\n{"type": "st')
     assert [e["step"] for e in read_events(tmp_path)] == [1]
+
+
+def test_launcher_blames_the_cause_not_the_peer_whose_connection_broke(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from trainer.events import write_rank_error
+    from trainer.launch import Launcher
+
+    launcher = Launcher(Namespace(run_dir=str(tmp_path)))
+    write_rank_error(tmp_path, 0, "train_error", "RuntimeError: gloo Read error: Connection reset by peer")
+    write_rank_error(tmp_path, 1, "oom", "out of host memory: could not allocate 64.0 MiB")
+    # Rank 0 was seen first, but it only lost its peer; rank 1 ran out of memory.
+    assert launcher._cause([(0, 1), (1, 1)], killed_by_us=set()) == (1, 1)
+    # A rank killed from outside beats both; one the launcher killed itself after the grace does not.
+    assert launcher._cause([(0, 1), (1, 1), (2, -9)], killed_by_us=set()) == (2, -9)
+    assert launcher._cause([(0, 1), (2, -9)], killed_by_us={2}) == (0, 1)
+    assert launcher._cause([], killed_by_us=set()) is None
