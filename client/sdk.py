@@ -185,13 +185,24 @@ class Client:
         return self._call("GET", "/datasets")
 
     def events(
-        self, job_id: str, *, last_event_id: str | None = None, reconnect: bool = True, retry_s: float = 0.5
+        self,
+        job_id: str,
+        *,
+        last_event_id: str | None = None,
+        last_step: int | None = None,
+        reconnect: bool = True,
+        retry_s: float = 0.5,
     ) -> Iterator[Event]:
-        """The job's live events; reconnects with Last-Event-ID (no gaps, no repeats) until it ends."""
+        """The job's live events; reconnects with Last-Event-ID (no gaps, no repeats) until it ends.
+
+        `Last-Step` goes with it: if Redis lost events (a restart), the server refills them from the
+        step history exactly after the last step this client received."""
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
                 headers["Last-Event-ID"] = last_event_id
+            if last_step is not None:
+                headers["Last-Step"] = str(last_step)
             try:
                 with self.http.stream(
                     "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=None)
@@ -209,6 +220,8 @@ class Client:
                         if not isinstance(data, dict):
                             data = {"value": data}
                         event = Event(event_id, str(data.get("type") or name or "message"), data)
+                        if event.type == "step" and isinstance(data.get("step"), int):
+                            last_step = data["step"]
                         yield event
                         if event.type == "state" and data.get("state") in TERMINAL_STATES:
                             return

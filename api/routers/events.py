@@ -4,8 +4,9 @@ Each SSE event's `id` is the Redis stream id, so `Last-Event-ID` resumes exactly
 event a client saw. Where the stream no longer holds what followed that id (Redis restarted and lost
 it, or the cap trimmed it), the missing steps come from the DB's step history first, then the stream
 goes on. A DB event's id is `<its time in ms>-<DB_SEQ + step>`: still a valid stream position, and a
-resume from it continues by step. Rows are matched to a Redis id by time, so a step written within
-the same millisecond as the client's last event, and lost by Redis, is not recovered.
+resume from it continues by step. A client that also sends `Last-Step` (the SDK and the dashboard
+do) resumes by step, exactly. Without it, rows are matched to the Redis id by time, which can miss a
+lost step that the trainer wrote before the client's last event reached Redis.
 
 Trainer `step` events are sent as `metric`, `start` and trainer `end` as `state`; the final `end`
 event is sent once the job is terminal and the stream is drained, then the response closes.
@@ -56,9 +57,14 @@ def _id(stream_id: Any) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _metrics_after(request: Request, job_id: str, after: tuple[int, int], below_step: int | None) -> list[Any]:
-    """Step rows after stream position `after` (a DB id: by step; a Redis id: by time), below `below_step`."""
+def _metrics_after(
+    request: Request, job_id: str, after: tuple[int, int], below_step: int | None, last_step: int | None
+) -> list[Any]:
+    """Step rows after stream position `after` (a DB id, or the client's Last-Step: by step; a Redis id:
+    by time), below `below_step`."""
     query = select(JobMetric).where(JobMetric.job_id == job_id)
+    if last_step is not None and after[1] < DB_SEQ:
+        after = (after[0], DB_SEQ + last_step)
     if after[1] >= DB_SEQ:
         query = query.where(JobMetric.step > after[1] - DB_SEQ)
     else:
@@ -70,7 +76,9 @@ def _metrics_after(request: Request, job_id: str, after: tuple[int, int], below_
         return [r for r in rows if after[1] >= DB_SEQ or int(r.time * 1000) > after[0]]
 
 
-async def _lost_steps(request: Request, redis: Redis, job_id: str, last_id: str) -> list[ServerSentEvent]:
+async def _lost_steps(
+    request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
+) -> list[ServerSentEvent]:
     """The steps after `last_id` that the stream no longer holds, from the DB ([] when it holds them)."""
     key, after = keys.job_events(job_id), _id(last_id)
     head = await redis.xrange(key, count=1)
@@ -83,7 +91,7 @@ async def _lost_steps(request: Request, redis: Redis, job_id: str, last_id: str)
             break
         first_step = next((e["step"] for _i, f in batch if (e := events.decode(f)).get("type") == "step"), None)
         start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else str(batch[-1][0]))
-    rows = await run_in_threadpool(_metrics_after, request, job_id, after, first_step)
+    rows = await run_in_threadpool(_metrics_after, request, job_id, after, first_step, last_step)
     fields = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
     return [
         ServerSentEvent(
@@ -95,10 +103,12 @@ async def _lost_steps(request: Request, redis: Redis, job_id: str, last_id: str)
     ]
 
 
-async def _stream(request: Request, redis: Redis, job_id: str, last_id: str) -> AsyncIterator[ServerSentEvent]:
+async def _stream(
+    request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
+) -> AsyncIterator[ServerSentEvent]:
     key = keys.job_events(job_id)
     block_ms = request.app.state.settings.sse_block_ms
-    from_db = await _lost_steps(request, redis, job_id, last_id)
+    from_db = await _lost_steps(request, redis, job_id, last_id, last_step)
     for sse in from_db:
         yield sse
     # Steps the relay held while Redis was away reach the stream later; the DB may have sent them already.
@@ -146,6 +156,11 @@ async def job_events(
     redis: RedisDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
     after: Annotated[str | None, Query(max_length=64, description="stream id to resume after")] = None,
+    last_step: Annotated[
+        int | None,
+        Header(ge=0, le=2**31, description="the last step the client received: makes a resume exact "
+               "where Redis lost events"),
+    ] = None,
 ) -> EventSourceResponse:
     """Live events (`state`, `metric`, `log`, `checkpoint`, `end`); resume with the `Last-Event-ID` header."""
     resume = last_event_id or after or "0-0"
@@ -154,4 +169,4 @@ async def job_events(
         raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0)", loc)
     # A stream can last days: give the request's DB connection back now (the loop opens short sessions).
     await run_in_threadpool(session.close)
-    return EventSourceResponse(_stream(request, redis, job.id, resume), ping=15)
+    return EventSourceResponse(_stream(request, redis, job.id, resume, last_step), ping=15)

@@ -193,3 +193,25 @@ def test_steps_redis_lost_come_from_the_db(client, sessions, redis):
     assert [e[2].get("step") for e in fresh if e[1] == "metric"] == list(range(1, 11))
     # Nothing lost: the DB is not consulted.
     assert [e[2].get("step") for e in read_all(client, job_id, **{"Last-Event-ID": got[4][0]})] == [9, 10, None]
+
+
+def test_last_step_makes_a_resume_exact_when_redis_lost_events(client, sessions, redis):
+    """The relay publishes after the trainer writes (and holds events while Redis is away), so a step's
+    recorded time can precede the stream id of an earlier step: with Last-Step the refill is by step."""
+    from core import keys
+    from core.models import JobMetric
+
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    written = time.time() - 5  # the trainer wrote all six before the relay got them to Redis
+    ids = []
+    for i in range(1, 7):
+        ids.append(events.publish(redis, job_id, {"type": "step", "step": i, "time": written + i / 1000}, maxlen=100))
+        with sessions() as s:
+            s.add(JobMetric(job_id=job_id, attempt=1, step=i, loss=1.0, time=written + i / 1000))
+            s.commit()
+    redis.delete(keys.job_events(job_id))  # a restarted Redis lost them all
+    set_state(sessions, job_id, "succeeded")
+    got = read_all(client, job_id, **{"Last-Event-ID": ids[3], "Last-Step": "4"})
+    assert [(e[1], e[2].get("step")) for e in got] == [("metric", 5), ("metric", 6), ("end", None)]
+    [err] = only_error(client.get(f"/jobs/{job_id}/events", headers={"Last-Step": "-1"}), 422)
+    assert err["loc"] == ["header", "last-step"]

@@ -60,7 +60,8 @@ def test_fifty_concurrent_jobs_never_share_a_slot(db, monkeypatch, tmp_path):
         launch = real_build(job_id, attempt)
         label = f"{job_id}:{','.join(map(str, launch.devices))}"
         command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(launch.run_dir), "--steps", "2",
-                   "--step-s", "0.01", "--alloc-log", str(log), "--label", label]  # fmt: skip
+                   # long enough that runs overlap whatever the dispatch latency (the side-by-side check)
+                   "--step-s", "0.15", "--alloc-log", str(log), "--label", label]  # fmt: skip
         return dataclasses.replace(launch, command=command)
 
     pool = ThreadPoolExecutor(max_workers=2 * SLOTS)  # more than the slots: the DB must say no, not the pool
