@@ -4,8 +4,8 @@ Each SSE event's `id` is the Redis stream id, so `Last-Event-ID` resumes exactly
 event a client saw. Where the stream no longer holds what followed that id (Redis restarted and lost
 it, or the cap trimmed it), the missing steps come from the DB's step history first, then the stream
 goes on. A DB event's id is `<its time in ms>-<DB_SEQ + step>`: still a valid stream position, and a
-resume from it continues by step. A client that also sends `Last-Step` (the SDK and the dashboard
-do) resumes by step, exactly. Without it, rows are matched to the Redis id by time, which can miss a
+resume from it continues by step. A client that also sends `Last-Step` (the SDK
+does) resumes by step, exactly. Without it, rows are matched to the Redis id by time, which can miss a
 lost step that the trainer wrote before the client's last event reached Redis.
 
 Trainer `step` events are sent as `metric`, `start` and trainer `end` as `state`; the final `end`
