@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import LimitExceeded, TooManyRequests
 from core import keys
-from core.models import Job
+from core.models import Dataset, Job
 from core.states import JobState
 from core.users import Principal
 from trainer.spec import JobSpec
@@ -31,6 +31,9 @@ _WHERE = {
     "max_runtime_s": "TRAINBOX_MAX_RUNTIME_S",
     "max_priority": "TRAINBOX_MAX_PRIORITY",
     "submit_rate_per_minute": "TRAINBOX_SUBMIT_RATE_PER_MINUTE",
+    "max_datasets": "TRAINBOX_MAX_DATASETS_PER_USER",
+    "max_dataset_bytes": "TRAINBOX_MAX_DATASET_BYTES_PER_USER",
+    "max_tokens": "TRAINBOX_MAX_TOKENS_PER_USER",
 }
 
 
@@ -100,3 +103,38 @@ def check_submit_rate(redis: Redis | None, user: Principal) -> None:
             [],
             headers={"Retry-After": str(retry)},
         )
+
+
+def check_upload_quota(session: Session, user: Principal, *, adding: int = 0) -> int:
+    """403 if one more upload (of `adding` bytes, when known) would take the user past their count or
+    byte quota; else the bytes they may still upload."""
+    lim = user.limits
+    count, used = session.execute(
+        select(func.count(), func.coalesce(func.sum(Dataset.bytes), 0)).where(Dataset.owner == user.name)
+    ).one()
+    if count >= lim.max_datasets:
+        raise LimitExceeded(
+            f"you have {count} uploaded datasets, the most you may keep {_where('max_datasets')}; "
+            "delete one first (trainbox datasets delete ID)",
+            ["body", "file"],
+        )
+    if used + max(adding, 1) > lim.max_dataset_bytes:
+        raise upload_bytes_exceeded(user, int(used))
+    return lim.max_dataset_bytes - int(used)
+
+
+def upload_bytes_exceeded(user: Principal, used: int) -> LimitExceeded:
+    """The 403 for an upload that would take the user's uploads over their byte quota."""
+    return LimitExceeded(
+        f"this upload would take your uploads past {user.limits.max_dataset_bytes} bytes ({used} in use) "
+        f"{_where('max_dataset_bytes')}; delete some first (trainbox datasets delete ID)",
+        ["body", "file"],
+    )
+
+
+def token_limit_exceeded(user: Principal, live: int) -> LimitExceeded:
+    """The 403 for a new token over the user's cap on live tokens."""
+    return LimitExceeded(
+        f"you have {live} live tokens, the most you may hold {_where('max_tokens')}; revoke one first",
+        ["body"],
+    )

@@ -209,6 +209,9 @@ class LimitsRead(BaseModel):
     max_runtime_s: int
     max_priority: int | None
     submit_rate_per_minute: int
+    max_datasets: int = Field(description="uploaded datasets you may keep")
+    max_dataset_bytes: int = Field(description="total bytes of your uploaded datasets")
+    max_tokens: int = Field(description="live API tokens you may hold (POST /tokens)")
 
 
 class UserRead(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -195,6 +196,9 @@ class User(Base):
     max_runtime_s: Mapped[int | None] = mapped_column(Integer)
     max_priority: Mapped[int | None] = mapped_column(Integer)
     submit_rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_datasets: Mapped[int | None] = mapped_column(Integer)
+    max_dataset_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", order_by="ApiToken.created_at")

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_runtime_s: int = Field(7 * 86400, ge=1, description="cap on a spec's max_runtime_s")
     max_priority: int = Field(0, ge=-100, le=100, description="highest priority a non-admin may ask for")
     submit_rate_per_minute: int = Field(60, ge=1, description="POST /jobs per user per minute (needs Redis)")
+    max_datasets_per_user: int = Field(100, ge=1, description="uploaded datasets one user may keep")
+    max_dataset_bytes_per_user: int = Field(10 << 30, ge=1024, description="total bytes of one user's uploads")
+    max_tokens_per_user: int = Field(20, ge=1, description="live API tokens one user may hold (made through the API)")
     # Request hardening.
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (uploads excepted) -> 413")
     max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest dataset upload -> 413")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -24,16 +24,34 @@ from core.models import ApiToken, User, utcnow
 from core.settings import Settings
 
 TOKEN_PREFIX = "tbx"
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
-TOKEN_NAME = re.compile(r"^[\w .@:()-]{1,100}$")
+# Matched with fullmatch: `$` also matches before a final newline ("evil\n" would pass, 101 characters).
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,99}")
+TOKEN_NAME = re.compile(r"[\w .@:()-]{1,100}")
 _ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"
-_TOKEN = re.compile(rf"^{TOKEN_PREFIX}_([{_ID_CHARS}]{{12}})_([A-Za-z0-9_-]{{43}})$")
-LIMIT_FIELDS = ("max_gpus", "max_queued", "max_runtime_s", "max_priority", "submit_rate_per_minute")
+_TOKEN = re.compile(rf"{TOKEN_PREFIX}_([{_ID_CHARS}]{{12}})_([A-Za-z0-9_-]{{43}})")
+LIMIT_FIELDS = (
+    "max_gpus",
+    "max_queued",
+    "max_runtime_s",
+    "max_priority",
+    "submit_rate_per_minute",
+    "max_datasets",
+    "max_dataset_bytes",
+    "max_tokens",
+)
 LOCAL_ADMIN = "admin"
 
 
 class UserError(ValueError):
     """A user or token operation that cannot be done (unknown name, duplicate, bad value)."""
+
+
+class TokenLimitReached(UserError):
+    """The user already has as many live (not revoked, not expired) tokens as they may."""
+
+    def __init__(self, live: int) -> None:
+        super().__init__(f"you have {live} live tokens, the most you may have; revoke one first")
+        self.live = live
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,9 @@ class Limits:
     max_runtime_s: int
     max_priority: int | None  # None for admins: the priority ceiling is for non-admins
     submit_rate_per_minute: int
+    max_datasets: int = 0
+    max_dataset_bytes: int = 0
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,8 @@ class Principal:
     name: str
     is_admin: bool
     limits: Limits
+    # When the token of this request expires (None: never); tokens it makes may not outlive it.
+    token_expires_at: datetime | None = None
 
     def can_see(self, owner: str) -> bool:
         """Owners see their own jobs and uploads; admins see everyone's."""
@@ -72,6 +95,9 @@ def effective_limits(user: User, settings: Settings) -> Limits:
         max_priority=None if user.is_admin else pick(user.max_priority, settings.max_priority),
         submit_rate_per_minute=pick(user.submit_rate_per_minute, settings.submit_rate_per_minute)
         or settings.submit_rate_per_minute,
+        max_datasets=user.max_datasets or settings.max_datasets_per_user,
+        max_dataset_bytes=user.max_dataset_bytes or settings.max_dataset_bytes_per_user,
+        max_tokens=user.max_tokens or settings.max_tokens_per_user,
     )
 
 
@@ -84,7 +110,7 @@ def hash_secret(secret: str) -> str:
 
 def create_user(session: Session, *, name: str, is_admin: bool = False) -> User:
     """Add a user and commit; UserError if the name is taken or not a valid name."""
-    if not USER_NAME.match(name):
+    if not USER_NAME.fullmatch(name):
         raise UserError("user names are 1-100 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
     user = User(name=name, is_admin=is_admin, created_at=utcnow())
     session.add(user)
@@ -127,25 +153,58 @@ def set_limits(session: Session, *, name: str, is_admin: bool | None = None, **l
 # --- tokens --------------------------------------------------------------------------------------
 
 
+def lock_user(session: Session, name: str) -> User:
+    """The user's row, locked until the transaction ends (Postgres: FOR UPDATE; SQLite's writing
+    transactions already hold the database's write lock): per-user caps are counted under it."""
+    user = session.scalar(select(User).where(User.name == name).with_for_update())
+    if user is None:
+        raise UserError(f"no user named {name!r}")
+    return user
+
+
+def live_tokens(session: Session, user_id: int, now: datetime | None = None) -> int:
+    """How many of the user's tokens still authenticate (neither revoked nor expired)."""
+    now = now or utcnow()
+    live = (ApiToken.user_id == user_id) & ApiToken.revoked_at.is_(None)
+    live &= or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now)
+    return session.scalar(select(func.count()).select_from(ApiToken).where(live)) or 0
+
+
 def create_token(
-    session: Session, *, user_name: str, name: str = "default", expires_in: timedelta | None = None
+    session: Session,
+    *,
+    user_name: str,
+    name: str = "default",
+    expires_in: timedelta | None = None,
+    not_after: datetime | None = None,
+    max_live: int | None = None,
 ) -> tuple[ApiToken, str]:
-    """A new token for the user, committed; returns the row and the token (shown once, never stored)."""
-    if not TOKEN_NAME.match(name):
+    """A new token for the user, committed; returns the row and the token (shown once, never stored).
+
+    `not_after`: the token expires then at the latest (a token made with an expiring token may not
+    outlive it); `max_live`: TokenLimitReached if the user already has that many live tokens.
+    """
+    if not TOKEN_NAME.fullmatch(name):
         raise UserError("token names are 1-100 letters, digits, spaces or . @ : ( ) - _")
     if expires_in is not None and expires_in.total_seconds() <= 0:
         raise UserError("a token's lifetime must be positive")
-    user = get_user(session, user_name)
+    user = lock_user(session, user_name)
+    now = utcnow()
+    if max_live is not None and (live := live_tokens(session, user.id, now)) >= max_live:
+        session.rollback()
+        raise TokenLimitReached(live)
+    expires_at = now + expires_in if expires_in else None
+    if not_after is not None and (expires_at is None or expires_at > not_after):
+        expires_at = not_after
     token_id = "".join(secrets.choice(_ID_CHARS) for _ in range(12))
     secret = secrets.token_urlsafe(32)
-    now = utcnow()
     row = ApiToken(
         id=token_id,
         user_id=user.id,
         name=name,
         secret_hash=hash_secret(secret),
         created_at=now,
-        expires_at=now + expires_in if expires_in else None,
+        expires_at=expires_at,
     )
     session.add(row)
     session.commit()
@@ -181,7 +240,7 @@ def token_status(row: ApiToken, now: datetime | None = None) -> str:
 
 def authenticate(session: Session, token: str, settings: Settings) -> Principal | None:
     """The user a token belongs to, or None (malformed, unknown, wrong secret, revoked or expired)."""
-    match = _TOKEN.match(token)
+    match = _TOKEN.fullmatch(token)
     if match is None:
         return None
     token_id, secret = match.groups()
@@ -192,7 +251,13 @@ def authenticate(session: Session, token: str, settings: Settings) -> Principal 
     if not hmac.compare_digest(hash_secret(secret), row.secret_hash) or token_status(row) != "active":
         return None
     user = row.user
-    return Principal(id=user.id, name=user.name, is_admin=user.is_admin, limits=effective_limits(user, settings))
+    return Principal(
+        id=user.id,
+        name=user.name,
+        is_admin=user.is_admin,
+        limits=effective_limits(user, settings),
+        token_expires_at=row.expires_at,
+    )
 
 
 # --- the embedded stack's first admin --------------------------------------------------------------

@@ -6,10 +6,11 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import CurrentUser, SessionDep
 from api.errors import NotFound, documented
+from api.limits import token_limit_exceeded
 from core import users as service
 from core.models import ApiToken
 
@@ -20,7 +21,17 @@ class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("default", min_length=1, max_length=100, pattern=r"^[\w .@:()-]+$")
-    expires_in_days: float | None = Field(None, ge=0.001, le=3650, description="none: until revoked")
+    expires_in_days: float | None = Field(
+        None, ge=0.001, le=3650, description="none: until revoked; never later than the token making it"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _whole_name(cls, v: str) -> str:
+        # The same rule as the service, matched whole: a pattern's `$` may match before a final newline.
+        if not service.TOKEN_NAME.fullmatch(v):
+            raise ValueError("token names are 1-100 letters, digits, spaces or . @ : ( ) - _")
+        return v
 
 
 class TokenRead(BaseModel):
@@ -55,11 +66,25 @@ def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenRead]:
     return [TokenRead(**_read(t, user.name)) for t in service.list_tokens(session, user_name=user.name)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TokenCreated, responses=documented(413))
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=TokenCreated, responses=documented(403, 413)
+)
 def create_token(body: TokenCreate, session: SessionDep, user: CurrentUser) -> TokenCreated:
-    """A new token for yourself (e.g. to rotate one); its secret is in this response only."""
+    """A new token for yourself (e.g. to rotate one); its secret is in this response only.
+
+    It expires no later than the token that made it; 403 once you hold `max_tokens` live tokens."""
     expires = timedelta(days=body.expires_in_days) if body.expires_in_days else None
-    row, token = service.create_token(session, user_name=user.name, name=body.name, expires_in=expires)
+    try:
+        row, token = service.create_token(
+            session,
+            user_name=user.name,
+            name=body.name,
+            expires_in=expires,
+            not_after=user.token_expires_at,
+            max_live=user.limits.max_tokens,
+        )
+    except service.TokenLimitReached as e:
+        raise token_limit_exceeded(user, e.live) from None
     return TokenCreated(**_read(row, user.name), token=token)
 
 

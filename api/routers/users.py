@@ -28,6 +28,9 @@ class LimitsUpdate(BaseModel):
     max_runtime_s: int | None = Field(None, ge=1, le=365 * 86400)
     max_priority: int | None = Field(None, ge=-100, le=100)
     submit_rate_per_minute: int | None = Field(None, ge=1, le=100_000)
+    max_datasets: int | None = Field(None, ge=1, le=1_000_000)
+    max_dataset_bytes: int | None = Field(None, ge=1, le=1 << 50)
+    max_tokens: int | None = Field(None, ge=1, le=10_000)
 
 
 def _read(user: User, settings: SettingsDep) -> UserRead:

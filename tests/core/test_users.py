@@ -86,3 +86,26 @@ def test_local_admin_token_file_is_0600_kept_and_replaced_when_revoked(session, 
     users.revoke_token(session, token.split("_")[1])
     assert users.ensure_local_token(session, settings) is True
     assert path.read_text().strip() != token and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("name", ["evil\n", "a" * 100 + "\n", "ann\r\n"])
+def test_names_may_not_end_with_a_newline(session, name):
+    """`$` matches before a final newline: "evil\\n" passed, and 101 characters went into a 100-char column."""
+    with pytest.raises(users.UserError, match="user names are"):
+        users.create_user(session, name=name)
+    users.create_user(session, name="ann")
+    with pytest.raises(users.UserError, match="token names are"):
+        users.create_token(session, user_name="ann", name=name)
+    assert [u.name for u in users.list_users(session)] == ["ann"] and users.list_tokens(session) == []
+
+
+def test_a_cap_on_live_tokens_counts_neither_revoked_nor_expired_ones(session):
+    users.create_user(session, name="ann")
+    first, _ = users.create_token(session, user_name="ann", max_live=2)
+    users.create_token(session, user_name="ann", max_live=2)
+    with pytest.raises(users.TokenLimitReached, match="2 live tokens"):
+        users.create_token(session, user_name="ann", max_live=2)
+    users.revoke_token(session, first.id)
+    users.create_token(session, user_name="ann", max_live=2)
+    users.create_token(session, user_name="ann")  # no cap given (the admin CLI on the server)
+    assert len(users.list_tokens(session, user_name="ann")) == 4

@@ -1,0 +1,30 @@
+"""users: per-user overrides of the upload quota (count, total bytes) and of the live-token cap
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("users") as batch:
+        batch.add_column(sa.Column("max_datasets", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("max_dataset_bytes", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("max_tokens", sa.Integer(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("users") as batch:
+        batch.drop_column("max_tokens")
+        batch.drop_column("max_dataset_bytes")
+        batch.drop_column("max_datasets")
