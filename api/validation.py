@@ -31,7 +31,8 @@ def check_files(
     """
     assert settings.model_root is not None and settings.data_root is not None
     if spec.dataset.id is not None:
-        row = session.get(Dataset, spec.dataset.id)
+        # Held shared until the job is committed: DELETE /datasets/{id} (FOR UPDATE) waits for it.
+        row = session.get(Dataset, spec.dataset.id, with_for_update={"read": True})
         if row is None or row.owner != user.name:
             raise Unprocessable(f"no uploaded dataset with id {spec.dataset.id!r}", ["body", "dataset", "id"])
     try:

@@ -1,4 +1,8 @@
-"""Uploaded datasets: POST /datasets (multipart), GET /datasets (the caller's own)."""
+"""Uploaded datasets: POST /datasets (multipart), GET /datasets (the caller's own), DELETE /datasets/{id}.
+
+Uploads are private: the uploads directory is 0700 and each file 0600. Each user has a quota on how
+many uploads they keep and on their total bytes (settings, or per user: `trainbox users set`).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,21 @@ import contextlib
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile, status
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi import Path as PathParam
 from sqlalchemy import select
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.errors import PayloadTooLarge, Unprocessable, documented
+from api.errors import ERROR_SCHEMA, ApiError, NotFound, PayloadTooLarge, Unprocessable, documented
+from api.limits import check_upload_quota, upload_bytes_exceeded
 from api.schemas import DatasetPage, DatasetRead
+from core.datasets import DatasetInUse, delete_dataset
 from core.models import Dataset, new_job_id, utcnow
+from core.users import lock_user
 from trainer.paths import UPLOADS_DIR, SpecError, inspect_dataset, uploaded_dataset_path
 from trainer.spec import DatasetRef
 
@@ -23,6 +32,20 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 COPY_CHUNK = 1 << 20
+DatasetId = Annotated[str, PathParam(min_length=1, max_length=32, pattern=r"^[0-9a-z]+$")]
+
+
+class Conflict(ApiError):
+    status_code = 409
+    type = "conflict"
+
+
+IN_USE: dict[int | str, dict[str, Any]] = {
+    409: {
+        "description": "an unfinished job (queued, starting, running, cancelling) trains on it",
+        "content": {"application/json": {"schema": ERROR_SCHEMA}},
+    }
+}
 
 
 def new_dataset_id() -> str:
@@ -36,21 +59,30 @@ def clean_filename(name: str | None) -> str:
     return base[:200] or "upload"
 
 
-def _copy_capped(src: BinaryIO, dst: Path, limit: int) -> tuple[int, str]:
+def _private_dir(path: Path) -> Path:
+    """The directory, made (or narrowed to) 0700: only the service's user reads uploads."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _copy_capped(src: BinaryIO, dst: Path, limit: int, too_big: Callable[[], ApiError]) -> tuple[int, str]:
+    """Copy into a new 0600 file, stopping with `too_big()` past `limit` bytes; (size, sha256)."""
     digest = hashlib.sha256()
     size = 0
-    with dst.open("xb") as out:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+    with os.fdopen(fd, "wb") as out:
         while chunk := src.read(COPY_CHUNK):
             size += len(chunk)
             if size > limit:
-                msg = f"dataset is larger than {limit} bytes (TRAINBOX_MAX_UPLOAD_BYTES)"
-                raise PayloadTooLarge(msg, ["body", "file"])
+                raise too_big()
             digest.update(chunk)
             out.write(chunk)
     return size, digest.hexdigest()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead, responses=documented(413))
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead, responses=documented(403, 413))
 def upload_dataset(
     file: Annotated[UploadFile, File(description="JSONL (one object per line with the text field) or UTF-8 text")],
     session: SessionDep,
@@ -59,15 +91,25 @@ def upload_dataset(
     text_field: Annotated[str, Form(min_length=1, max_length=100, pattern=r"^[^\x00]+$")] = "text",
     format: Annotated[Literal["auto", "jsonl", "text"], Form()] = "auto",  # noqa: A002 - the field's name
 ) -> DatasetRead:
-    """Upload a training file; every line is checked. Name the returned id in a spec: `{"id": ...}`."""
+    """Upload a training file; every line is checked. Name the returned id in a spec: `{"id": ...}`.
+
+    403 when it would take you past your quota of uploads (count or total bytes)."""
     assert settings.data_root is not None
-    uploads = settings.data_root.resolve() / UPLOADS_DIR
-    uploads.mkdir(parents=True, exist_ok=True)
+    allowance = check_upload_quota(session, user)
+    session.commit()  # end the read: on SQLite it would hold the write lock through the copy
+    uploads = _private_dir(settings.data_root.resolve() / UPLOADS_DIR)
     dataset_id = new_dataset_id()
     part = uploads / f".{dataset_id}.part"
     final = uploaded_dataset_path(settings.data_root.resolve(), dataset_id)
+    per_file = settings.max_upload_bytes
+
+    def too_big() -> ApiError:
+        if allowance < per_file:
+            return upload_bytes_exceeded(user, user.limits.max_dataset_bytes - allowance)
+        return PayloadTooLarge(f"dataset is larger than {per_file} bytes (TRAINBOX_MAX_UPLOAD_BYTES)", ["body", "file"])
+
     try:
-        size, sha = _copy_capped(file.file, part, settings.max_upload_bytes)
+        size, sha = _copy_capped(file.file, part, min(per_file, allowance), too_big)
         ref = DatasetRef(id=dataset_id, text_field=text_field, format=format)
         try:
             info = inspect_dataset(part, ref)
@@ -75,6 +117,9 @@ def upload_dataset(
             field = "text_field" if e.field.endswith("text_field") else "file"
             raise Unprocessable(f"upload refused: {e}", ["body", field]) from None
         os.replace(part, final)
+        # Counted again under the user's lock: concurrent uploads cannot pass the quota together.
+        lock_user(session, user.name)
+        check_upload_quota(session, user, adding=size)
         row = Dataset(
             id=dataset_id,
             owner=user.name,
@@ -102,3 +147,17 @@ def list_datasets(session: SessionDep, user: CurrentUser) -> DatasetPage:
     """Your uploaded datasets, newest first."""
     rows = session.scalars(select(Dataset).where(Dataset.owner == user.name).order_by(Dataset.created_at.desc()))
     return DatasetPage(data=[DatasetRead.model_validate(r, from_attributes=True) for r in rows])
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={**documented(404), **IN_USE})
+def remove_dataset(dataset_id: DatasetId, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> Response:
+    """Delete one of your uploads (admins: anyone's), its file too; 409 while an unfinished job uses it."""
+    assert settings.data_root is not None
+    row = session.get(Dataset, dataset_id, with_for_update=True)
+    if row is None or not user.can_see(row.owner):
+        raise NotFound(f"no uploaded dataset with id {dataset_id!r}", ["path", "dataset_id"])
+    try:
+        delete_dataset(session, row=row, data_root=settings.data_root.resolve())
+    except DatasetInUse as e:
+        raise Conflict(str(e), ["path", "dataset_id"]) from None
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -118,3 +118,83 @@ def test_an_upload_cannot_be_reached_by_path(client, sessions, settings, tmp_pat
         link.unlink()
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def _mode(path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_uploads_are_private_to_the_service_user(client, settings):
+    """The uploads directory is 0700 and each upload 0600, whatever the umask (others on the box
+    cannot read someone's training data)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        ds = upload(client, JSONL, make_user(client, "ann")).json()
+    finally:
+        os.umask(old)
+    assert _mode(settings.data_root / "uploads") == 0o700
+    assert _mode(uploaded_dataset_path(settings.data_root, ds["id"])) == 0o600
+
+
+def test_upload_count_quota_per_user(client, sessions, settings):
+    ann, bob = make_user(client, "ann"), make_user(client, "bob")
+    assert client.patch("/users/ann", json={"max_datasets": 2}).status_code == 200
+    first = upload(client, JSONL, ann).json()
+    upload(client, JSONL, ann)
+    [err] = only_error(upload(client, JSONL, ann), 403)
+    assert err["type"] == "limit_exceeded" and "you have 2 uploaded datasets" in err["msg"], err
+    assert "TRAINBOX_MAX_DATASETS_PER_USER" in err["msg"] and "--max-datasets" in err["msg"]
+    assert stored(sessions, settings)[0] == 2
+    assert upload(client, JSONL, bob).status_code == 201, "per user"
+    assert client.delete(f"/datasets/{first['id']}", headers=ann).status_code == 204
+    assert upload(client, JSONL, ann).status_code == 201, "deleting one makes room"
+
+
+def test_upload_bytes_quota_per_user(client, sessions, settings):
+    ann = make_user(client, "ann")
+    assert client.patch("/users/ann", json={"max_dataset_bytes": 2 * len(JSONL) + 10}).status_code == 200
+    assert client.get("/users/me", headers=ann).json()["limits"]["max_dataset_bytes"] == 2 * len(JSONL) + 10
+    upload(client, JSONL, ann)
+    upload(client, JSONL, ann)
+    [err] = only_error(upload(client, JSONL, ann), 403)
+    assert err["type"] == "limit_exceeded" and f"{2 * len(JSONL)} in use" in err["msg"], err
+    assert "TRAINBOX_MAX_DATASET_BYTES_PER_USER" in err["msg"]
+    assert upload(client, b"tiny\n", ann).status_code == 201, "what still fits is accepted"
+    assert stored(sessions, settings)[0] == 3 and len(stored(sessions, settings)[1]) == 3, "no part file left"
+
+
+def test_delete_an_upload(client, sessions, settings):
+    ann, bob = make_user(client, "ann"), make_user(client, "bob")
+    ds = upload(client, JSONL, ann).json()
+    path = uploaded_dataset_path(settings.data_root, ds["id"])
+    [err] = only_error(client.delete(f"/datasets/{ds['id']}", headers=bob), 404)
+    assert err["msg"] == f"no uploaded dataset with id {ds['id']!r}" and path.is_file()
+    assert client.delete(f"/datasets/{ds['id']}", headers=ann).status_code == 204
+    assert not path.exists() and stored(sessions, settings) == (0, [])
+    assert client.get("/datasets", headers=ann).json()["data"] == []
+    only_error(client.delete(f"/datasets/{ds['id']}", headers=ann), 404)
+    only_error(client.delete("/datasets/d000", headers=ann), 404)
+    only_error(client.delete("/datasets/..%2Fcorpus", headers=ann), 404)
+    only_error(client.delete("/datasets/D-1.x", headers=ann), 422)
+
+
+@pytest.mark.parametrize("state", ["queued", "starting", "running", "cancelling"])
+def test_an_upload_in_use_by_an_unfinished_job_is_409(client, sessions, settings, state):
+    ann = make_user(client, "ann")
+    ds = upload(client, JSONL, ann).json()
+    job = client.post("/jobs", json=spec(dataset={"id": ds["id"]}), headers=ann).json()
+    with sessions() as s:
+        s.get(Job, job["id"]).state = state
+        s.commit()
+    [err] = only_error(client.delete(f"/datasets/{ds['id']}", headers=ann), 409)
+    assert err["type"] == "conflict" and job["id"] in err["msg"] and state in err["msg"], err
+    assert uploaded_dataset_path(settings.data_root, ds["id"]).is_file()
+    with sessions() as s:
+        s.get(Job, job["id"]).state = "failed"
+        s.commit()
+    assert client.delete(f"/datasets/{ds['id']}", headers=ann).status_code == 204
+    assert client.get(f"/jobs/{job['id']}", headers=ann).json()["spec"]["dataset"]["id"] == ds["id"], "history kept"
