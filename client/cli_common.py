@@ -1,4 +1,9 @@
-"""What the CLI's command modules share: the console, the API client, reading spec files."""
+"""What the CLI's command modules share: the console, the API client, reading spec files.
+
+Text from the server (names, errors, log lines, paths) is printed literally: escaped with `escape()`
+inside markup, or printed with markup off. Rich would otherwise read `[bold]` as a style and stop
+with a MarkupError at `[/]`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from client.sdk import Client, TrainboxError
 
@@ -36,17 +42,27 @@ def make_client() -> Client:
     return Client(options["url"], options["token"] or local_token())
 
 
+def text(value: object) -> str:
+    """Server-provided text made safe to put inside rich markup (or a table cell): shown as is."""
+    return escape("" if value is None else str(value))
+
+
+def print_error(message: object) -> None:
+    """`error: <message>` on stderr, the message printed literally."""
+    err_console.print(f"[red]error:[/] {text(message)}")
+
+
 @contextmanager
 def api_errors() -> Iterator[None]:
     """Turn API and connection errors into a one-line message and exit code 1."""
     try:
         yield
     except TrainboxError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         raise typer.Exit(1) from None
     except OSError as exc:
         url = options["url"] or "the API"
-        err_console.print(f"[red]error:[/] cannot reach {url}: {exc} (is `trainbox up` running?)")
+        print_error(f"cannot reach {url}: {exc} (is `trainbox up` running?)")
         raise typer.Exit(1) from None
 
 
@@ -56,9 +72,9 @@ def load_spec(path: Path) -> dict[str, Any]:
     try:
         spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        err_console.print(f"[red]error:[/] {path} is not valid YAML or JSON: {exc}")
+        print_error(f"{path} is not valid YAML or JSON: {exc}")
         raise typer.Exit(2) from None
     if not isinstance(spec, dict):
-        err_console.print(f"[red]error:[/] {path} must hold one JobSpec object")
+        print_error(f"{path} must hold one JobSpec object")
         raise typer.Exit(2)
     return spec

@@ -1,4 +1,4 @@
-"""Commands for the caller's own things: `datasets upload/list`, `queue`, `whoami`."""
+"""Commands for the caller's own things: `datasets upload/list/delete`, `queue`, `whoami`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, make_client
+from client.cli_common import api_errors, console, make_client, text
 
-datasets_app = typer.Typer(help="Upload training files and list yours.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload training files, list and delete yours.", no_args_is_help=True)
 
 
 @datasets_app.command("upload")
@@ -21,8 +21,8 @@ def upload(
     """Upload a dataset; prints the id to name in a spec: dataset: {id: <id>}."""
     with api_errors():
         ds = make_client().upload_dataset(file, text_field=text_field)
-    console.print(f"uploaded [bold]{ds['id']}[/] ({ds['format']}, {ds['records']} records, {ds['bytes']} bytes); "
-                  f"in a spec: dataset: {{id: {ds['id']}}}")  # fmt: skip
+    console.print(f"uploaded [bold]{text(ds['id'])}[/] ({text(ds['format'])}, {ds['records']} records, "
+                  f"{ds['bytes']} bytes); in a spec: dataset: {{id: {text(ds['id'])}}}")  # fmt: skip
 
 
 @datasets_app.command("list")
@@ -35,9 +35,17 @@ def list_datasets(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     table = Table("id", "file", "format", "records", "bytes", "uploaded")
     for d in body["data"]:
-        table.add_row(d["id"], d["filename"], d["format"], str(d["records"]), str(d["bytes"]),
-                      str(d["created_at"])[:19].replace("T", " "))  # fmt: skip
+        table.add_row(text(d["id"]), text(d["filename"]), text(d["format"]), text(d["records"]), text(d["bytes"]),
+                      text(str(d["created_at"])[:19].replace("T", " ")))  # fmt: skip
     console.print(table)
+
+
+@datasets_app.command("delete")
+def delete_dataset(dataset_id: str = typer.Argument(..., help="the id `datasets list` shows")) -> None:
+    """Delete one of your uploads (refused while an unfinished job trains on it)."""
+    with api_errors():
+        make_client().delete_dataset(dataset_id)
+    console.print(f"deleted {text(dataset_id)}")
 
 
 def queue(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -49,8 +57,8 @@ def queue(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     table = Table("#", "name", "owner", "state", "gpus", "prio", "id")
     for j in body["data"]:
-        table.add_row(str(j["queue_position"] or ""), j["name"], j["owner"], j["state"], str(j["gpus"]),
-                      str(j["priority"]), j["id"] or "")  # fmt: skip
+        table.add_row(text(j["queue_position"] or ""), text(j["name"]), text(j["owner"]), text(j["state"]),
+                      text(j["gpus"]), text(j["priority"]), text(j["id"]))  # fmt: skip
     console.print(table)
 
 
@@ -58,13 +66,13 @@ def whoami() -> None:
     """The user of the token in use, and the limits in force for them."""
     with api_errors():
         me = make_client().me()
-    console.print(f"[bold]{me['name']}[/]{' (admin)' if me['is_admin'] else ''}")
+    console.print(f"[bold]{text(me['name'])}[/]{' (admin)' if me['is_admin'] else ''}")
     for key, value in me["limits"].items():
-        console.print(f"  {key:<24} {'no cap' if value is None else value}")
+        console.print(f"  {key:<24} {'no cap' if value is None else value}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    """Add `datasets`, `queue` and `whoami` to the CLI."""
+    """Add `datasets` (upload, list, delete), `queue` and `whoami` to the CLI."""
     app.add_typer(datasets_app, name="datasets")
     app.command()(queue)
     app.command()(whoami)

@@ -1,4 +1,8 @@
-"""Job commands: submit, list, status, follow, logs, cancel, gpus."""
+"""Job commands: submit, list, status, follow, logs, cancel, gpus.
+
+Every string from the server goes through `text()` (or is printed with markup off): names, errors
+and log lines are shown as they are, never read as rich markup.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, load_spec, make_client
+from client.cli_common import api_errors, console, load_spec, make_client, text
 from client.follow import follow, summary
 from client.sdk import TERMINAL_STATES
 
@@ -38,7 +42,7 @@ def submit(
         job = client.submit(spec, idempotency_key=idempotency_key)
         position = job.get("queue_position")
         where = f", queue position {position}" if position is not None else ""
-        console.print(f"submitted [bold]{job['id']}[/] ({job.get('name')}): {job['state']}{where}")
+        console.print(f"submitted [bold]{text(job['id'])}[/] ({text(job.get('name'))}): {text(job['state'])}{where}")
         if follow_:
             _follow_to_end(job["id"])
 
@@ -46,12 +50,13 @@ def submit(
 def list_jobs(
     state: str = typer.Option(None, "--state", help="only jobs in this state"),
     owner: str = typer.Option(None, "--owner", help="only this user's jobs"),
-    limit: int = typer.Option(20, "--limit", "-n"),
+    limit: int = typer.Option(20, "--limit", "-n", min=1),
+    cursor: str = typer.Option(None, "--cursor", help="the next page: the cursor the previous page printed"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (a page at a time: --limit, then --cursor)."""
     with api_errors():
-        page = make_client().list(state=state, owner=owner, limit=limit)
+        page = make_client().list(state=state, owner=owner, limit=limit, cursor=cursor)
     if as_json:
         console.print_json(json.dumps(page))
         return
@@ -59,13 +64,13 @@ def list_jobs(
     for job in page["data"]:
         loss = (job.get("latest") or {}).get("loss")
         table.add_row(
-            str(job["id"]), job.get("name") or "", str(job.get("owner") or ""), job["state"],
-            ",".join(str(g) for g in job.get("gpu_ids") or []) or str(job.get("gpus") or ""),
-            _progress(job), f"{loss:.4f}" if isinstance(loss, int | float) else "", _age(job),
+            text(job["id"]), text(job.get("name")), text(job.get("owner")), text(job["state"]),
+            text(",".join(str(g) for g in job.get("gpu_ids") or []) or str(job.get("gpus") or "")),
+            text(_progress(job)), f"{loss:.4f}" if isinstance(loss, int | float) else "", text(_age(job)),
         )  # fmt: skip
     console.print(table)
     if page.get("next_cursor"):
-        console.print(f"[dim]more: --cursor {page['next_cursor']}[/]")
+        console.print(f"[dim]more: --cursor {text(page['next_cursor'])}[/]")
 
 
 def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
@@ -82,10 +87,11 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         console.print(
             f"  progress {_progress(job) or '-'}"
             + (f", ETA {eta:.0f}s" if isinstance(eta, int | float) else "")
-            + (f", queue position {job['queue_position']}" if job.get("queue_position") is not None else "")
+            + (f", queue position {job['queue_position']}" if job.get("queue_position") is not None else ""),
+            markup=False,
         )
     if job.get("gpu_ids"):
-        console.print(f"  gpus {job['gpu_ids']}, attempt {job.get('attempt')}")
+        console.print(f"  gpus {job['gpu_ids']}, attempt {job.get('attempt')}", markup=False)
     error = job.get("error") or {}
     if error.get("log_tail"):
         console.print("  [dim]log tail:[/]")
@@ -116,7 +122,7 @@ def cancel(job_id: str) -> None:
     """Cancel a job (queued: at once; running: after it stops)."""
     with api_errors():
         job = make_client().cancel(job_id)
-    console.print(f"job {job_id}: {job.get('state', 'cancel requested')}")
+    console.print(f"job {job_id}: {job.get('state', 'cancel requested')}", markup=False, highlight=False)
 
 
 def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -131,14 +137,14 @@ def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
         for gpu in box.get("gpus", []):
             mem, job = gpu.get("memory_mb"), gpu.get("job") or {}
             table.add_row(
-                str(box.get("name")), str(gpu.get("index")), str(gpu.get("name") or ""),
+                text(box.get("name")), text(gpu.get("index")), text(gpu.get("name")),
                 f"{mem / 1024:.0f} GiB" if isinstance(mem, int | float) and mem else "",
-                str(job.get("id") or job.get("name") or "free"),  # others' jobs show by name only
-                str(job.get("owner") or ""), str(job.get("state") or ""),
+                text(job.get("id") or job.get("name") or "free"),  # others' jobs show by name only
+                text(job.get("owner")), text(job.get("state")),
             )  # fmt: skip
     console.print(table)
     if "total" in body:
-        console.print(f"{body.get('in_use', 0)} of {body['total']} in use")
+        console.print(f"{body.get('in_use', 0)} of {body['total']} in use", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from client.cli_common import load_spec
 from client.follow import FollowView
@@ -33,7 +34,7 @@ def train(
     try:
         spec = JobSpec.model_validate(load_spec(spec_file))
     except ValidationError as e:
-        console.print(f"[red]invalid spec:[/] {describe_errors(e)}")
+        console.print(f"[red]invalid spec:[/] {escape(describe_errors(e))}")
         raise typer.Exit(2) from None
     run_dir = run_dir or Path("runs") / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,11 +74,13 @@ def train(
     code = proc.wait()
     status = (end or {}).get("status", "failed")
     colour = {"succeeded": "green", "preempted": "yellow"}.get(status, "red")
-    console.print(f"[bold {colour}]{status}[/] (run dir {run_dir}, log {run_dir / 'train.log'})")
+    console.print(
+        f"[bold {colour}]{escape(str(status))}[/] " + escape(f"(run dir {run_dir}, log {run_dir / 'train.log'})")
+    )
     if end and end.get("error"):
-        console.print(f"[red]{end['error']['type']}[/]: {end['error']['message']}")
+        console.print(f"[red]{escape(str(end['error']['type']))}[/]: {escape(str(end['error']['message']))}")
     if code == EXIT_PREEMPTED:
-        console.print(f"resume with: trainbox train {spec_file} --run-dir {run_dir}")
+        console.print(f"resume with: trainbox train {spec_file} --run-dir {run_dir}", markup=False)
     raise typer.Exit(code)
 
 

@@ -12,9 +12,10 @@ from datetime import timedelta
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from client.cli_common import console, err_console
+from client.cli_common import console, err_console, print_error
 
 users_app = typer.Typer(help="Manage users and their limits (on the server; acts on the database).",
                         no_args_is_help=True)  # fmt: skip
@@ -32,7 +33,7 @@ def database() -> Iterator[Any]:
     try:
         settings = get_settings()
     except SettingsError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     if settings.is_sqlite:
         upgrade(settings.database_url)  # the embedded default: nothing else would create the schema
@@ -42,7 +43,7 @@ def database() -> Iterator[Any]:
         with session_scope() as session:
             yield session
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         raise typer.Exit(1) from None
 
 
@@ -75,8 +76,8 @@ def users_add(
 
     with database() as session:
         user = create_user(session, name=name, is_admin=admin)
-        console.print(f"added {'admin' if user.is_admin else 'user'} [bold]{user.name}[/]; "
-                      f"give them a token: trainbox tokens create {user.name}")  # fmt: skip
+        console.print(f"added {'admin' if user.is_admin else 'user'} [bold]{escape(user.name)}[/]; "
+                      f"give them a token: trainbox tokens create {escape(user.name)}")  # fmt: skip
 
 
 @users_app.command("list")
@@ -85,10 +86,12 @@ def users_list() -> None:
     from core.users import list_users
 
     with database() as session:
-        table = Table("name", "admin", "max gpus", "max queued", "max runtime s", "max priority", "submits/min")
+        table = Table("name", "admin", "max gpus", "max queued", "max runtime s", "max priority", "submits/min",
+                      "datasets", "dataset bytes", "tokens")  # fmt: skip
         for u in list_users(session):
-            limits = (u.max_gpus, u.max_queued, u.max_runtime_s, u.max_priority, u.submit_rate_per_minute)
-            table.add_row(u.name, "yes" if u.is_admin else "", *(_limit(v) for v in limits))
+            limits = (u.max_gpus, u.max_queued, u.max_runtime_s, u.max_priority, u.submit_rate_per_minute,
+                      u.max_datasets, u.max_dataset_bytes, u.max_tokens)  # fmt: skip
+            table.add_row(escape(u.name), "yes" if u.is_admin else "", *(_limit(v) for v in limits))
         console.print(table)
 
 
@@ -100,6 +103,9 @@ def users_set(
     max_runtime_s: int = typer.Option(None, "--max-runtime-s", help="cap on a job's max_runtime_s"),
     max_priority: int = typer.Option(None, "--max-priority", help="highest priority (non-admins)"),
     submit_rate: int = typer.Option(None, "--submit-rate-per-minute", help="POST /jobs per minute"),
+    max_datasets: int = typer.Option(None, "--max-datasets", help="uploaded datasets they may keep"),
+    max_dataset_bytes: int = typer.Option(None, "--max-dataset-bytes", help="total bytes of their uploads"),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="live tokens they may hold (made through the API)"),
     reset: list[str] = typer.Option([], "--reset", help="limit to put back to the server's setting (repeat)"),
     admin: bool = typer.Option(None, "--admin/--no-admin", help="make or unmake an admin"),
 ) -> None:
@@ -107,21 +113,23 @@ def users_set(
     from core.users import LIMIT_FIELDS, UserError, set_limits
 
     given = {"max_gpus": max_gpus, "max_queued": max_queued, "max_runtime_s": max_runtime_s,
-             "max_priority": max_priority, "submit_rate_per_minute": submit_rate}  # fmt: skip
+             "max_priority": max_priority, "submit_rate_per_minute": submit_rate, "max_datasets": max_datasets,
+             "max_dataset_bytes": max_dataset_bytes, "max_tokens": max_tokens}  # fmt: skip
     changes: dict[str, int | None] = {k: v for k, v in given.items() if v is not None}
     for field in reset:
         field = field.replace("-", "_")
         if field not in LIMIT_FIELDS:
-            err_console.print(f"[red]error:[/] unknown limit {field!r}; limits: {', '.join(LIMIT_FIELDS)}")
+            print_error(f"unknown limit {field!r}; limits: {', '.join(LIMIT_FIELDS)}")
             raise typer.Exit(2)
         changes[field] = None
     with database() as session:
         try:
             user = set_limits(session, name=name, is_admin=admin, **changes)
         except UserError as exc:
-            err_console.print(f"[red]error:[/] {exc}")
+            print_error(exc)
             raise typer.Exit(1) from None
-        console.print(f"{user.name}: " + ", ".join(f"{f}={_limit(getattr(user, f))}" for f in LIMIT_FIELDS))
+        console.print(f"{user.name}: " + ", ".join(f"{f}={_limit(getattr(user, f))}" for f in LIMIT_FIELDS),
+                      markup=False, highlight=False)  # fmt: skip
 
 
 @tokens_app.command("create")
@@ -137,7 +145,7 @@ def tokens_create(
     with database() as session:
         row, token = create_token(session, user_name=user, name=name, expires_in=expires)
         until = f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else ""
-        err_console.print(f"token {row.id} for {user}{until}; shown once, store it now:")
+        err_console.print(f"token {row.id} for {user}{until}; shown once, store it now:", markup=False)
     print(token)  # alone on stdout, so `TOKEN=$(trainbox tokens create NAME)` works
 
 
@@ -149,7 +157,7 @@ def tokens_list(user: str = typer.Option(None, "--user", help="only this user's 
     with database() as session:
         table = Table("id", "user", "name", "state", "created", "expires")
         for t in list_tokens(session, user_name=user):
-            table.add_row(t.id, t.user.name, t.name, token_status(t), f"{t.created_at:%Y-%m-%d %H:%M}",
+            table.add_row(t.id, escape(t.user.name), escape(t.name), token_status(t), f"{t.created_at:%Y-%m-%d %H:%M}",
                           f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "never")  # fmt: skip
         console.print(table)
 
@@ -161,7 +169,7 @@ def tokens_revoke(token_id: str = typer.Argument(..., help="the token's id (trai
 
     with database() as session:
         row = revoke_token(session, token_id)
-        console.print(f"revoked token {row.id} ({row.name})")
+        console.print(f"revoked token {row.id} ({row.name})", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

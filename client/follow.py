@@ -1,10 +1,15 @@
-"""Follow a job live: a rich progress bar with loss, throughput and ETA, fed by the SSE stream."""
+"""Follow a job live: a rich progress bar with loss, throughput and ETA, fed by the SSE stream.
+
+Names, states, errors, paths and log lines come from the server: they are escaped (or printed with
+markup off), so a `[/]` in them is shown, not read as rich markup.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,7 +35,7 @@ class FollowView:
     def __init__(self, console: Console, job: dict[str, Any], show_logs: bool = False) -> None:
         self.console = console
         self.show_logs = show_logs
-        self.state = job.get("state", "?")
+        self.state = str(job.get("state", "?"))
         self.last_step: dict[str, Any] | None = None
         self.first_loss: float | None = None
         self.end: dict[str, Any] | None = None
@@ -50,7 +55,7 @@ class FollowView:
             transient=False,
         )
         self.task: TaskID = self.progress.add_task(
-            job.get("name") or job["id"], total=total, loss="-", tps="-", state=self.state
+            escape(str(job.get("name") or job["id"])), total=total, loss="-", tps="-", state=escape(self.state)
         )
 
     def __enter__(self) -> FollowView:
@@ -78,15 +83,16 @@ class FollowView:
                 tps=_fmt_rate(data.get("tokens_per_s")),
             )
         elif event_type == "state":
-            self.state = data.get("state", self.state)
-            self.progress.update(self.task, state=self.state)
+            self.state = str(data.get("state", self.state))
+            self.progress.update(self.task, state=escape(self.state))
         elif event_type == "end":
             self.end = data
         elif event_type == "checkpoint":
-            self.progress.console.print(f"[dim]checkpoint at step {data.get('step')}: {data.get('path')}[/]")
+            where = escape(f"{data.get('step')}: {data.get('path')}")
+            self.progress.console.print(f"[dim]checkpoint at step {where}[/]")
         elif event_type == "log" and self.show_logs:
             for line in data.get("lines", []):
-                self.progress.console.print(line, markup=False, highlight=False)
+                self.progress.console.print(str(line), markup=False, highlight=False)
 
 
 def follow(
@@ -104,13 +110,14 @@ def follow(
 
 
 def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
-    """A few lines saying how a job ended (with the loss it started from, when known)."""
-    state = job["state"]
+    """A few lines of rich markup saying how a job ended (with the loss it started from, when known);
+    the server's text in it is escaped."""
+    state = str(job["state"])
     colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
-    lines = [f"job {job['id']} [bold {colour}]{state}[/]"]
+    lines = [f"job {escape(str(job['id']))} [bold {colour}]{escape(state)}[/]"]
     latest = job.get("latest") or {}
     if latest:
-        parts = [f"step {latest.get('step')}"]
+        parts = [escape(f"step {latest.get('step')}")]
         if isinstance(latest.get("loss"), int | float):
             start = f"{first_loss:.4f} -> " if first_loss is not None else ""
             parts.append(f"loss {start}{latest['loss']:.4f}")
@@ -121,10 +128,11 @@ def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
         lines.append("  " + ", ".join(parts))
     error = job.get("error")
     if error:
-        lines.append(f"  error [red]{error.get('type')}[/]: {error.get('message')}")
+        lines.append(f"  error [red]{escape(str(error.get('type')))}[/]: {escape(str(error.get('message')))}")
     artifacts = job.get("artifacts") or {}
     if artifacts.get("model"):
-        lines.append(f"  model: {len(artifacts['model'])} files (GET /jobs/{job['id']}/artifacts to download)")
+        where = escape(f"GET /jobs/{job['id']}/artifacts")
+        lines.append(f"  model: {len(artifacts['model'])} files ({where} to download)")
     if artifacts.get("checkpoints"):
-        lines.append(f"  checkpoints: {', '.join(c['name'] for c in artifacts['checkpoints'])}")
+        lines.append(f"  checkpoints: {escape(', '.join(str(c['name']) for c in artifacts['checkpoints']))}")
     return "\n".join(lines)

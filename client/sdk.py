@@ -184,6 +184,10 @@ class Client:
         """Your uploaded datasets."""
         return self._call("GET", "/datasets")
 
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete one of your uploads and its file (409 while an unfinished job trains on it)."""
+        self._call("DELETE", f"/datasets/{dataset_id}")
+
     def events(
         self,
         job_id: str,

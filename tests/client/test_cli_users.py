@@ -49,6 +49,11 @@ def test_users_and_tokens_on_the_database(data_dir):
     assert token_id in listed and "laptop" in listed and "active" in listed and secret not in listed
     assert "max_gpus=2" in tb("users", "set", "ann", "--max-gpus", "2", "--max-priority", "3").stdout
     assert "max_gpus=-" in tb("users", "set", "ann", "--reset", "max-gpus").stdout
+    quota = tb("users", "set", "ann", "--max-datasets", "3", "--max-dataset-bytes", "1000000", "--max-tokens", "4")
+    assert "max_datasets=3" in quota.stdout and "max_dataset_bytes=1000000" in quota.stdout
+    assert "max_tokens=4" in quota.stdout
+    unknown = tb("users", "set", "[/]x", "--max-gpus", "1", ok=False)  # printed as is, not read as markup
+    assert unknown.exit_code == 1 and "no user named '[/]x'" in unknown.stderr
     assert tb("users", "set", "ann", "--reset", "nonsense", ok=False).exit_code == 2
     table = tb("users", "list").stdout
     assert "ann" in table and "root" in table and "yes" in table
