@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 import typer
+from rich.markup import escape
 
 from client.cli_common import api_errors, console, err_console, options
 from client.follow import FollowView, summary
 from client.sdk import Client
-from client.stack import Stack, StackError
+from client.stack import STACK_FILE, Stack, StackError
 
-STACK_FILE = "stack.json"
 DEMO_DATASET = "demo/corpus.jsonl"
 
 
@@ -37,16 +37,14 @@ def _raise_terminated(*_: object) -> None:
 
 @contextlib.contextmanager
 def running_stack(stack: Stack) -> Iterator[Stack]:
-    """Start the stack, record it in the data dir, and stop everything on exit, Ctrl-C or SIGTERM."""
+    """Start the stack (it records itself in the data dir), and stop everything on exit, Ctrl-C or SIGTERM."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    stack.on_event = lambda line: console.print(f"  {escape(line)}")
     try:
-        stack.start(on_step=lambda line: console.print(f"  {line}"))
-        (stack.data_dir / STACK_FILE).write_text(json.dumps({"url": stack.url, "pid": os.getpid()}))
+        stack.start(on_step=stack.on_event)
         yield stack
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the shutdown
-        with contextlib.suppress(FileNotFoundError):
-            (stack.data_dir / STACK_FILE).unlink()
         console.print("stopping: ", end="")
         stack.stop()
         console.print("all stopped")
@@ -65,12 +63,12 @@ def up(
     console.print(f"[bold]trainbox[/] starting in {stack.data_dir.expanduser().resolve()}")
     try:
         with running_stack(stack):
-            console.print(f"[green]ready[/]: {stack.url}   (Ctrl-C stops everything)")
+            console.print(f"[green]ready[/]: dashboard and API at {stack.url}/   (Ctrl-C stops everything)")
             stack.wait()
     except (KeyboardInterrupt, _Terminated):
         pass
     except StackError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 

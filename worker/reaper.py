@@ -8,10 +8,13 @@ cannot renew its lease stops its own run (see runner.Tick) before the grace the 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from datetime import timedelta
 from typing import Any
 
+import psutil
 from sqlalchemy import select, update
 
 from core import keys
@@ -24,29 +27,58 @@ from worker.relay import stream_fields
 
 log = logging.getLogger(__name__)
 
+_ACTIVE = [JobState.RUNNING.value, JobState.CANCELLING.value]
+
 
 def reap_expired(redis: Any | None = None) -> list[tuple[str, str]]:
     """End or requeue every job whose lease expired more than the stop grace ago; [(job id, new state)]."""
     settings = get_settings()
     grace = settings.cancel_grace_s + settings.heartbeat_s
     cutoff = utcnow() - timedelta(seconds=grace)
-    active = [JobState.RUNNING.value, JobState.CANCELLING.value]
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.attempt, Job.state, Job.max_attempts).where(
-                Job.state.in_(active), Job.lease_expires_at.is_not(None), Job.lease_expires_at < cutoff
+                Job.state.in_(_ACTIVE), Job.lease_expires_at.is_not(None), Job.lease_expires_at < cutoff
             )
         ).all()
+    return _reap(expired, "lease expired", redis)
+
+
+def reap_orphans(box: str, redis: Any | None = None) -> list[tuple[str, str]]:
+    """At worker start: reclaim at once the jobs of this box whose lease holder was a worker process on
+    this host that is gone (killed, OOM-killed, crashed). Its ranks died with it (fate sharing), so
+    there is no need to wait for the lease to expire; a live holder's jobs are left alone."""
+    host = socket.gethostname()
+    with session_scope() as session:
+        held = session.execute(
+            select(Job.id, Job.attempt, Job.state, Job.max_attempts, Job.lease_owner).where(
+                Job.state.in_(_ACTIVE), Job.box == box, Job.lease_owner.is_not(None)
+            )
+        ).all()
+    orphans = [row[:4] for row in held if _holder_is_gone(row[4], host)]
+    return _reap(orphans, "its worker died", redis)
+
+
+def _holder_is_gone(owner: str, host: str) -> bool:
+    """True when `owner` (host:pid:thread, see runner.lease_owner) is a process of this host that no longer runs."""
+    holder_host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if holder_host != host or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return not psutil.pid_exists(int(pid))
+
+
+def _reap(rows: Any, reason: str, redis: Any | None) -> list[tuple[str, str]]:
+    settings = get_settings()
     out = []
-    for job_id, attempt, state, max_attempts in expired:
+    for job_id, attempt, state, max_attempts in rows:
         to = _reap_one(job_id, attempt, JobState(state), max_attempts)
         if to is None:
             continue
         out.append((job_id, to.value))
-        log.warning("job %s attempt %s: lease expired; now %s", job_id, attempt, to.value)
+        log.warning("job %s attempt %s: %s; now %s", job_id, attempt, reason, to.value)
         if redis is not None:
-            event = {"type": "state", "state": to.value, "attempt": attempt, "reason": "lease expired",
-                     "time": time.time()}  # fmt: skip
+            event = {"type": "state", "state": to.value, "attempt": attempt, "reason": reason, "time": time.time()}
             try:
                 redis.xadd(keys.job_events(job_id), stream_fields(event), maxlen=settings.stream_maxlen,
                            approximate=True)  # fmt: skip
