@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "client.cli_train",  # train, bench (the trainer on this machine, no service)
     "client.cli_datasets",  # datasets upload/list, queue, whoami
     "client.cli_users",  # users add/list/set, tokens create/list/revoke (admin, on the database)
+    "client.cli_service",  # service install (systemd units)
 ]
 
 
