@@ -82,9 +82,10 @@ class Artifact(BaseModel):
 
 
 class Checkpoint(BaseModel):
-    name: str
+    name: str = Field(description="GET /jobs/{id}/artifacts/{name}: the checkpoint directory as a tar")
     step: int
     size: int
+    files: list[Artifact] = Field([], description="its files, each downloadable on its own")
 
 
 class Artifacts(BaseModel):

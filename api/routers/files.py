@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 
-from api.artifacts import artifact_path, list_artifacts, tail_lines
+from api.artifacts import TarStream, artifact_path, checkpoint_dir, list_artifacts, tail_lines
 from api.deps import JobDep, SettingsDep
 from api.errors import documented
 from api.schemas import Artifacts
@@ -37,8 +37,21 @@ def job_artifacts(job: JobDep, settings: SettingsDep) -> Artifacts:
     return Artifacts.model_validate(list_artifacts(settings.run_dir(job.id)))
 
 
-@router.get("/artifacts/{name:path}", response_class=FileResponse)
-def download_artifact(job: JobDep, settings: SettingsDep, name: str) -> FileResponse:
-    """Download one file of the model or a checkpoint (names as listed by /artifacts)."""
-    path = artifact_path(settings.run_dir(job.id), name)
+@router.get(
+    "/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}},
+)
+def download_artifact(job: JobDep, settings: SettingsDep, name: str) -> Response:
+    """Download what /artifacts lists: a file, or a checkpoint directory as a tar (streamed)."""
+    run_dir = settings.run_dir(job.id)
+    directory = checkpoint_dir(run_dir, name)
+    if directory is not None:
+        tar = TarStream(directory)
+        headers = {
+            "Content-Disposition": f'attachment; filename="{directory.name}.tar"',
+            "Content-Length": str(tar.length),
+        }
+        return StreamingResponse(iter(tar), media_type="application/x-tar", headers=headers)
+    path = artifact_path(run_dir, name)
     return FileResponse(path, filename=path.name)

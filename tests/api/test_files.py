@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 
 import pytest
 
@@ -22,6 +24,10 @@ def job_with_files(client, settings, tmp_path):
         ckpt.mkdir(parents=True)
         (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x" * step)
     (run / "checkpoints" / "step-30.tmp").mkdir()  # incomplete: not listed
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "theirs.pt").write_bytes(b"not this job's")
+    os.symlink(outside, run / "checkpoints" / "step-40")  # a directory link out of the run dir: not listed
     (run / "train.log").write_text("".join(f"[rank 0] line {i}\n" for i in range(1, 1001)))
     (run / "spec.json").write_text("{}")
     secret = tmp_path / "secret.txt"
@@ -53,6 +59,7 @@ def test_artifact_listing(client, job_with_files):
         ("checkpoints/step-10", 10, 10),
         ("checkpoints/step-20", 20, 20),
     ]
+    assert arts["checkpoints"][0]["files"] == [{"name": "checkpoints/step-10/mp_rank_00_model_states.pt", "size": 10}]
     assert client.get(f"/jobs/{job_with_files}").json()["artifacts"] == arts
 
 
@@ -63,12 +70,92 @@ def test_artifact_download(client, job_with_files):
     assert r.status_code == 200 and r.content == b"x" * 10
 
 
+def _tar_members(data: bytes) -> dict[str, bytes | None]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {m.name: tar.extractfile(m).read() if m.isfile() else None for m in tar.getmembers()}
+
+
+def test_every_listed_artifact_downloads_with_its_content(client, settings, tmp_path):
+    """A checkpoint is listed by its directory's name: GET of it is a tar of the directory (what a
+    resume or zero_to_fp32 needs), and each file in it is listed and downloads on its own."""
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    run = settings.run_dir(job_id)
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text('{"model_type": "llama"}')
+    big = os.urandom(3 * (1 << 20) + 17)  # several stream chunks, not a multiple of the tar block
+    ckpt = run / "checkpoints" / "step-2"
+    (ckpt / "global_step2").mkdir(parents=True)
+    (ckpt / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(big)
+    (ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 700)
+    (ckpt / "trainbox.json").write_text('{"step": 2}')
+    (ckpt / "empty.bin").write_bytes(b"")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    os.symlink(secret, ckpt / "leak.txt")  # not listed, not in the tar
+    os.symlink(tmp_path, ckpt / "leakdir")
+
+    arts = client.get(f"/jobs/{job_id}/artifacts").json()
+    [listed] = arts["checkpoints"]
+    assert listed["name"] == "checkpoints/step-2" and listed["size"] == len(big) + 700 + len('{"step": 2}')
+    names = [a["name"] for a in arts["model"]] + [f["name"] for f in listed["files"]]
+    assert sorted(names) == [
+        "checkpoints/step-2/empty.bin",
+        "checkpoints/step-2/global_step2/mp_rank_00_model_states.pt",
+        "checkpoints/step-2/global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "checkpoints/step-2/trainbox.json",
+        "model/config.json",
+    ]
+    for name in names:
+        r = client.get(f"/jobs/{job_id}/artifacts/{name}")
+        assert r.status_code == 200 and r.content == (run / name).read_bytes(), name
+
+    r = client.get(f"/jobs/{job_id}/artifacts/checkpoints/step-2")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    assert r.headers["content-disposition"] == 'attachment; filename="step-2.tar"'
+    assert int(r.headers["content-length"]) == len(r.content)
+    members = _tar_members(r.content)
+    assert members == {
+        "step-2": None,
+        "step-2/empty.bin": b"",
+        "step-2/global_step2": None,
+        "step-2/global_step2/mp_rank_00_model_states.pt": big,
+        "step-2/global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"o" * 700,
+        "step-2/trainbox.json": b'{"step": 2}',
+    }
+
+
+def test_a_checkpoint_pruned_during_its_download_still_arrives_whole(client, settings):
+    """The files are opened before the first byte is sent: the trainer's pruning (rmtree of old
+    checkpoints) while a download streams does not cut it short."""
+    import shutil
+
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    ckpt = settings.run_dir(job_id) / "checkpoints" / "step-1"
+    ckpt.mkdir(parents=True)
+    for i in range(3):
+        (ckpt / f"part-{i}.pt").write_bytes(bytes([i]) * (2 << 20))
+    with client.stream("GET", f"/jobs/{job_id}/artifacts/checkpoints/step-1") as r:
+        assert r.status_code == 200
+        chunks = r.iter_bytes()
+        first = next(chunks)
+        shutil.rmtree(ckpt)
+        data = first + b"".join(chunks)
+    assert {k: v for k, v in _tar_members(data).items() if v} == {
+        f"step-1/part-{i}.pt": bytes([i]) * (2 << 20) for i in range(3)
+    }
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "spec.json",  # in the run dir but not an artifact
         "train.log",
-        "model",  # a directory
+        "model",  # a directory that is not listed
+        "checkpoints",
+        "checkpoints/step-30.tmp",  # incomplete
+        "checkpoints/step-40",  # a link out of the run dir
+        "checkpoints/step-40/theirs.pt",
+        "checkpoints/step-10/",
         "model/leak.txt",  # a symlink out of the run dir
         "model/..%2F..%2Fspec.json",
         "model%2F..%2F..%2F..%2Fetc%2Fpasswd",
