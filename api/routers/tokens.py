@@ -66,9 +66,7 @@ def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenRead]:
     return [TokenRead(**_read(t, user.name)) for t in service.list_tokens(session, user_name=user.name)]
 
 
-@router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=TokenCreated, responses=documented(403, 413)
-)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=TokenCreated, responses=documented(403, 413))
 def create_token(body: TokenCreate, session: SessionDep, user: CurrentUser) -> TokenCreated:
     """A new token for yourself (e.g. to rotate one); its secret is in this response only.
 
