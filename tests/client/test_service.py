@@ -26,10 +26,7 @@ def _install(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _parse(path: Path) -> configparser.ConfigParser:
-    unit = configparser.ConfigParser(interpolation=None, strict=True)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string(path.read_text())
-    return unit
+    return _parse_text(path.read_text())
 
 
 @pytest.mark.parametrize(("layout", "names"), [
@@ -87,3 +84,24 @@ def test_print_changes_nothing_and_a_bad_layout_is_refused(tmp_path: Path) -> No
     assert not (tmp_path / "units").exists() and not (tmp_path / "etc").exists()
     refused = _install(tmp_path, "--layout", "kubernetes")
     assert refused.returncode == 2 and "embedded or split" in refused.stderr
+
+
+def test_the_units_and_docker_compose_run_the_same_commands_with_the_same_stop_time() -> None:
+    from client.cli_service import MIGRATE, STOP_TIMEOUT_S, units
+    from tests.worker.test_deploy import SERVICES
+
+    split = {u.name: _parse_text(u.text) for u in units(layout="split", user="t", data_dir=Path("/d"),
+                                                        env_file=Path("/e"), host="0.0.0.0", port=8000)}  # fmt: skip
+    api, worker = split["trainbox-api.service"]["Service"], split["trainbox-worker.service"]["Service"]
+    assert SERVICES["migrate"]["command"] == ["python", "-c", MIGRATE]
+    assert MIGRATE in api["ExecStartPre"]
+    assert shlex.split(api["ExecStart"])[1:4] == ["-m", *SERVICES["api"]["command"][:2]]
+    assert shlex.split(worker["ExecStart"])[1:] == SERVICES["worker"]["command"][1:]
+    assert SERVICES["worker"]["stop_grace_period"] == f"{STOP_TIMEOUT_S}s" == f"{worker['TimeoutStopSec']}s"
+
+
+def _parse_text(text: str) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(text)
+    return unit
