@@ -43,18 +43,24 @@ def files_under(root: Path) -> list[Path]:
 def list_artifacts(run_dir: Path) -> dict[str, list[dict[str, object]]]:
     """{"model": [{name, size}], "checkpoints": [{name, step, size, files}]}, names relative to the run dir."""
 
-    def entry(p: Path) -> dict[str, object]:
-        return {"name": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size}
+    def entry(p: Path) -> dict[str, object] | None:
+        try:
+            return {"name": p.relative_to(run_dir).as_posix(), "size": p.stat().st_size}
+        except FileNotFoundError:
+            return None  # the trainer pruned it while we listed (old checkpoints go as new ones land)
 
     model_dir = run_dir / "model"
-    model = [entry(p) for p in files_under(model_dir)] if _real_dir(model_dir) else []
+    model = [e for p in files_under(model_dir) if (e := entry(p))] if _real_dir(model_dir) else []
     checkpoints = []
     ckpt_dir = run_dir / "checkpoints"
     if _real_dir(ckpt_dir):
         for p in ckpt_dir.iterdir():
             m = _STEP.match(p.name)
             if m and _real_dir(p):
-                files = [entry(f) for f in files_under(p)]
+                listed = [entry(f) for f in files_under(p)]
+                files = [e for e in listed if e is not None]
+                if len(files) < len(listed) or not p.is_dir():
+                    continue  # pruned while we listed it
                 size = sum(int(f["size"]) for f in files)  # type: ignore[call-overload]
                 name = f"checkpoints/{p.name}"
                 checkpoints.append({"name": name, "step": int(m.group(1)), "size": size, "files": files})
