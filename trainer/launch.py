@@ -3,6 +3,11 @@
 Like `deepspeed`/`torchrun` for one box, plus what a supervised service needs: ranks die with the
 launcher (PR_SET_PDEATHSIG), a failing rank stops the others, SIGTERM reaches every rank so they
 checkpoint together, and the `end` event names the rank that failed first and why.
+
+Rendezvous works as torchrun's agent store: the launcher serves the TCPStore on a port the OS
+assigns and holds it for the run; every rank, rank 0 included, connects to it as a client
+(TORCHELASTIC_USE_AGENT_STORE). No rank binds a rendezvous port, so no other program can take one
+between a check and a bind (EADDRINUSE), and two jobs never pick the same one.
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ class Launcher:
         self.args = args
         self.run_dir = Path(args.run_dir)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.stop_requested = False  # SIGTERM/SIGINT came from outside: ranks dying of it are stopped, not failed
+        self.store: Any = None  # the rendezvous TCPStore, held until the ranks are gone
 
     def _end(self, status: str, error: dict[str, Any] | None = None) -> None:
         writer = EventWriter(self.run_dir)
@@ -104,11 +111,22 @@ class Launcher:
         inspect_dataset(resolve_dataset(spec.dataset, Path(self.args.data_root)), spec.dataset, max_records=1000)
         return spec
 
-    def _env(self, world: int, gpus: int) -> dict[str, str]:
+    def _rendezvous(self, world: int) -> int:
+        """Serve the ranks' rendezvous store; returns its port (the OS's pick unless --master-port)."""
+        from torch.distributed import TCPStore
+
+        self.store = TCPStore(
+            "127.0.0.1", int(self.args.master_port or 0), world_size=world, is_master=True, wait_for_workers=False
+        )
+        return int(self.store.port)
+
+    def _env(self, world: int, gpus: int, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(self.args.master_port or free_port()),
+            MASTER_PORT=str(port),
+            # torch.distributed's env:// rendezvous then connects every rank to the launcher's store.
+            TORCHELASTIC_USE_AGENT_STORE="True",
             WORLD_SIZE=str(world),
             LOCAL_WORLD_SIZE=str(world),
             PYTHONUNBUFFERED="1",
@@ -123,6 +141,14 @@ class Launcher:
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        self._forward(signum, frame)
+
+    def _stopped(self, code: int | None) -> bool:
+        """An exit that is not a failure: done, checkpointed on a stop, or ended by a stop during start-up."""
+        return code in (EXIT_OK, EXIT_PREEMPTED) or (self.stop_requested and code in (-signal.SIGTERM, -signal.SIGINT))
 
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,9 +171,14 @@ class Launcher:
             f.unlink()
         offset = (self.run_dir / "events.jsonl").stat().st_size if (self.run_dir / "events.jsonl").exists() else 0
 
-        signal.signal(signal.SIGTERM, self._forward)
-        signal.signal(signal.SIGINT, self._forward)
-        env = self._env(spec.gpus, gpus)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            port = self._rendezvous(spec.gpus)
+        except Exception as e:  # noqa: BLE001 - reported as the job's error
+            self._end("failed", {"type": "launch_error", "message": f"rendezvous store: {type(e).__name__}: {e}"})
+            return EXIT_FAILED
+        env = self._env(spec.gpus, gpus, port)
         cmd = [sys.executable, "-m", "trainer", "rank", "--spec", str(self.args.spec), "--run-dir",
                str(self.run_dir), "--model-root", str(self.args.model_root), "--data-root", str(self.args.data_root)]
         if self.args.no_save:
@@ -177,10 +208,12 @@ class Launcher:
         while any(p.poll() is None for p in self.procs):
             for r, p in enumerate(self.procs):
                 code = p.poll()
-                if code not in (None, EXIT_OK, EXIT_PREEMPTED) and r not in {f[0] for f in failures}:
-                    failures.append((r, code))  # type: ignore[arg-type]
+                if code is not None and not self._stopped(code) and r not in {f[0] for f in failures}:
+                    failures.append((r, code))
             if failures and kill_at is None:
                 kill_at = time.monotonic() + FAILURE_GRACE_S
+                # Ranks still in start-up die of this SIGTERM: not a cause worth reporting either.
+                killed_by_us.update(r for r, p in enumerate(self.procs) if p.poll() is None)
                 self._forward(signal.SIGTERM, None)
             if kill_at is not None and time.monotonic() > kill_at:
                 for r, p in enumerate(self.procs):
@@ -189,7 +222,7 @@ class Launcher:
                         p.kill()
             time.sleep(0.05)
         for r, p in enumerate(self.procs):
-            if p.returncode not in (EXIT_OK, EXIT_PREEMPTED) and r not in {f[0] for f in failures}:
+            if not self._stopped(p.returncode) and r not in {f[0] for f in failures}:
                 failures.append((r, p.returncode))
         return self._cause(failures, killed_by_us)
 
@@ -210,7 +243,8 @@ class Launcher:
     def _finish(self, first_failure: tuple[int, int] | None, offset: int) -> int:
         ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))
         if first_failure is None:
-            preempted = any(p.returncode == EXIT_PREEMPTED for p in self.procs)
+            # Exit 75 (checkpointed), or killed by the stop during start-up (nothing to save yet).
+            preempted = any(p.returncode != EXIT_OK for p in self.procs)
             if not ended:
                 self._end("preempted" if preempted else "succeeded")
             return EXIT_PREEMPTED if preempted else EXIT_OK

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,16 @@ class StopFlag:
     """Set from the SIGTERM handler; read between optimizer steps so a step is never cut in half."""
 
     requested: bool = False
+
+    def install(self) -> None:
+        """From now on SIGTERM/SIGINT ask for a checkpoint and a clean exit (before this they kill the rank)."""
+
+        def on_signal(_signum: int, _frame: Any) -> None:
+            self.requested = True
+
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
 
 
 @dataclass
@@ -152,6 +164,7 @@ class Loop:
 
     def run(self) -> int:
         """Train to total_steps; returns EXIT_OK, or EXIT_PREEMPTED after checkpointing on a stop request."""
+        self.stop.install()
         every = self.spec.checkpoint_every
         saved_at = self.step
         while self.step < self.total_steps:

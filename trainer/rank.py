@@ -153,12 +153,11 @@ def main(args: Any) -> int:
     rank = int(os.environ.get("RANK", "0"))
     events = EventWriter(run_dir) if rank == 0 else None
     stop = StopFlag()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.requested = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # Until the loop can checkpoint there is nothing to save: a stop request ends the rank at once
+    # (the default action), even inside a JIT build, a lock wait or a rendezvous, where a Python
+    # handler would not run until C code returned. The loop installs the checkpointing handler.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def fail(error_type: str, message: str, code: int) -> int:
         # The launcher writes the failed `end` event: it knows which rank failed first (a rank whose

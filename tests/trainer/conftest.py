@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,15 @@ def trainer_cmd(spec_file: Path, run_dir: Path, data_root: Path, *extra: str) ->
             "--data-root", str(data_root), "--model-root", str(data_root), *extra]
 
 
-def start_trainer(spec: dict[str, Any], run_dir: Path, data_root: Path) -> subprocess.Popen[bytes]:
-    """Launch the trainer in its own session, as the worker does."""
+def start_trainer(
+    spec: dict[str, Any], run_dir: Path, data_root: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Launch the trainer in its own session, as the worker does (`extra_env`: more variables)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_file = run_dir / "spec.json"
     spec_file.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
+    env |= extra_env or {}
     return subprocess.Popen(
         trainer_cmd(spec_file, run_dir, data_root), cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -108,3 +111,62 @@ def reference_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     p = start_trainer(tiny_spec(), run_dir, data_root)
     assert p.wait(timeout=300) == 0, (run_dir / "train.log").read_text()[-3000:]
     return run_dir
+
+
+class PortSquatter:
+    """Another program on the shared box: holds 29500 and its neighbours, and binds each rendezvous port
+    a launcher hands its ranks (their MASTER_PORT) the moment a rank process shows it, before any rank
+    could bind it itself. `ports`: MASTER_PORT -> whether it was already held when the squatter tried."""
+
+    def __init__(self, marker: str, static: Iterable[int] = range(29500, 29511)) -> None:
+        import threading
+
+        self.marker = marker
+        self.sockets = [s for s in (self._bind(p) for p in static) if s is not None]
+        self.ports: dict[int, bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _bind(port: int) -> Any:
+        import socket
+
+        s = socket.socket()
+        try:
+            s.bind(("0.0.0.0", port))
+            s.listen()
+        except OSError:
+            s.close()
+            return None  # someone holds it already: as good for the test
+        return s
+
+    def _run(self) -> None:
+        import time
+
+        import psutil
+
+        while not self._stop.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if "rank" not in cmd or self.marker not in " ".join(cmd):
+                    continue
+                try:
+                    port = int(p.environ()["MASTER_PORT"])
+                except (psutil.Error, KeyError, ValueError):
+                    continue
+                if port not in self.ports:
+                    s = self._bind(port)
+                    self.ports[port] = s is None
+                    if s is not None:
+                        self.sockets.append(s)
+            time.sleep(0.01)
+
+    def __enter__(self) -> PortSquatter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for s in self.sockets:
+            s.close()

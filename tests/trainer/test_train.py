@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -12,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import wait_for
-from tests.trainer.conftest import WORDS, events, start_trainer, step_losses, tiny_spec
+from tests.trainer.conftest import WORDS, PortSquatter, events, start_trainer, step_losses, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +190,52 @@ def test_out_of_memory_is_reported_as_oom_with_the_figure(data_root: Path, tmp_p
     assert end["status"] == "failed" and end["error"]["type"] == "oom"
     assert "out of host memory: could not allocate" in end["error"]["message"]
     assert "GiB resident" in end["error"]["message"]
+
+
+def _idle_ranks(launcher_pid: int, world: int) -> list[psutil.Process]:
+    """The launcher's ranks once all are idle for a second: waiting on something, past their imports."""
+    ranks = [c for c in psutil.Process(launcher_pid).children() if "rank" in c.cmdline()]
+    if len(ranks) != world:
+        return []
+    before = [sum(r.cpu_times()[:2]) for r in ranks]
+    time.sleep(1.0)
+    after = [sum(r.cpu_times()[:2]) for r in ranks]
+    return ranks if all(b - a < 0.05 for a, b in zip(before, after, strict=True)) else []
+
+
+def test_sigterm_during_start_up_ends_every_rank_at_once(data_root: Path, tmp_path: Path) -> None:
+    """Ranks stuck before training (here on a DeepSpeed build lock that is never released) have nothing
+    to checkpoint: SIGTERM ends them at once, and the run says `preempted`, not failed."""
+    ext = tmp_path / "ext"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    fd = os.open(ext / "deepspeed_shm_comm" / "lock", os.O_CREAT | os.O_EXCL)  # a build that never ends
+    run_dir = tmp_path / "run"
+    p = start_trainer(tiny_spec(), run_dir, data_root, extra_env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    try:
+        wait_for(lambda: _idle_ranks(p.pid, 2), timeout=180, interval=0.5, what="both ranks waiting on the lock")
+        os.killpg(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=15) == 75
+    finally:
+        os.close(fd)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    evs = events(run_dir)
+    assert [e["type"] for e in evs] == ["end"]
+    assert evs[0]["status"] == "preempted" and evs[0]["error"] is None
+    assert no_process_left(run_dir)
+
+
+def test_ports_taken_by_other_programs_or_jobs_never_fail_a_run(data_root: Path, tmp_path: Path) -> None:
+    """Two jobs at once while another program holds 29500.. and grabs each job's MASTER_PORT the moment
+    a rank shows it: the launchers already hold their rendezvous stores there, so both runs succeed."""
+    spec = tiny_spec(max_steps=2, checkpoint_every=0)
+    with PortSquatter(str(tmp_path)) as squatter:
+        procs = [start_trainer(spec, tmp_path / name, data_root) for name in ("a", "b")]
+        codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [(tmp_path / n / "train.log").read_text()[-2000:] for n in ("a", "b")]
+    assert len(squatter.ports) == 2, f"each job its own port: {squatter.ports}"
+    assert all(squatter.ports.values()), f"a port was free when its ranks started: {squatter.ports}"
+    for name in ("a", "b"):
+        assert events(tmp_path / name)[-1]["status"] == "succeeded"
+        assert no_process_left(tmp_path / name)
