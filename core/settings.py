@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(30.0, ge=0, description="SIGTERM -> SIGKILL delay on cancel/timeout")
     stream_maxlen: int = Field(10000, ge=100, description="approximate cap of each job's event stream")
     max_attempts: int = Field(3, ge=1, le=100, description="runs of one job before it fails as `lost`")
+    start_timeout_s: float = Field(
+        600.0, gt=0, description="a job whose ranks emit no `start` event within this fails as launch_error"
+    )
+    torch_extensions_dir: Path | None = Field(
+        None, description="DeepSpeed's JIT-built ops (TORCH_EXTENSIONS_DIR); default data_dir/torch_extensions"
+    )
 
     port_base: int = Field(29500, ge=1024, le=65000, description="first rendezvous (master) port")
     port_count: int = Field(500, ge=1, le=10000, description="rendezvous ports per box")
@@ -82,6 +88,11 @@ class Settings(BaseSettings):
     def ports(self) -> range:
         """Rendezvous ports the scheduler hands out on each box."""
         return range(self.port_base, self.port_base + self.port_count)
+
+    @property
+    def extensions_dir(self) -> Path:
+        """The op cache the worker builds at start and its ranks load from (TORCH_EXTENSIONS_DIR)."""
+        return (self.torch_extensions_dir or self.data_dir / "torch_extensions").expanduser().resolve()
 
     @property
     def box_ttl_s(self) -> float:

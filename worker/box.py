@@ -54,6 +54,11 @@ def box_devices() -> list[GpuInfo]:
     return [GpuInfo(index=i, name=CPU_SLOT_NAME, memory_mb=None) for i in range(get_settings().cpu_slots)]
 
 
+def box_accelerator(devices: list[GpuInfo]) -> str:
+    """What the box's ranks run on: "cpu" for CPU slots, else "cuda" (as build_launch decides per job)."""
+    return "cpu" if devices and all(d.name.startswith("cpu") for d in devices) else "cuda"
+
+
 def register(devices: list[GpuInfo]) -> str:
     """Register (or refresh) this box and its devices; returns the box name."""
     name = get_settings().box_name

@@ -28,7 +28,6 @@ from core.settings import get_settings
 from core.states import JobState, transition
 from worker.gpucheck import requeue_if_busy
 from worker.metrics import backfill_metrics, store_metrics
-from worker.ports import ensure_free_port
 from worker.relay import Relay, stream_fields
 from worker.supervisor import Launch, Outcome, Stop, supervise
 
@@ -67,7 +66,7 @@ def build_launch(job_id: str, attempt: int) -> Launch:
         devices = list(job.gpu_ids or [])
         box_gpus = session.scalars(select(Gpu).where(Gpu.box == job.box)).all()
         cpu_box = bool(box_gpus) and all(g.name.startswith("cpu") for g in box_gpus)
-        spec, port, slots = dict(job.spec), job.master_port, max(1, len(box_gpus))
+        spec, slots = dict(job.spec), max(1, len(box_gpus))
     # OMP_NUM_THREADS is per rank, and each CPU slot runs one rank: a slot's share of the cores.
     # (More threads than cores makes gloo ranks spin against each other, several times slower.)
     threads = max(1, (os.cpu_count() or 1) // slots) if cpu_box else None
@@ -78,11 +77,12 @@ def build_launch(job_id: str, attempt: int) -> Launch:
         run_dir=settings.run_dir(job_id),
         devices=devices,
         accelerator="cpu" if cpu_box else "cuda",
-        master_port=ensure_free_port(job_id, attempt, int(port or settings.port_base)),
         model_root=settings.model_root,  # type: ignore[arg-type]
         data_root=settings.data_root,  # type: ignore[arg-type]
         max_runtime_s=spec.get("max_runtime_s"),
         cancel_grace_s=settings.cancel_grace_s,
+        start_timeout_s=settings.start_timeout_s,
+        extensions_dir=settings.extensions_dir,
         cpu_threads=threads,
     )
 

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from trainer.events import EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
+from worker.ops import describe_locks, remove_stale_locks
 
 LOG_TAIL_LINES = 40
 LAUNCHER_LOG = "launcher.log"
@@ -36,6 +37,7 @@ class Stop(StrEnum):
 
     CANCEL = "cancel"  # a user asked; ends `cancelled`
     TIMEOUT = "timeout"  # max_runtime_s passed; checkpoint, then `failed`/timeout
+    NO_START = "no_start"  # no rank started within start_timeout_s; `failed`/launch_error
     SHUTDOWN = "shutdown"  # the worker is going away; checkpoint, then back to the queue
     LOST = "lost"  # this attempt no longer owns the job; stop and write nothing
 
@@ -50,11 +52,12 @@ class Launch:
     run_dir: Path
     devices: list[int]
     accelerator: str  # "cuda" or "cpu"
-    master_port: int
     model_root: Path
     data_root: Path
     max_runtime_s: float | None = None
     cancel_grace_s: float = 30.0
+    start_timeout_s: float | None = None  # no `start` event by then: stop it, `failed`/launch_error
+    extensions_dir: Path | None = None  # DeepSpeed's op cache (TORCH_EXTENSIONS_DIR), built by the worker
     cpu_threads: int | None = None  # CPU boxes: threads per rank (OMP_NUM_THREADS), a slot's share of cores
     command: list[str] | None = None  # replaces the trainer command (tests, benchmarks)
 
@@ -79,7 +82,6 @@ def trainer_command(launch: Launch) -> list[str]:
         sys.executable, "-m", "trainer", "run",
         "--spec", str(launch.run_dir / "spec.json"),
         "--run-dir", str(launch.run_dir),
-        "--master-port", str(launch.master_port),
         "--model-root", str(launch.model_root),
         "--data-root", str(launch.data_root),
     ]  # fmt: skip
@@ -87,6 +89,21 @@ def trainer_command(launch: Launch) -> list[str]:
 
 def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: only the assigned devices visible, no trainbox settings or secrets."""
+    return child_env(
+        launch.accelerator, launch.devices, cpu_threads=launch.cpu_threads, extensions_dir=launch.extensions_dir,
+        base=base,
+    )  # fmt: skip
+
+
+def child_env(
+    accelerator: str,
+    devices: list[int],
+    *,
+    cpu_threads: int | None = None,
+    extensions_dir: Path | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a trainer process (a job's ranks, or the worker's op build) on `accelerator`."""
     base = dict(os.environ) if base is None else base
     env = {k: v for k, v in base.items() if not k.startswith("TRAINBOX_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -95,17 +112,20 @@ def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str,
     if spec is not None and spec.origin:
         root = str(Path(spec.origin).parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    if launch.accelerator == "cuda":
+    if extensions_dir is not None:
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
+    if accelerator == "cuda":
         # Device numbers are NVML's (the box registered them so); CUDA's default order may differ.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in launch.devices)
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
         env.pop("DS_ACCELERATOR", None)
     else:
         # Hide any GPU so a CPU slot never touches one, and make DeepSpeed pick its CPU accelerator.
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["DS_ACCELERATOR"] = "cpu"
-        if launch.cpu_threads:
-            env["OMP_NUM_THREADS"] = str(launch.cpu_threads)
+        if cpu_threads:
+            env["OMP_NUM_THREADS"] = str(cpu_threads)
     return env
 
 
@@ -183,8 +203,51 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(tail)
 
 
-def classify(exit_code: int | None, end: dict[str, Any] | None, stop: Stop | None, run_dir: Path) -> Outcome:
-    """Map the trainer's exit code, its `end` event and the supervisor's stop reason to an outcome."""
+class StartWatch:
+    """Reads events.jsonl from an offset until a `start` event shows: the ranks are through start-up."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset, self.started = path, offset, False
+        self._partial = b""
+
+    def poll(self) -> bool:
+        if self.started:
+            return True
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return False
+        self.offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            with contextlib.suppress(ValueError):
+                if json.loads(raw).get("type") == "start":
+                    self.started = True
+        return self.started
+
+
+def no_start_message(timeout_s: float, run_dir: Path, extensions_dir: Path | None) -> str:
+    """Why a job that never started failed: the wait, the build locks in the way, the last log lines."""
+    message = f"no rank started within {timeout_s:.0f} s"
+    locks = describe_locks(extensions_dir) if extensions_dir is not None else ""
+    if locks:
+        message += f"; DeepSpeed build locks: {locks}"
+    tail = log_tail(run_dir, lines=5)
+    return message + (f"; last log lines: {tail}" if tail.strip() else "; the log is empty")
+
+
+def classify(
+    exit_code: int | None,
+    end: dict[str, Any] | None,
+    stop: Stop | None,
+    run_dir: Path,
+    *,
+    no_start: str = "no rank started in time",
+) -> Outcome:
+    """Map the trainer's exit code, its `end` event and the supervisor's stop reason to an outcome
+    (`no_start`: the message of a job stopped because it never started)."""
 
     def failed(kind: str, message: str) -> Outcome:
         # The failing rank's exit code when the trainer names one (a killed rank: -9), else the trainer's.
@@ -199,6 +262,8 @@ def classify(exit_code: int | None, end: dict[str, Any] | None, stop: Stop | Non
         return Outcome("succeeded", exit_code, None, end, stop)
     if stop is Stop.CANCEL:
         return Outcome("cancelled", exit_code, None, end, stop)
+    if stop is Stop.NO_START:
+        return failed("launch_error", no_start)
     if stop is Stop.TIMEOUT:
         step = (end or {}).get("step")
         where = f" at step {step}" if step is not None else ""
@@ -229,6 +294,8 @@ def supervise(
     (run_dir / "spec.json").write_text(json.dumps(launch.spec, indent=2))
     events_path = run_dir / "events.jsonl"
     events_offset = events_path.stat().st_size if events_path.exists() else 0
+    if launch.extensions_dir is not None:
+        remove_stale_locks(launch.extensions_dir)  # a job killed while it held one (each removal is logged)
     try:
         with (run_dir / LAUNCHER_LOG).open("ab") as out:
             proc = subprocess.Popen(
@@ -245,7 +312,10 @@ def supervise(
         error = {"type": "launch_error", "message": f"could not start the trainer: {exc}", "log_tail": ""}
         return Outcome("failed", None, error)
 
-    deadline = now() + launch.max_runtime_s if launch.max_runtime_s else None
+    started_at = now()
+    deadline = started_at + launch.max_runtime_s if launch.max_runtime_s else None
+    start_watch = StartWatch(events_path, events_offset)
+    no_start = ""
     stop: Stop | None = None
     term_sent_at: float | None = None
     try:
@@ -253,6 +323,13 @@ def supervise(
             reason = tick()
             if reason is None and deadline is not None and now() >= deadline:
                 reason = Stop.TIMEOUT
+            if (
+                reason is None and launch.start_timeout_s is not None and stop is None
+                and now() - started_at >= launch.start_timeout_s and not start_watch.poll()
+            ):  # fmt: skip
+                # Ranks that hang before training (a build lock, a rendezvous) would sit `running` forever.
+                reason = Stop.NO_START
+                no_start = no_start_message(launch.start_timeout_s, run_dir, launch.extensions_dir)
             if reason is not None and stop is None:
                 # SIGTERM: every rank finishes its step, checkpoints and exits 75.
                 stop, term_sent_at = reason, now()
@@ -268,6 +345,6 @@ def supervise(
         proc.wait()
         survivors = kill_session(proc.pid)
     tick()  # relay what the trainer wrote last
-    outcome = classify(proc.returncode, last_end_event(events_path, events_offset), stop, run_dir)
+    outcome = classify(proc.returncode, last_end_event(events_path, events_offset), stop, run_dir, no_start=no_start)
     outcome.survivors_killed = survivors
     return outcome

@@ -33,7 +33,7 @@ def make_launch(tmp_path: Path) -> Callable[..., Launch]:
         command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(run_dir), *args]
         fields: dict[str, Any] = dict(
             job_id="j1", attempt=1, spec={"name": "fake", "gpus": 2}, run_dir=run_dir, devices=[0, 1],
-            accelerator="cpu", master_port=29999, model_root=tmp_path, data_root=tmp_path,
+            accelerator="cpu", model_root=tmp_path, data_root=tmp_path,
             cancel_grace_s=5.0, command=command,
         )  # fmt: skip
         fields.update(overrides)

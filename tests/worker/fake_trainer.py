@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--error-type", default=None)
     p.add_argument("--stubborn-child", action="store_true", help="leave a child that ignores SIGTERM")
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--start-after", type=float, default=0.0, help="seconds before the start event (SIGTERM kills)")
     p.add_argument("--alloc-log", type=Path, help="append 'start|end job devices time' lines here")
     p.add_argument("--label", default="", help="'job:devices' for the allocation log")
     a = p.parse_args()
@@ -41,9 +42,12 @@ def main() -> None:
         emit("end", status="preempted", step=step, error=None)
         sys.exit(75)
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_term else on_term)
     if a.stubborn_child:
         subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD])
+    if a.start_after:
+        log.write("[rank 0] waiting on something before start\n")
+        time.sleep(a.start_after)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_term else on_term)
     emit("start", world_size=2, total_steps=a.steps, resumed_from_step=0)
     for step in range(1, a.steps + 1):
         time.sleep(a.step_s)

@@ -147,21 +147,6 @@ def test_worker_shutdown_requeues_for_the_next_attempt(db, fake):
     assert "checkpoint" in (get_settings().run_dir(job_id) / "events.jsonl").read_text(), "SIGTERM checkpointed"
 
 
-def test_a_port_taken_outside_trainbox_is_swapped_for_a_free_one(db):
-    import socket
-
-    from worker.ports import ensure_free_port
-
-    job_id, attempt = _placed_job()
-    port = _job(job_id).master_port
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", port))
-        squatter.listen()
-        moved = ensure_free_port(job_id, attempt, port)
-    assert moved != port and _job(job_id).master_port == moved
-    assert ensure_free_port(job_id, attempt, moved) == moved
-
-
 def _claimed_with_lease_expired(seconds_ago: float, gpus: int = 1) -> tuple[str, int]:
     from datetime import timedelta
 
@@ -213,3 +198,85 @@ def test_cpu_ranks_share_the_cores_without_oversubscribing(db: str) -> None:
     assert launch.accelerator == "cpu" and len(launch.devices) == 2
     assert launch.cpu_threads is not None and launch.cpu_threads >= 1
     assert launch.cpu_threads * len(launch.devices) <= max(2, os.cpu_count() or 1)
+
+
+# --- the real trainer (DeepSpeed on CPU ranks) --------------------------------------------------------
+
+
+def _placed_real_job() -> tuple[str, int]:
+    """A 2-rank preset:tiny job over a small corpus in the data root, placed on the test box."""
+    from tests.worker.conftest import tiny_spec, write_corpus
+
+    write_corpus(get_settings().data_root / "corpus.jsonl")
+    spec = JobSpec.model_validate(tiny_spec("real", steps=2))
+    with session_scope() as s:
+        job = create_job(session=s, owner="u", spec=spec).job
+        sent: list[tuple[str, int, str]] = []
+        schedule(s, lambda *a: sent.append(a))
+    return job.id, sent[0][1]
+
+
+def _run_bounded(job_id: str, attempt: int, timeout: float) -> str:
+    """run_attempt in a thread; a run still going after `timeout` is cancelled (and the test fails)."""
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(runner.run_attempt(job_id, attempt)), daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        with session_scope() as s:
+            request_cancel(session=s, job_id=job_id)
+        t.join(120)
+        pytest.fail(f"job {job_id} was still {result or 'running'} after {timeout:.0f}s; cancelled it")
+    return result[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)
+def test_a_job_whose_ranks_never_start_fails_as_launch_error_and_leaves_nothing(db, monkeypatch, tmp_path):
+    """The ranks wait on a DeepSpeed build lock a hung builder holds: the job fails `launch_error`
+    after the start-up timeout, naming the lock and its holder, instead of sitting `running`."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(runner, "reschedule", lambda: None)
+    ext = tmp_path / "ext"
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, "
+         "flush=True); time.sleep(600)", str(lock)], stdout=subprocess.PIPE,
+    )  # fmt: skip
+    monkeypatch.setenv("TRAINBOX_TORCH_EXTENSIONS_DIR", str(ext))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    monkeypatch.setenv("TRAINBOX_START_TIMEOUT_S", "20")
+    get_settings.cache_clear()
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()
+        job_id, attempt = _placed_real_job()
+        assert _run_bounded(job_id, attempt, timeout=150) == "failed"
+    finally:
+        holder.kill()
+        holder.wait()
+    job = _job(job_id)
+    assert job.error["type"] == "launch_error"
+    assert job.error["message"].startswith("no rank started within 20 s; DeepSpeed build locks: "), job.error
+    assert f"{lock} (held by pid {holder.pid})" in job.error["message"]
+    assert _runs_started(job_id) == 0 and _trainers_left(job_id) == []
+    assert _held() == [None, None]
+    assert [e["state"] for e in _stream(job_id) if e["type"] == "state"] == ["running", "failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)
+def test_a_job_succeeds_while_other_programs_take_its_ports(db, monkeypatch):
+    """29500.., the port the scheduler recorded for the job, and the MASTER_PORT its ranks get (taken the
+    moment a rank shows it) are all held by another program: the run succeeds."""
+    from tests.trainer.conftest import PortSquatter
+
+    monkeypatch.setattr(runner, "reschedule", lambda: None)
+    job_id, attempt = _placed_real_job()
+    recorded = _job(job_id).master_port
+    with PortSquatter(str(get_settings().run_dir(job_id)), static=[*range(29500, 29511), recorded]) as squatter:
+        assert _run_bounded(job_id, attempt, timeout=300) == "succeeded", _job(job_id).error
+    assert len(squatter.ports) == 1 and all(squatter.ports.values()), squatter.ports
+    assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []

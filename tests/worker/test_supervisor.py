@@ -125,11 +125,11 @@ def test_env_shows_only_the_assigned_devices_and_no_settings(make_launch):
 
 def test_trainer_command_follows_the_contract(tmp_path):
     launch = Launch(job_id="j", attempt=1, spec={}, run_dir=tmp_path / "r", devices=[0], accelerator="cpu",
-                    master_port=29555, model_root=tmp_path / "m", data_root=tmp_path / "d")  # fmt: skip
+                    model_root=tmp_path / "m", data_root=tmp_path / "d")  # fmt: skip
     argv = trainer_command(launch)
     assert argv[1:4] == ["-m", "trainer", "run"]
     assert argv[argv.index("--spec") + 1] == str(tmp_path / "r" / "spec.json")
-    assert argv[argv.index("--master-port") + 1] == "29555"
+    assert "--master-port" not in argv, "the launcher serves the rendezvous on a port the OS assigns"
     assert {"--run-dir", "--model-root", "--data-root"} <= set(argv)
 
 
@@ -141,3 +141,46 @@ def test_a_run_that_finished_before_the_stop_took_effect_succeeded(tmp_path):
     assert classify(0, None, Stop.LOST, tmp_path).kind == "lost", "a fenced attempt writes nothing"
     assert classify(75, None, Stop.CANCEL, tmp_path).kind == "cancelled"
     assert classify(-9, None, None, tmp_path).error["message"] == "the trainer was killed by signal SIGKILL"
+
+
+def test_a_trainer_that_never_starts_fails_as_launch_error_and_leaves_nothing(make_launch):
+    launch = make_launch("--start-after", "3600", start_timeout_s=1.0, cancel_grace_s=5.0)
+    began = time.monotonic()
+    outcome = supervise(launch)
+    assert time.monotonic() - began < 10, "SIGTERM ends a trainer in start-up at once, no grace needed"
+    assert outcome.kind == "failed" and outcome.error["type"] == "launch_error"
+    message = outcome.error["message"]
+    assert message.startswith("no rank started within 1 s; last log lines: "), message
+    assert "waiting on something before start" in message
+    assert _sessions_of(launch.run_dir) == []
+
+
+def test_a_slow_start_within_the_timeout_is_not_stopped(make_launch):
+    outcome = supervise(make_launch("--start-after", "1", "--steps", "3", start_timeout_s=20.0))
+    assert outcome.kind == "succeeded"
+
+
+def test_a_stale_build_lock_is_removed_before_launch_and_a_held_one_is_named(make_launch, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    ext = tmp_path / "ext"
+    (ext / "stale_op").mkdir(parents=True)
+    (ext / "stale_op" / "lock").touch()  # what a SIGKILLed builder leaves
+    (ext / "busy_op").mkdir()
+    holder = subprocess.Popen(  # a live builder holds its lock open until it removes it
+        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, "
+         "flush=True); time.sleep(600)", str(ext / "busy_op" / "lock")], stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()
+        with caplog.at_level("WARNING", logger="worker.ops"):
+            outcome = supervise(make_launch("--start-after", "3600", extensions_dir=ext, start_timeout_s=2.0))
+        assert not (ext / "stale_op" / "lock").exists()
+        assert f"removed a stale DeepSpeed build lock {ext / 'stale_op' / 'lock'}" in caplog.text
+        assert (ext / "busy_op" / "lock").exists(), "a live builder's lock is left alone"
+        assert outcome.error["type"] == "launch_error"
+        assert f"{ext / 'busy_op' / 'lock'} (held by pid {holder.pid})" in outcome.error["message"]
+    finally:
+        holder.kill()
+        holder.wait()
