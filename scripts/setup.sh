@@ -14,3 +14,6 @@ run python -m pip install -q --upgrade pip
 run python -m pip install -q "torch==2.13.0"
 run python -m pip install -q -e ".[dev]"
 python -c "import trainer, deepspeed, transformers" >/dev/null 2>&1 || { echo "setup failed: imports do not work" >&2; exit 1; }
+# The DeepSpeed ops ranks JIT-compile, built now into the default data dir's cache (the worker checks
+# it again at start, and the tests share it): about a minute the first time, seconds after.
+python -m worker.ops >>"$log" 2>&1 || { echo "setup failed: building the DeepSpeed ops" >&2; tail -n 40 "$log" >&2; exit 1; }
