@@ -16,7 +16,7 @@ from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
 from worker.gpucheck import refresh_busy
-from worker.reaper import reap_expired
+from worker.reaper import reap_expired, reap_orphans
 from worker.runner import shutting_down
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def sweep(box: str) -> None:
     resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
     try:
+        reap_orphans(box, redis)  # a dead worker's jobs at once; others' when their lease expires
         reap_expired(redis)
     finally:
         if redis is not None:
