@@ -83,7 +83,8 @@ class TarStream:
     """A directory as an uncompressed tar, streamed in 1 MiB chunks; its length is known up front.
 
     Every file is opened (O_NOFOLLOW) before the first byte goes out, so a checkpoint that the
-    trainer prunes while it downloads still arrives whole. A file that shrinks meanwhile (it should
+    trainer prunes while it downloads still arrives whole; FileNotFoundError if it was pruned before
+    all were open. A file that shrinks meanwhile (it should
     not: checkpoints are sealed) ends the stream early, which the client sees as a short body.
     """
 
@@ -91,9 +92,13 @@ class TarStream:
         self.entries: list[tuple[bytes, int | None, int]] = []  # (header, fd, size)
         self._fds: list[int] = []
         weakref.finalize(self, _close_all, self._fds)
+
+        def fail(error: OSError) -> None:
+            raise error
+
         try:
             self._add_dir(directory, directory.name)
-            for dirpath, dirnames, filenames in os.walk(directory):
+            for dirpath, dirnames, filenames in os.walk(directory, onerror=fail):
                 dirnames.sort()
                 rel = Path(dirpath).relative_to(directory.parent).as_posix()
                 for d in list(dirnames):
@@ -103,6 +108,8 @@ class TarStream:
                         self._add_dir(Path(dirpath, d), f"{rel}/{d}")
                 for f in sorted(filenames):
                     self._add_file(Path(dirpath, f), f"{rel}/{f}")
+            if not directory.is_dir():
+                raise FileNotFoundError(directory)  # pruned while its files were opened: no partial archive
         except BaseException:
             self.close()
             raise

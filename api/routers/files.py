@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response, Streami
 
 from api.artifacts import TarStream, artifact_path, checkpoint_dir, list_artifacts, tail_lines
 from api.deps import JobDep, SettingsDep
-from api.errors import documented
+from api.errors import NotFound, documented
 from api.schemas import Artifacts
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["files"], responses=documented(404))
@@ -47,7 +47,10 @@ def download_artifact(job: JobDep, settings: SettingsDep, name: str) -> Response
     run_dir = settings.run_dir(job.id)
     directory = checkpoint_dir(run_dir, name)
     if directory is not None:
-        tar = TarStream(directory)
+        try:
+            tar = TarStream(directory)
+        except FileNotFoundError:  # the trainer pruned it just now (old checkpoints go as new ones land)
+            raise NotFound(f"no artifact named {name!r}", ["path", "name"]) from None
         headers = {
             "Content-Disposition": f'attachment; filename="{directory.name}.tar"',
             "Content-Length": str(tar.length),

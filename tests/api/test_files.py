@@ -172,3 +172,10 @@ def test_no_path_traversal(client, job_with_files, name):
 def test_files_of_unknown_job_are_404(client):
     for path in ("logs", "artifacts", "artifacts/model/config.json"):
         only_error(client.get(f"/jobs/j0000000000000000/{path}"), 404)
+
+
+def test_a_checkpoint_pruned_before_its_files_are_open_is_not_a_partial_archive(tmp_path):
+    from api.artifacts import TarStream
+
+    with pytest.raises(FileNotFoundError):
+        TarStream(tmp_path / "step-5")  # gone between the listing check and the archive: the route says 404
