@@ -26,6 +26,8 @@ def trainbox_argv() -> list[str]:
 def user_env(tmp_path: Path) -> dict[str, str]:
     """The environment of someone who just cloned the repo: no TRAINBOX_ settings at all."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBOX_")}
+    # Except the box's DeepSpeed op cache (tests/conftest.py): building it again costs each stack a minute.
+    env["TRAINBOX_TORCH_EXTENSIONS_DIR"] = os.environ["TRAINBOX_TORCH_EXTENSIONS_DIR"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["COLUMNS"] = "120"
     env["HOME"] = str(tmp_path / "home")

@@ -144,8 +144,10 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
         assert len(starts) == 2, starts
         assert starts[1].get("resumed_from_step", 0) >= 10, starts[1]
         assert [m["step"] for m in api.all_metrics(job["id"])] == list(range(1, 61))
-        # The stream, after the Redis restart, still ends with the job's end.
-        assert [e.type for e in api.events(job["id"])][-1] == "end"
+        # A follower after the Redis restart still gets every step and the job's end.
+        followed = list(api.events(job["id"]))
+        assert [e.data["step"] for e in followed if e.type == "step"] == list(range(1, 61))
+        assert followed[-1].type == "state" and followed[-1].data["state"] == "succeeded"
         assert _job_processes(str(run_dir)) == []
 
         up.send_signal(signal.SIGINT)
