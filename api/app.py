@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api import errors
+from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
 from api.deps import current_user
 from api.errors import documented
 from api.hardening import RequestLimits
@@ -36,7 +37,8 @@ _DEFAULT = object()
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | Any = _DEFAULT) -> FastAPI:
     """Build the app. `dispatch` sends run_job to a box (default: Celery over the settings' Redis)."""
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    # Sized from the admission caps (api/admission.py): an admitted request never waits for a connection.
+    engine = make_engine(settings.database_url, pool_size=db_pool_size(settings), max_overflow=0)
     sync_redis = SyncRedis.from_url(settings.redis_url, socket_timeout=5) if settings.redis_url else None
     if dispatch is _DEFAULT:
         from core.dispatch import celery_dispatcher
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The async client belongs to the server's event loop: made here, closed here.
-        app.state.redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        app.state.redis = async_redis(settings)
         try:
             yield
         finally:
@@ -71,13 +73,17 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.notify_cancel = _cancel_notifier(sync_redis)
     registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
+    app.state.admission = Admission(settings)
+    upload_paths = frozenset({"/datasets"})
+    # The last added runs first: metrics, admission, body limits, the routes.
     app.add_middleware(
         RequestLimits,
         max_body=settings.max_body_bytes,
         max_upload=settings.max_upload_bytes,
         max_depth=settings.max_json_depth,
-        upload_paths=frozenset({"/datasets"}),
+        upload_paths=upload_paths,
     )
+    app.add_middleware(AdmissionControl, admission=app.state.admission)
     app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
     errors.install(app)
     # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.
@@ -85,6 +91,20 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
         app.include_router(module.router, dependencies=[Depends(current_user)], responses=documented(401))
     app.include_router(system.router)
     return app
+
+
+def async_redis(settings: Settings) -> Redis | None:
+    """The API's async Redis client. Its read timeout outlasts an SSE poll's XREAD BLOCK (redis-py's
+    default of 5 s equalled the default block and cut every quiet stream); its pool holds every open stream."""
+    if not settings.redis_url:
+        return None
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.sse_block_ms / 1000 + 5,
+        socket_connect_timeout=5,
+        max_connections=redis_pool_size(settings),
+        client_name="trainbox-api",
+    )
 
 
 def _publisher(redis: SyncRedis | None, settings: Settings) -> Any:

@@ -28,7 +28,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request; services commit what they change, the rest is rolled back.
 
-    GET requests never write: their sessions take no write lock on SQLite.
+    GET requests never write: their sessions take no write lock on SQLite. The session ends with the
+    route function, before the response is sent (`scope="function"`): a request gives its connection
+    back before it gives back its admission slot, and a stream holds none while it streams.
     """
     state = request.app.state
     factory: sessionmaker[Session] = state.read_sessions if request.method in ("GET", "HEAD") else state.sessions
@@ -36,9 +38,11 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+MISSING_TOKEN = "missing bearer token: send `Authorization: Bearer <token>` (trainbox tokens create)"
+INVALID_TOKEN = "invalid, revoked or expired token"
 _bearer = HTTPBearer(auto_error=False, description="an API token: `trainbox tokens create NAME`")
 
 
@@ -48,13 +52,14 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 def current_user(request: Request, session: SessionDep, credentials: BearerDep) -> Principal:
     """Who is asking: the user of the `Authorization: Bearer` token; 401 without a valid one."""
     if credentials is None:
-        raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>` (trainbox tokens create)")
+        raise Unauthorized(MISSING_TOKEN)
     user = authenticate(session, credentials.credentials, request.app.state.settings)
     # End the look-up's transaction now: on SQLite a writing request's transaction holds the write
     # lock, and an upload may take a while before it writes anything.
     session.commit()
     if user is None:
-        raise Unauthorized("invalid, revoked or expired token")
+        raise Unauthorized(INVALID_TOKEN)
+    request.app.state.admission.identify(request.scope, user.name)
     return user
 
 

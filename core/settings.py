@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(False, description="serve /metrics without a token (a private scrape network)")
 
     sse_block_ms: int = Field(5000, ge=10, le=60000, description="XREAD BLOCK per SSE poll")
+    # Admission (api/admission.py): what the API takes on at once; the DB and Redis pools follow from it.
+    api_max_inflight: int = Field(
+        24, ge=1, le=32, description="requests handled at once (below anyio's 40 worker threads); more wait, then 503"
+    )
+    api_max_inflight_per_user: int = Field(6, ge=1, description="requests of one user handled at once; more: 429")
+    api_admission_wait_s: float = Field(1.0, ge=0, le=30, description="how long a request waits for a slot -> 503")
+    api_max_streams: int = Field(500, ge=1, le=10000, description="open event streams (SSE) in all; more: 503")
+    api_max_streams_per_user: int = Field(32, ge=1, description="open event streams of one user; more: 429")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
 

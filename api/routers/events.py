@@ -10,33 +10,52 @@ lost step that the trainer wrote before the client's last event reached Redis.
 
 Trainer `step` events are sent as `metric`, `start` and trainer `end` as `state`; the final `end`
 event is sent once the job is terminal and the stream is drained, then the response closes.
+
+A quiet stream stays open (a keep-alive comment every PING_S) as long as the client does. While it
+streams it holds no DB connection (the request's session ended with the route; the state checks
+open short sessions on the streams' own threads) and one Redis connection. A Redis error ends the
+stream with one log line; the client resumes with Last-Event-ID.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Header, Query, Request
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobDep, RedisDep, SessionDep
+from api.admission import stream_slot
+from api.deps import JobDep, RedisDep
 from api.errors import Unprocessable, documented
 from core import events, keys
 from core.models import Job, JobMetric
 from core.states import JobState
 
-router = APIRouter(tags=["events"], responses=documented(404, 503))
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["events"], responses=documented(404, 429, 503))
+T = TypeVar("T")
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 BATCH = 200
 DB_SEQ = 10**12  # DB event ids carry the step above this (Redis's own sequence numbers stay far below)
 SSE_NAMES = {"step": "metric", "start": "state", "end": "state"}
+PING_S = 10  # keep-alive comment on a quiet stream (proxies drop idle connections)
+WARN_EVERY_S = 10.0  # Redis errors of many streams at once: one log line per this, with a count
+_warned = {"at": 0.0, "quiet": 0}
+
+
+async def _in_stream_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run a short DB read on the threads every open stream shares (never the request threads)."""
+    return await anyio.to_thread.run_sync(fn, request, *args, limiter=request.app.state.admission.stream_db)
 
 
 def _read_state(request: Request, job_id: str) -> tuple[str, dict[str, Any] | None]:
@@ -91,7 +110,7 @@ async def _lost_steps(
             break
         first_step = next((e["step"] for _i, f in batch if (e := events.decode(f)).get("type") == "step"), None)
         start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else str(batch[-1][0]))
-    rows = await run_in_threadpool(_metrics_after, request, job_id, after, first_step, last_step)
+    rows = await _in_stream_thread(request, _metrics_after, job_id, after, first_step, last_step)
     fields = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
     return [
         ServerSentEvent(
@@ -106,6 +125,23 @@ async def _lost_steps(
 async def _stream(
     request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
 ) -> AsyncIterator[ServerSentEvent]:
+    """The events; a Redis error ends the stream with a log line (no traceback): the client resumes."""
+    try:
+        async for sse in _events(request, redis, job_id, last_id, last_step):
+            yield sse
+    except RedisError as e:
+        now = time.monotonic()
+        if now - _warned["at"] < WARN_EVERY_S:
+            _warned["quiet"] += 1
+            return
+        quiet, _warned["at"], _warned["quiet"] = _warned["quiet"], now, 0
+        more = f" ({quiet} more since the last such line)" if quiet else ""
+        log.warning("event stream of job %s ended: Redis: %s: %s; clients resume%s", job_id, type(e).__name__, e, more)
+
+
+async def _events(
+    request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
+) -> AsyncIterator[ServerSentEvent]:
     key = keys.job_events(job_id)
     block_ms = request.app.state.settings.sse_block_ms
     from_db = await _lost_steps(request, redis, job_id, last_id, last_step)
@@ -115,7 +151,7 @@ async def _stream(
     db_step = json.loads(from_db[-1].data)["step"] if from_db else None
 
     async def terminal() -> tuple[bool, str, dict[str, Any] | None]:
-        state, error = await run_in_threadpool(_read_state, request, job_id)
+        state, error = await _in_stream_thread(request, _read_state, job_id)
         return JobState(state).is_terminal(), state, error
 
     done, state, error = await terminal()
@@ -151,15 +187,18 @@ async def _stream(
 )
 async def job_events(
     job: JobDep,
-    session: SessionDep,
     request: Request,
     redis: RedisDep,
+    _stream_slot: Annotated[None, Depends(stream_slot)],
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
     after: Annotated[str | None, Query(max_length=64, description="stream id to resume after")] = None,
     last_step: Annotated[
         int | None,
-        Header(ge=0, le=2**31, description="the last step the client received: makes a resume exact "
-               "where Redis lost events"),
+        Header(
+            ge=0,
+            le=2**31,
+            description="the last step the client received: makes a resume exact where Redis lost events",
+        ),
     ] = None,
 ) -> EventSourceResponse:
     """Live events (`state`, `metric`, `log`, `checkpoint`, `end`); resume with the `Last-Event-ID` header."""
@@ -167,6 +206,5 @@ async def job_events(
     if not STREAM_ID.match(resume):
         loc = ["header", "Last-Event-ID"] if last_event_id else ["query", "after"]
         raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0)", loc)
-    # A stream can last days: give the request's DB connection back now (the loop opens short sessions).
-    await run_in_threadpool(session.close)
-    return EventSourceResponse(_stream(request, redis, job.id, resume, last_step), ping=15)
+    # The request's DB session has ended with this function (SessionDep); the stream opens short ones.
+    return EventSourceResponse(_stream(request, redis, job.id, resume, last_step), ping=PING_S)

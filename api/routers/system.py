@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.orm import selectinload
-from starlette.concurrency import run_in_threadpool
 
 from api.dashboard import DASHBOARD_HTML
 from api.deps import BearerDep, CurrentUser, SessionDep, current_user
@@ -99,7 +99,9 @@ async def healthz(request: Request) -> JSONResponse:
     """Liveness with database and Redis checks; 503 when either is down."""
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(run_in_threadpool(_check_db, request), timeout=5)
+        # Its own thread: a busy API (every request thread taken) still answers whether the DB is up.
+        limiter = request.app.state.admission.health_db
+        await asyncio.wait_for(anyio.to_thread.run_sync(_check_db, request, limiter=limiter), timeout=5)
         checks["database"] = "ok"
     except Exception as e:
         log.warning("health: database check failed: %s", e)
@@ -125,6 +127,6 @@ def metrics(request: Request) -> Response:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-def dashboard() -> HTMLResponse:
+async def dashboard() -> HTMLResponse:
     """The dashboard page (public HTML; it asks for a token and sends it with every data call)."""
     return HTMLResponse(DASHBOARD_HTML)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from redis import Redis
 
 from api.app import create_app
-from core import events
+from api.routers import events as events_route
+from client.stack import redis_server_binary
+from core import events, keys
 from core.models import Job
-from tests.api.conftest import spec
+from core.settings import Settings
+from tests.api.conftest import serve, spec
 from tests.api.test_jobs import only_error
 from tests.helpers import wait_for
 
@@ -108,17 +114,8 @@ def test_event_errors(client):
 @pytest.fixture
 def live_server(settings, client):
     """The app served by uvicorn in a thread: a real socket, so events arrive while the job runs."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = create_app(settings, dispatch=None)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=10, what="uvicorn start")
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    app.state.engine.dispose()
+    with serve(create_app(settings, dispatch=None)) as url:
+        yield url
 
 
 def test_live_stream_delivers_each_event_once_across_a_reconnect(client, sessions, redis, live_server):
@@ -162,7 +159,6 @@ def test_live_stream_delivers_each_event_once_across_a_reconnect(client, session
 def test_steps_redis_lost_come_from_the_db(client, sessions, redis):
     """Redis lost the stream (a restart) after the client saw step 4; steps 8-10 reached the new stream
     (the relay held them): a resume gets 5-7 from the DB, then 8-10, each once, then the end."""
-    from core import keys
     from core.models import JobMetric
 
     job_id = client.post("/jobs", json=spec()).json()["id"]
@@ -198,7 +194,6 @@ def test_steps_redis_lost_come_from_the_db(client, sessions, redis):
 def test_last_step_makes_a_resume_exact_when_redis_lost_events(client, sessions, redis):
     """The relay publishes after the trainer writes (and holds events while Redis is away), so a step's
     recorded time can precede the stream id of an earlier step: with Last-Step the refill is by step."""
-    from core import keys
     from core.models import JobMetric
 
     job_id = client.post("/jobs", json=spec()).json()["id"]
@@ -215,3 +210,124 @@ def test_last_step_makes_a_resume_exact_when_redis_lost_events(client, sessions,
     assert [(e[1], e[2].get("step")) for e in got] == [("metric", 5), ("metric", 6), ("end", None)]
     [err] = only_error(client.get(f"/jobs/{job_id}/events", headers={"Last-Step": "-1"}), 422)
     assert err["loc"] == ["header", "last-step"]
+
+
+class Follower:
+    """Follows a job's events over a real socket in a thread; keeps every line and whether it ended."""
+
+    def __init__(self, url: str, job_id: str, token_headers: dict[str, str], **headers: str) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.ended = threading.Event()
+        self.status: int | None = None
+        self.error: Exception | None = None
+        self._args = (f"{url}/jobs/{job_id}/events", {**token_headers, **headers})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        url, headers = self._args
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=60)) as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    self.lines.append((time.monotonic(), line))
+        except Exception as e:  # noqa: BLE001 - kept for the assertion message
+            self.error = e
+        finally:
+            self.ended.set()
+
+    def events(self) -> list[tuple[str, str, dict]]:
+        return parse([line for _, line in self.lines])
+
+
+def test_a_quiet_stream_outlives_the_redis_socket_timeout(client, settings, sessions, redis):
+    """Production's block time and socket timeout: a follower of a queued job hears nothing for longer
+    than the Redis client's socket timeout, keeps the stream (keep-alive comments), then gets the event."""
+    if not settings.is_sqlite:
+        pytest.skip("the stream's quiet does not depend on the database (run once)")
+    production = settings.model_copy(update={"sse_block_ms": Settings.model_fields["sse_block_ms"].default})
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    app = create_app(production, dispatch=None)
+    with serve(app) as url:
+        pool = app.state.redis.connection_pool
+        socket_timeout = pool.connection_class(**pool.connection_kwargs).socket_timeout  # as its connections get
+        follower = Follower(url, job_id, {"Authorization": client.headers["Authorization"]})
+        wait_for(lambda: follower.events(), timeout=10, what="the queued state event")
+        quiet_since = time.monotonic()
+        assert not follower.ended.wait(socket_timeout + 1), f"the quiet stream ended: {follower.error!r}"
+        assert socket_timeout > production.sse_block_ms / 1000, "a poll's XREAD BLOCK must end before the timeout"
+        comments = [line for t, line in follower.lines if t > quiet_since and line.startswith(":")]
+        assert comments, "keep-alive comments while quiet"
+        steps(redis, job_id, 1, 2)
+        wait_for(lambda: any(e[1] == "metric" for e in follower.events()), timeout=10, what="the step event")
+        set_state(sessions, job_id, "succeeded")
+        assert follower.ended.wait(15)
+    assert [e[1] for e in follower.events()] == ["state", "metric", "end"]
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own on a free port: it can be killed and started again."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    argv = [redis_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    procs: list[subprocess.Popen] = []
+
+    def start() -> Redis:
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ))
+        r = Redis(port=port)
+        wait_for(lambda: _pings(r), timeout=10, what="redis-server up")
+        return r
+
+    def stop() -> None:
+        procs[-1].terminate()
+        procs[-1].wait(10)
+
+    yield f"redis://127.0.0.1:{port}/0", start, stop
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def _pings(r: Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def test_a_redis_failure_ends_the_stream_with_one_line_and_the_resume_works(
+    client, settings, sessions, own_redis, caplog, monkeypatch
+):
+    if not settings.is_sqlite:
+        pytest.skip("the stream's Redis handling does not depend on the database (run once)")
+    # Another test's Redis error may have been the last line: start the log's rate limit afresh.
+    monkeypatch.setattr(events_route, "_warned", {"at": 0.0, "quiet": 0}, raising=False)
+    caplog.set_level(logging.INFO)
+    redis_url, start_redis, stop_redis = own_redis
+    r = start_redis()
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "running")
+    auth = {"Authorization": client.headers["Authorization"]}
+    with serve(create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)) as url:
+        steps(r, job_id, 1, 3)
+        followers = [Follower(url, job_id, auth) for _ in range(3)]
+        for f in followers:
+            wait_for(lambda f=f: len(f.events()) == 2, timeout=10, what="steps 1 and 2")
+        stop_redis()
+        for f in followers:
+            assert f.ended.wait(20), "a stream whose Redis died must end"
+            assert f.error is None, f"the stream ended cleanly, not with {f.error!r}"
+        last_id = followers[0].events()[-1][0]
+        r = start_redis()
+        steps(r, job_id, 3, 4)
+        set_state(sessions, job_id, "succeeded")
+        resumed = Follower(url, job_id, auth, **{"Last-Event-ID": last_id, "Last-Step": "2"})
+        assert resumed.ended.wait(15)
+    assert [(e[1], e[2].get("step")) for e in resumed.events()] == [("metric", 3), ("end", None)]
+    warnings = [rec for rec in caplog.records if rec.name == events_route.log.name]
+    assert len(warnings) == 1 and "Redis" in warnings[0].getMessage(), [w.getMessage() for w in warnings]
+    assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR], "no tracebacks"
