@@ -25,6 +25,19 @@ def _fmt(train: int, micro: int, accum: int, gpus: int) -> str:
     return f"train_batch_size {train} = micro {micro} x accum {accum} x {gpus} GPU{'s' if gpus > 1 else ''}"
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of n in increasing order, by trial division up to sqrt(n): O(sqrt n), not O(n)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
 def _suggestions(gpus: int, train: int | None, micro: int | None, accum: int | None) -> list[str]:
     """Valid combinations that change one thing from the request, nearest first."""
     out: list[str] = []
@@ -39,7 +52,7 @@ def _suggestions(gpus: int, train: int | None, micro: int | None, accum: int | N
         # Keep the global batch and GPUs, change accumulation (micro derived).
         if train % gpus == 0:
             per_gpu = train // gpus
-            accs = [d for d in range(1, per_gpu + 1) if per_gpu % d == 0 and d != accum]
+            accs = [d for d in divisors(per_gpu) if d != accum]
             for d in sorted(accs, key=lambda d: abs(d - a))[:2]:
                 out.append(_fmt(train, per_gpu // d, d, gpus))
         # Keep the global batch and accumulation, change the number of GPUs.

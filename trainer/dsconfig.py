@@ -50,8 +50,10 @@ def build_ds_config(spec: JobSpec, *, precision: Precision, steps: int) -> dict[
         # take any torch optimizer, and a fused torch AdamW needs no JIT-compiled extension.
         zero_allow_untested_optimizer=True,
     )
-    cfg["zero_optimization"] = ds.zero_optimization.model_dump(exclude_unset=True, exclude_none=True)
-    cfg["zero_optimization"]["stage"] = ds.zero_optimization.stage
+    zero = ds.zero_optimization.model_dump(exclude_unset=True, exclude_none=True)
+    # "auto" (Hugging Face's spelling) is for a trainer to fill in; DeepSpeed drops such keys and uses
+    # its defaults, so the resolved config leaves them out and shows what will run.
+    cfg["zero_optimization"] = {k: v for k, v in zero.items() if v != "auto"} | {"stage": ds.zero_optimization.stage}
     if precision == "fp16":
         cfg["fp16"] = (ds.fp16.model_dump(exclude_unset=True) if ds.fp16 else {}) | {"enabled": True}
     elif precision == "bf16":

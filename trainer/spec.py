@@ -7,16 +7,71 @@ arithmetic, path syntax); `trainer.paths` checks what needs the file system (roo
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from trainer.batch import BatchPlan, resolve_batch
+from trainer.batch import BatchError, BatchPlan, resolve_batch
 from trainer.presets import PRESETS
 
+# --- limits: the one place they are defined ------------------------------------------------------
+# Far above any sane job, far below what breaks something: step counters and metric rows are 32-bit
+# integers in the database (Postgres INTEGER), so steps stay under 2**31 with room to spare; the
+# batch numbers bound the work of the batch arithmetic and the memory estimate.
+MAX_GPUS = 64
+MAX_MICRO_BATCH = 4096  # sequences per GPU per micro-step
+MAX_GRAD_ACCUM = 4096
+MAX_TRAIN_BATCH = 1 << 20  # sequences per optimizer step, all GPUs together
+MAX_SEQ_LEN = 32768
+MAX_EPOCHS = 1000
+MAX_STEPS = 1_000_000_000  # optimizer steps; also bounds checkpoint_every and scheduler steps
+MAX_RUNTIME_S = 60 * 86400
+MAX_SEED = 2**31 - 1
+MAX_PRIORITY = 100
+MAX_BUCKET = 1 << 40  # elements in a ZeRO bucket or threshold
+MAX_NAME_LEN = 100
+
+# Defaults a spec may leave out. A spec without max_runtime_s runs with DEFAULT_MAX_RUNTIME_S (or the
+# user's cap when that is lower); the job and POST /jobs/validate show the value it got.
+DEFAULT_MAX_RUNTIME_S = 86400
+
+
+# --- number types --------------------------------------------------------------------------------
+# Integers and numbers as JSON Schema means them: 3 and 3.0 are integers, true and "3" are not, and
+# there is no NaN or Infinity (Python's JSON parser accepts both; stored JSON must never hold them).
+
+
+def _whole(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(v, float):
+        if not (math.isfinite(v) and v.is_integer()):
+            raise PydanticCustomError("int_from_float", "Input should be a whole number")
+        return int(v)
+    return v
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise PydanticCustomError("finite_number", "Input should be a finite number (no NaN or Infinity)")
+    return f
+
+
+# The bounds go inside (`Annotated[int, Field(ge=1), _W]`): after a validator pydantic would still
+# check them but drop them from the JSON schema (as unknown "ge"/"le" keywords).
+_W = BeforeValidator(_whole)
+_F = BeforeValidator(_finite)
+Bool = StrictBool
 Auto = Literal["auto"]
-PositiveInt = Annotated[int, Field(ge=1)]
 
 # Keys that make DeepSpeed write files, read files or load code. The server owns these (or they
 # are not offered at all): a spec must not be able to point DeepSpeed at arbitrary paths.
@@ -41,23 +96,57 @@ REFUSED_DS_KEYS: dict[str, str] = {
 # Same idea one level down: NVMe offload writes swap files to a path.
 REFUSED_OFFLOAD_KEYS = {"nvme_path", "buffer_count", "buffer_size", "max_in_cpu"}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Names and paths, as patterns the OpenAPI document states and Python checks (`fullmatch`: a `$`
+# would let "name\n" through). A path is relative, '/'-separated, without control characters, '\',
+# a '..' component, empty components or a leading '~'; model directories also have no ':' (so no
+# path can look like "preset:...").
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_CTRL = r"\x00-\x1f\x7f"
+
+
+def _path_pattern(extra: str = "") -> str:
+    char = f"[^{_CTRL}/\\\\{extra}]"  # any character of a component
+    nodot = f"[^{_CTRL}/\\\\.{extra}]"
+    first = f"[^{_CTRL}/\\\\.~{extra}]"
+    # A component that is not '..': '.', or a dot at most once before a non-dot, or '..' and more.
+    comp = f"(?:\\.|\\.?{nodot}{char}*|\\.\\.{char}+)"
+    head = f"(?:\\.|{first}{char}*|\\.{nodot}{char}*|\\.\\.{char}+)"
+    return f"^{head}(?:/{comp})*/?$"
+
+
+PATH_PATTERN = _path_pattern()
+MODEL_DIR_PATTERN = _path_pattern(":")
+PRESET_PATTERN = "^preset:(?:" + "|".join(p.replace(".", "\\.") for p in PRESETS) + ")$"
+MODEL_PATTERN = f"{PRESET_PATTERN}|{MODEL_DIR_PATTERN}"
+_NAME_RE = re.compile(NAME_PATTERN.removeprefix("^").removesuffix("$"))
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def check_relative_path(value: str, what: str) -> str:
-    """Refuse paths that could leave a configured root, before any file system look-up."""
-    if not value or "\x00" in value:
-        raise ValueError(f"{what} must be a non-empty path without NUL bytes")
-    if value.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value):
+def check_relative_path(value: str, what: str, *, allow_colon: bool = True) -> str:
+    """Refuse paths that could leave a configured root, before any file system look-up.
+
+    Exactly the paths PATH_PATTERN (MODEL_DIR_PATTERN without `allow_colon`) matches, each refusal
+    with its own message.
+    """
+    if not value:
+        raise ValueError(f"{what} must be a non-empty path")
+    if re.search(f"[{_CTRL}]", value):
+        raise ValueError(f"{what} must be a path without NUL bytes or other control characters: {value!r}")
+    if "\\" in value:
+        raise ValueError(f"{what} must use '/' to separate directories, not '\\': {value!r}")
+    if value.startswith(("/", "~")):
         raise ValueError(f"{what} must be relative to its configured root, not absolute: {value!r}")
-    parts = re.split(r"[\\/]+", value)
+    if not allow_colon and ":" in value:
+        raise ValueError(f"{what} must not contain ':' (a preset is named 'preset:<name>'): {value!r}")
+    parts = value.removesuffix("/").split("/")
     if ".." in parts:
         raise ValueError(f"{what} must not contain '..': {value!r}")
+    if "" in parts:
+        raise ValueError(f"{what} must not contain empty components ('//'): {value!r}")
     return value
 
 
@@ -65,36 +154,30 @@ def check_relative_path(value: str, what: str) -> str:
 
 
 class Fp16Config(_Strict):
-    enabled: bool | Auto = False
-    auto_cast: bool = False
-    loss_scale: float = Field(0.0, ge=0)
-    initial_scale_power: int = Field(16, ge=0, le=40)
-    loss_scale_window: int = Field(1000, ge=1)
-    hysteresis: int = Field(2, ge=1)
-    consecutive_hysteresis: bool = False
-    min_loss_scale: float = Field(1.0, gt=0)
+    enabled: Bool | Auto = False
+    auto_cast: Bool = False
+    loss_scale: Annotated[float, Field(ge=0, le=2.0**64), _F] = 0.0
+    initial_scale_power: Annotated[int, Field(ge=0, le=40), _W] = 16
+    loss_scale_window: Annotated[int, Field(ge=1, le=MAX_STEPS), _W] = 1000
+    hysteresis: Annotated[int, Field(ge=1, le=MAX_STEPS), _W] = 2
+    consecutive_hysteresis: Bool = False
+    # DeepSpeed takes an integer here (a float is refused by its config parser).
+    min_loss_scale: Annotated[int, Field(ge=1, le=2**40), _W] = 1
 
 
 class Bf16Config(_Strict):
-    enabled: bool | Auto = False
-    immediate_grad_update: bool | None = None
+    enabled: Bool | Auto = False
+    immediate_grad_update: Bool | None = None
 
 
 class AdamParams(_Strict):
-    lr: float = Field(5e-5, gt=0, le=10)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0, le=10)
+    lr: Annotated[float, Field(gt=0, le=10), _F] = 5e-5
+    betas: tuple[Annotated[float, Field(ge=0, lt=1), _F], Annotated[float, Field(ge=0, lt=1), _F]] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0, le=1), _F] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0, le=10), _F] = 0.0
     # Accepted because people paste them; the trainer picks the implementation (fused on GPU).
-    torch_adam: bool | None = None
-    adam_w_mode: bool | None = None
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError("betas must be two numbers in [0, 1)")
-        return v
+    torch_adam: Bool | None = None
+    adam_w_mode: Bool | None = None
 
 
 class OptimizerConfig(_Strict):
@@ -102,15 +185,21 @@ class OptimizerConfig(_Strict):
     params: AdamParams = AdamParams()
 
 
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS), _W]
+LearningRate = Annotated[float, Field(ge=0, le=10), _F]
+Ratio = Annotated[float, Field(ge=0, le=1), _F]
+
+
 class SchedulerParams(_Strict):
-    # The bound sits on the number alone: on the union pydantic would apply it to "auto" (a TypeError).
-    warmup_min_lr: Annotated[float, Field(ge=0)] | Auto = 0.0
-    warmup_max_lr: float | Auto = "auto"
-    warmup_num_steps: int | Auto = "auto"
+    # Bounds sit on the number alone: on the union pydantic would apply them to "auto" (a TypeError).
+    warmup_min_lr: LearningRate | Auto = 0.0
+    warmup_max_lr: LearningRate | Auto = "auto"
+    # DeepSpeed refuses 0 and negative warmup steps when it builds the scheduler, after the queue.
+    warmup_num_steps: Steps | Auto = "auto"
     warmup_type: Literal["log", "linear"] = "linear"
-    total_num_steps: int | Auto = "auto"
-    warmup_min_ratio: float | None = Field(None, ge=0, le=1)
-    cos_min_ratio: float | None = Field(None, ge=0, le=1)
+    total_num_steps: Steps | Auto = "auto"
+    warmup_min_ratio: Ratio | None = None
+    cos_min_ratio: Ratio | None = None
 
 
 class SchedulerConfig(_Strict):
@@ -118,11 +207,9 @@ class SchedulerConfig(_Strict):
     params: SchedulerParams = SchedulerParams()
 
 
-class OffloadConfig(_Strict):
+class OffloadParamConfig(_Strict):
     device: Literal["cpu", "none"] = "none"
-    pin_memory: bool = False
-    ratio: float | None = Field(None, gt=0, le=1)
-    fast_init: bool | None = None
+    pin_memory: Bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -136,46 +223,68 @@ class OffloadConfig(_Strict):
         return data
 
 
+class OffloadConfig(OffloadParamConfig):
+    """offload_optimizer: as offload_param, plus partial offload (ZeRO-3) and fast init."""
+
+    ratio: Annotated[float, Field(gt=0, le=1), _F] | None = None
+    fast_init: Bool | None = None
+
+
+# Element counts for ZeRO's buckets and thresholds; DeepSpeed itself refuses a zero reduce bucket.
+Bucket = Annotated[int, Field(ge=1, le=MAX_BUCKET), _W]
+Count = Annotated[int, Field(ge=0, le=MAX_BUCKET), _W]
+
+
 class ZeroConfig(_Strict):
-    stage: int = Field(0, ge=0, le=3)
-    allgather_partitions: bool = True
-    allgather_bucket_size: int = Field(int(5e8), ge=1)
-    overlap_comm: bool | None = None
-    reduce_scatter: bool = True
-    reduce_bucket_size: int | Auto = Field(int(5e8))
-    contiguous_gradients: bool = True
-    round_robin_gradients: bool = False
-    sub_group_size: int = Field(int(1e9), ge=1)
+    stage: Annotated[int, Field(ge=0, le=3), _W] = 0
+    allgather_partitions: Bool = True
+    allgather_bucket_size: Bucket = int(5e8)
+    overlap_comm: Bool | None = None
+    reduce_scatter: Bool = True
+    # "auto" (as the Hugging Face examples write it) means DeepSpeed's default.
+    reduce_bucket_size: Bucket | Auto = int(5e8)
+    contiguous_gradients: Bool = True
+    round_robin_gradients: Bool = False
+    sub_group_size: Bucket = int(1e9)
     offload_optimizer: OffloadConfig | None = None
-    offload_param: OffloadConfig | None = None
-    stage3_prefetch_bucket_size: int | Auto = Field(int(5e7))
-    stage3_param_persistence_threshold: int | Auto = Field(int(1e5))
-    stage3_max_live_parameters: int = Field(int(1e9), ge=0)
-    stage3_max_reuse_distance: int = Field(int(1e9), ge=0)
-    stage3_gather_16bit_weights_on_model_save: bool = True
-    zero_hpz_partition_size: int = Field(1, ge=1)
-    zero_quantized_weights: bool = False
-    zero_quantized_gradients: bool = False
+    offload_param: OffloadParamConfig | None = None
+    stage3_prefetch_bucket_size: Count | Auto = int(5e7)
+    stage3_param_persistence_threshold: Count | Auto = int(1e5)
+    stage3_max_live_parameters: Count = int(1e9)
+    stage3_max_reuse_distance: Count = int(1e9)
+    stage3_gather_16bit_weights_on_model_save: Bool = True
+    zero_hpz_partition_size: Annotated[int, Field(ge=1, le=MAX_GPUS), _W] = 1
+    zero_quantized_weights: Bool = False
+    zero_quantized_gradients: Bool = False
+
+    @model_validator(mode="after")
+    def _partial_offload_needs_stage_3(self) -> ZeroConfig:
+        ratio = self.offload_optimizer.ratio if self.offload_optimizer else None
+        if ratio is not None and ratio < 1 and self.stage != 3:
+            msg = f"offload_optimizer.ratio {ratio} (partial offload) needs ZeRO stage 3, not stage {self.stage}"
+            raise PydanticCustomError("deepspeed_conflict", "{msg}", {"msg": msg})
+        return self
 
 
 class DeepSpeedConfig(_Strict):
     """A DeepSpeed config as people paste it, restricted to keys that cannot touch the file system."""
 
-    train_batch_size: PositiveInt | Auto | None = None
-    train_micro_batch_size_per_gpu: PositiveInt | Auto | None = None
-    gradient_accumulation_steps: PositiveInt | Auto | None = None
+    train_batch_size: Annotated[int, Field(ge=1, le=MAX_TRAIN_BATCH), _W] | Auto | None = None
+    train_micro_batch_size_per_gpu: Annotated[int, Field(ge=1, le=MAX_MICRO_BATCH), _W] | Auto | None = None
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=MAX_GRAD_ACCUM), _W] | Auto | None = None
     fp16: Fp16Config | None = None
     bf16: Bf16Config | None = None
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig | None = None
     zero_optimization: ZeroConfig = ZeroConfig()
-    gradient_clipping: float | Auto = Field(1.0)
-    steps_per_print: int = Field(10**9, ge=1)
-    wall_clock_breakdown: bool = False
-    prescale_gradients: bool = False
-    gradient_predivide_factor: float = Field(1.0, gt=0)
+    # 0 turns clipping off (as in DeepSpeed); DeepSpeed silently skips a negative value, so it is refused.
+    gradient_clipping: Annotated[float, Field(ge=0, le=1e6), _F] | Auto = 1.0
+    steps_per_print: Annotated[int, Field(ge=1, le=MAX_STEPS), _W] = MAX_STEPS
+    wall_clock_breakdown: Bool = False
+    prescale_gradients: Bool = False
+    gradient_predivide_factor: Annotated[float, Field(gt=0, le=1e6), _F] = 1.0
     communication_data_type: Literal["fp16", "bf16", "fp32"] | None = None
-    zero_allow_untested_optimizer: bool = True
+    zero_allow_untested_optimizer: Bool = True
     seq_parallel_communication_data_type: Literal["fp16", "bf16", "fp32"] | None = None
 
     @model_validator(mode="before")
@@ -193,7 +302,7 @@ class DeepSpeedConfig(_Strict):
     @model_validator(mode="after")
     def _one_precision(self) -> DeepSpeedConfig:
         if self.fp16_enabled and self.bf16_enabled:
-            raise ValueError("fp16 and bf16 cannot both be enabled; choose one")
+            raise PydanticCustomError("precision_conflict", "fp16 and bf16 cannot both be enabled; choose one")
         return self
 
     @property
@@ -212,10 +321,21 @@ class DeepSpeedConfig(_Strict):
 # --- the job spec -------------------------------------------------------------------------------
 
 
+# What OpenAPI can say about "exactly one of path or id"; the validator below says it in words.
+_ONE_OF_PATH_OR_ID = {
+    "oneOf": [
+        {"required": ["path"], "properties": {"path": {"type": "string"}}},
+        {"required": ["id"], "properties": {"id": {"type": "string"}}},
+    ]
+}
+
+
 class DatasetRef(_Strict):
     """Where the training text comes from: a path under the data root, or an uploaded dataset id."""
 
-    path: str | None = None
+    model_config = ConfigDict(json_schema_extra=_ONE_OF_PATH_OR_ID)
+
+    path: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": PATH_PATTERN})
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     text_field: str = Field("text", min_length=1, max_length=100)
     format: Literal["auto", "jsonl", "text"] = "auto"
@@ -232,25 +352,47 @@ class DatasetRef(_Strict):
 class JobSpec(_Strict):
     """One training job: model, data, GPUs and a DeepSpeed config."""
 
-    name: str = Field(..., description="letters, digits, '.', '_' and '-', at most 100")
-    model: str = Field(..., max_length=300, description="preset:<name>, a dir under the model root, or a hub id")
+    name: str = Field(
+        ...,
+        max_length=MAX_NAME_LEN,
+        description="letters, digits, '.', '_' and '-', at most 100",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=300,
+        description="preset:<name>, a dir under the model root, or a hub id",
+        json_schema_extra={"pattern": MODEL_PATTERN},
+    )
     dataset: DatasetRef
-    gpus: int = Field(1, ge=1, le=64)
-    seq_len: int = Field(512, ge=8, le=32768)
-    epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1)
+    gpus: Annotated[int, Field(ge=1, le=MAX_GPUS), _W] = 1
+    seq_len: Annotated[int, Field(ge=8, le=MAX_SEQ_LEN), _W] = 512
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS), _W] = 1
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS), _W] | None = None
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    checkpoint_every: int = Field(500, ge=0, description="optimizer steps between checkpoints; 0: only at the end")
-    keep_checkpoints: int = Field(2, ge=1, le=20)
-    gradient_checkpointing: bool = False
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    priority: int = Field(0, ge=-100, le=100)
-    max_runtime_s: int | None = Field(86400, ge=1, le=60 * 86400)
+    checkpoint_every: Annotated[
+        int, Field(ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints; 0: only at the end"), _W
+    ] = 500
+    keep_checkpoints: Annotated[int, Field(ge=1, le=20), _W] = 2
+    gradient_checkpointing: Bool = False
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), _W] = 42
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY), _W] = 0
+    max_runtime_s: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_RUNTIME_S,
+            description=f"stop (checkpoint, then fail as `timeout`) after this many seconds of running; "
+            f"left out: {DEFAULT_MAX_RUNTIME_S}, or your cap when that is lower",
+        ),
+        _W,
+    ] = DEFAULT_MAX_RUNTIME_S
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError("name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
@@ -261,12 +403,26 @@ class JobSpec(_Strict):
             if v.removeprefix("preset:") not in PRESETS:
                 raise ValueError(f"unknown preset {v!r}; presets: {', '.join('preset:' + p for p in PRESETS)}")
             return v
-        check_relative_path(v, "model")
+        check_relative_path(v, "model", allow_colon=False)
         return v
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> JobSpec:
-        self.batch  # noqa: B018 - raises ValueError naming the valid choices
+        try:
+            plan = self.batch
+        except BatchError as e:
+            raise PydanticCustomError("batch_arithmetic", "{msg}", {"msg": str(e)}) from None
+        for value, limit, what in (
+            (plan.micro, MAX_MICRO_BATCH, "train_micro_batch_size_per_gpu"),
+            (plan.accum, MAX_GRAD_ACCUM, "gradient_accumulation_steps"),
+            (plan.train, MAX_TRAIN_BATCH, "train_batch_size"),
+        ):
+            if value > limit:
+                msg = (
+                    f"the batch resolves to {what} {value}, over the limit of {limit} "
+                    f"(train_batch_size {plan.train} = micro {plan.micro} x accum {plan.accum} x {plan.gpus} GPUs)"
+                )
+                raise PydanticCustomError("batch_arithmetic", "{msg}", {"msg": msg})
         return self
 
     @property
@@ -285,12 +441,25 @@ class JobSpec(_Strict):
 
     @property
     def is_hub_id(self) -> bool:
-        return not self.model.startswith("preset:") and bool(_HUB_ID.match(self.model))
+        return not self.model.startswith("preset:") and bool(_HUB_ID.fullmatch(self.model))
+
+
+_UNION_TAGS = {"bool", "int", "float", "str", "none"}
+
+
+def clean_loc(loc: Any) -> list[str | int]:
+    """An error's location as field names only: without the tags pydantic adds for each member of a
+    union (`function-before[...]`, `literal['auto']`, `bool`), which no spec field is named like."""
+    return [
+        p
+        for p in loc
+        if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS or p.startswith("constrained-")))
+    ]
 
 
 def describe_errors(exc: Any) -> str:
     """A pydantic ValidationError as one line per problem: `field.path: message`."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg'].removeprefix('Value error, ')}"
+        f"{'.'.join(str(p) for p in clean_loc(err['loc'])) or 'spec'}: {err['msg'].removeprefix('Value error, ')}"
         for err in exc.errors()
     )

@@ -30,7 +30,6 @@ def limits(client, name, **values):
          ["gpus 2 is more than your 1 GPUs in use at once", "max_gpus", "TRAINBOX_MAX_GPUS_PER_USER"]),
         ({"max_runtime_s": 3600}, spec(max_runtime_s=7200), ["body", "max_runtime_s"],
          ["max_runtime_s 7200 is over your cap of 3600 s", "TRAINBOX_MAX_RUNTIME_S"]),
-        ({}, spec(max_runtime_s=None), ["body", "max_runtime_s"], ["no max_runtime_s is over your cap of 604800 s"]),
         ({}, spec(priority=5), ["body", "priority"], ["priority 5 is above your ceiling of 0", "max_priority"]),
         ({"max_priority": 3}, spec(priority=4), ["body", "priority"], ["ceiling of 3", "--max-priority"]),
     ],

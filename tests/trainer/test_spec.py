@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from trainer.batch import BatchError, resolve_batch
-from trainer.spec import JobSpec, describe_errors
+from trainer.batch import BatchError, divisors, resolve_batch
+from trainer.spec import (
+    MAX_MICRO_BATCH,
+    MAX_RUNTIME_S,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TRAIN_BATCH,
+    MODEL_DIR_PATTERN,
+    NAME_PATTERN,
+    PATH_PATTERN,
+    JobSpec,
+    check_relative_path,
+    describe_errors,
+)
 
 ARTICLE_DS = {
     "train_batch_size": 32,
@@ -147,3 +160,121 @@ def test_ranges_are_enforced() -> None:
     assert "seq_len" in error_of(spec(seq_len=10**6))
     assert "priority" in error_of(spec(priority=1000))
     assert "deepspeed.zero_optimization.stage" in error_of(spec(deepspeed={"zero_optimization": {"stage": 4}}))
+
+
+# --- hardening: bounds, numbers, names ------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_batch_suggestions_do_bounded_work() -> None:
+    """The nearest-choices search tried every divisor candidate: seconds of CPU for one spec."""
+    with pytest.raises(BatchError, match="valid nearby choices"):
+        resolve_batch(gpus=1, train=10**11 + 1, micro=None, accum=2)
+    assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and divisors(1) == [1] and divisors(49) == [1, 7, 49]
+
+
+def test_batch_fields_have_upper_bounds_defined_once() -> None:
+    msg = error_of(spec(deepspeed={"train_batch_size": 200000001, "gradient_accumulation_steps": 2}))
+    assert f"less than or equal to {MAX_TRAIN_BATCH}" in msg
+    assert "gradient_accumulation_steps" in error_of(spec(deepspeed={"gradient_accumulation_steps": 10**12}))
+    assert "train_micro_batch_size_per_gpu" in error_of(spec(deepspeed={"train_micro_batch_size_per_gpu": 10**5}))
+    # Derived values are held to the same limits.
+    msg = error_of(spec(deepspeed={"train_batch_size": MAX_TRAIN_BATCH}))
+    assert f"train_micro_batch_size_per_gpu {MAX_TRAIN_BATCH}, over the limit of {MAX_MICRO_BATCH}" in msg
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_steps", 10**30),
+        ("max_steps", 2**31),
+        ("checkpoint_every", 2**31),
+        ("epochs", 10**6),
+        ("seed", 2**31),
+        ("priority", 10**12),
+        ("max_runtime_s", 2**31),
+        ("seq_len", 10**6),
+        ("keep_checkpoints", 10**9),
+    ],
+)
+def test_integers_fit_their_database_columns(field: str, value: int) -> None:
+    """max_steps 10**30 was accepted; then every metric insert failed (steps are 32-bit INTEGER)."""
+    assert field in error_of(spec(**{field: value}))
+    assert MAX_STEPS < 2**31 and MAX_SEED < 2**31 and MAX_RUNTIME_S < 2**31
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, 10**400])
+def test_every_number_in_the_spec_is_finite(bad: float) -> None:
+    """Infinity and NaN parse from JSON in Python; they were accepted and stored as invalid JSON."""
+    for path in _number_fields(JobSpec.model_json_schema()):
+        body: dict[str, Any] = spec(deepspeed={})
+        node = body
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = bad
+        with pytest.raises(ValidationError) as e:
+            JobSpec.model_validate(body)
+        assert ".".join(path) in describe_errors(e.value), path
+
+
+def _number_fields(schema: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Paths to every number field of the spec (betas are two numbers in a list: both are checked)."""
+    out: list[tuple[str, ...]] = []
+
+    def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        for alt in node.get("anyOf", []):
+            walk(alt, path)
+        if node.get("type") == "number":
+            out.append(path)
+        for key, sub in node.get("properties", {}).items():
+            walk(sub, (*path, key))
+
+    walk(schema, ())
+    assert ("deepspeed", "gradient_clipping") in out and len(out) > 10, out
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize(("field", "value"), [("gpus", True), ("seed", "42"), ("seq_len", 64.5), ("epochs", False)])
+def test_integers_are_json_integers(field: str, value: Any) -> None:
+    """`true` and "42" are not integers (lax coercion took them); 64.0 is one, as JSON Schema says."""
+    assert field in error_of(spec(**{field: value}))
+    assert JobSpec.model_validate(spec(seq_len=64.0)).seq_len == 64
+
+
+def test_booleans_are_json_booleans() -> None:
+    assert "gradient_checkpointing" in error_of(spec(gradient_checkpointing="yes"))
+    assert "deepspeed.fp16.enabled" in error_of(spec(deepspeed={"fp16": {"enabled": 1}}))
+
+
+@pytest.mark.parametrize("name", ["evil\n", "evil\r\n", "x" * 100 + "\n", "a\nb", " evil"])
+def test_names_match_in_full(name: str) -> None:
+    """`$` in a Python regex matches before a final newline: "evil\\n" passed (101 chars in a 100-char column)."""
+    assert error_of(spec(name=name)).startswith("name: ")
+
+
+def test_schema_patterns_agree_with_the_checks() -> None:
+    """The patterns the OpenAPI document states are the rules the validators apply, exactly."""
+    import re
+
+    for value in ["a", "a/b", "./a", "a/", "...", ".a/..b", "a:b", "~a", "a/~b", "..", "a/../b", "a//b", "/a",
+                  "a\\b", "a\nb", "a\x00", "", ".", "preset:tiny", "preset:huge", "x/" * 10 + "y"]:
+        for allow_colon, pattern in ((True, PATH_PATTERN), (False, MODEL_DIR_PATTERN)):
+            try:
+                check_relative_path(value, "p", allow_colon=allow_colon)
+                ok = True
+            except ValueError:
+                ok = False
+            assert ok == bool(re.fullmatch(pattern.removeprefix("^").removesuffix("$"), value)), (value, pattern)
+
+
+def test_schema_states_bounds_as_json_schema_keywords() -> None:
+    """A bound pydantic cannot put into the JSON schema shows up as a stray 'ge'/'le': OpenAPI would not state it."""
+    import json
+
+    text = json.dumps(JobSpec.model_json_schema())
+    for stray in ('"ge":', '"le":', '"gt":', '"lt":'):
+        assert stray not in text
+    props = JobSpec.model_json_schema()["properties"]
+    assert props["max_steps"]["anyOf"][0]["maximum"] == MAX_STEPS and props["name"]["pattern"] == NAME_PATTERN
