@@ -5,6 +5,7 @@ No torch here: the API runs these checks at submission so a bad path is a 422, n
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -44,11 +45,30 @@ def resolve_under(root: Path, rel: str, what: str) -> Path:
         check_relative_path(rel, what)
     except ValueError as e:
         raise SpecError(str(e), what) from None
-    real_root = root.resolve()
-    path = (real_root / rel).resolve()
+    try:
+        real_root = root.resolve()
+        path = (real_root / rel).resolve()
+    except (OSError, RuntimeError) as e:
+        # RuntimeError: a symlink loop (Python < 3.13 raises it from resolve()); OSError: ELOOP, a
+        # name too long, a permission. Either way nothing usable is there.
+        raise SpecError(f"{what} {rel!r} cannot be resolved under its root: {_reason(e)}", what) from None
     if not path.is_relative_to(real_root):
         raise SpecError(f"{what} {rel!r} leads outside its configured root", what)
     return path
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+        return "a symlink loop"
+    return getattr(e, "strerror", None) or type(e).__name__
+
+
+def _is(kind: Literal["file", "dir"], path: Path, what: str, rel: str) -> bool:
+    """path.is_file() / is_dir(), with the errors they do not swallow (a name too long, EACCES) as SpecError."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError as e:
+        raise SpecError(f"{what} {rel!r} cannot be read: {_reason(e)}", what) from None
 
 
 def uploaded_dataset_path(data_root: Path, dataset_id: str) -> Path:
@@ -69,7 +89,7 @@ def resolve_dataset(ref: DatasetRef, data_root: Path) -> Path:
         # Uploads belong to their uploader; the service checks that when a spec names one by id.
         msg = "dataset.path may not lead into the uploads directory; name an upload by its id"
         raise SpecError(msg, "dataset.path")
-    if not path.is_file():
+    if not _is("file", path, "dataset.path", ref.path):
         raise SpecError(f"dataset file {ref.path!r} not found under the data root", "dataset.path")
     return path
 
@@ -79,13 +99,23 @@ def resolve_model(model: str, model_root: Path) -> ModelSource:
     if model.startswith("preset:"):
         return ModelSource("preset", model.removeprefix("preset:"))
     local = resolve_under(model_root, model, "model")
-    if local.is_dir():
-        if not (local / "config.json").is_file():
+    if _is("dir", local, "model", model):
+        if not _is("file", local / "config.json", "model", model):
             raise SpecError(f"model directory {model!r} has no config.json (save it with save_pretrained)", "model")
         return ModelSource("local", str(local))
     if model.count("/") == 1:
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
 
+        try:
+            # The hub's own rules: the cache look-up would raise on an id it does not accept.
+            validate_repo_id(model)
+        except HFValidationError as e:
+            raise SpecError(
+                f"model {model!r} is neither a directory under the model root nor a valid Hugging Face hub id: {e}",
+                "model",
+            ) from None
         cached = try_to_load_from_cache(model, "config.json")
         if isinstance(cached, str):
             return ModelSource("hub", model)
@@ -110,6 +140,13 @@ def sniff_format(path: Path) -> Literal["jsonl", "text"]:
 
 def inspect_dataset(path: Path, ref: DatasetRef, max_records: int | None = None) -> DatasetInfo:
     """Check that the file is usable training text; SpecError names the line that is not."""
+    try:
+        return _inspect(path, ref, max_records)
+    except OSError as e:
+        raise SpecError(f"dataset cannot be read: {_reason(e)}", "dataset") from None
+
+
+def _inspect(path: Path, ref: DatasetRef, max_records: int | None) -> DatasetInfo:
     fmt = sniff_format(path) if ref.format == "auto" else ref.format
     records = 0
     with path.open("rb") as f:

@@ -60,3 +60,27 @@ def test_hub_id_not_in_cache_says_how_to_get_it(tmp_path: Path, monkeypatch: pyt
         resolve_model("deepseek-ai/deepseek-coder-1.3b-base", tmp_path)
     assert "not in the local Hugging Face cache" in str(e.value) or "nor in the local Hugging Face" in str(e.value)
     assert "hf download deepseek-ai/deepseek-coder-1.3b-base" in str(e.value)
+
+
+def test_symlink_loop_is_a_spec_error(tmp_path: Path) -> None:
+    """resolve() raised RuntimeError("Symlink loop"): a 500 at submission."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(SpecError, match="symlink loop") as e:
+        resolve_dataset(DatasetRef(path="a"), tmp_path)
+    assert e.value.field == "dataset.path"
+    with pytest.raises(SpecError, match="symlink loop"):
+        resolve_model("b", tmp_path)
+
+
+def test_name_too_long_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="dataset.path"):
+        resolve_dataset(DatasetRef(path="x" * 300 + "/a.jsonl"), tmp_path)
+
+
+@pytest.mark.parametrize("model", ["foo/bar baz", "foo/-bar", "a/b--c", "foo/bar.", "foo/x.git", "foo/" + "x" * 97])
+def test_ids_the_hub_rejects_are_spec_errors(tmp_path: Path, model: str) -> None:
+    """huggingface_hub raised HFValidationError from the cache look-up: a 500 at submission."""
+    with pytest.raises(SpecError, match="nor a valid Hugging Face hub id") as e:
+        resolve_model(model, tmp_path)
+    assert e.value.field == "model"
