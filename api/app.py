@@ -20,7 +20,7 @@ from api import errors
 from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
 from api.deps import current_user
 from api.errors import documented
-from api.hardening import RequestLimits
+from api.hardening import AuthFirst, RequestLimits
 from api.observability import MetricsMiddleware, make_registry
 from api.routers import datasets, events, files, jobs, system, tokens, users
 from core import events as job_events
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.registry = registry
     app.state.admission = Admission(settings)
     upload_paths = frozenset({"/datasets"})
-    # The last added runs first: metrics, admission, body limits, the routes.
+    # The last added runs first: metrics, admission, upload auth, body limits, the routes.
     app.add_middleware(
         RequestLimits,
         max_body=settings.max_body_bytes,
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
         max_depth=settings.max_json_depth,
         upload_paths=upload_paths,
     )
+    app.add_middleware(AuthFirst, upload_paths=upload_paths)
     app.add_middleware(AdmissionControl, admission=app.state.admission)
     app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
     errors.install(app)

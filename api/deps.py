@@ -51,6 +51,9 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 def current_user(request: Request, session: SessionDep, credentials: BearerDep) -> Principal:
     """Who is asking: the user of the `Authorization: Bearer` token; 401 without a valid one."""
+    early: Principal | None = getattr(request.state, "principal", None)
+    if early is not None:
+        return early  # an upload, authenticated before its body was read (api.hardening.AuthFirst)
     if credentials is None:
         raise Unauthorized(MISSING_TOKEN)
     user = authenticate(session, credentials.credentials, request.app.state.settings)

@@ -1,4 +1,5 @@
-"""Request limits applied before any route runs: body size (413) and JSON nesting depth (422).
+"""Checks applied before any route runs: uploads authenticated before their body is read (401), body
+size (413) and JSON nesting depth (422).
 
 A body over the limit is refused from its Content-Length when it has one, and by counting the bytes
 as they arrive when it has not (chunked uploads), so nothing over the limit is read into memory or
@@ -12,10 +13,13 @@ import json
 import re
 from typing import Any
 
+import anyio
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.deps import INVALID_TOKEN, MISSING_TOKEN
+from api.errors import Unauthorized, error_body
+from core.users import Principal, authenticate
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -121,13 +125,54 @@ def _counting(receive: Receive, limit: int) -> Receive:
     return counted
 
 
-async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
+class AuthFirst:
+    """ASGI middleware: an upload (a multipart body, or a path in `upload_paths`) is authenticated before
+    its body is read, so an anonymous client or a bad token costs one token look-up, never a spooled body.
+
+    The principal found goes to the route in `request.state.principal` (`current_user` takes it).
+    """
+
+    def __init__(self, app: ASGIApp, *, upload_paths: frozenset[str]) -> None:
+        self.app = app
+        self.upload_paths = upload_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        multipart = headers.get("content-type", "").lower().startswith("multipart/")
+        if not multipart and scope["path"] not in self.upload_paths:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await _unauthorized(send, MISSING_TOKEN)
+            return
+        state = scope["app"].state
+        principal = await anyio.to_thread.run_sync(_authenticate, state, token.strip())
+        if principal is None:
+            await _unauthorized(send, INVALID_TOKEN)
+            return
+        state.admission.identify(scope, principal.name)
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+def _authenticate(state: Any, token: str) -> Principal | None:
+    with state.read_sessions() as session:
+        return authenticate(session, token, state.settings)
+
+
+async def _unauthorized(send: Send, msg: str) -> None:
+    # Answered without reading the body: the server closes the connection instead of draining it.
+    error = Unauthorized(msg)
+    await _reply(send, 401, error_body(error.msg, error.loc, error.type), error.headers)
+
+
+async def _reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
     data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
-        }
-    )
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})

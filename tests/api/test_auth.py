@@ -211,3 +211,44 @@ def test_users_manage_their_own_tokens(client, sessions):
     only_error(client.get("/users/me", headers=fresh), 401)
     assert client.get("/tokens", headers=ann).json()[1]["state"] == "revoked"
     only_error(client.post("/tokens", json={"name": "x", "secret": "mine"}, headers=ann), 422)
+
+
+def _post_headers_only(
+    url: str, headers: dict[str, str], length: int, first: bytes, wait_s: float = 5
+) -> tuple[int, float]:
+    """Send an upload's headers and the start of its body, never the rest; (status, seconds to the answer)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    host, port = urlparse(url).hostname, urlparse(url).port
+    with socket.create_connection((host, port), timeout=wait_s) as sock:
+        head = f"POST /datasets HTTP/1.1\r\nHost: {host}\r\nContent-Length: {length}\r\n"
+        head += "Content-Type: multipart/form-data; boundary=b0undary\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        start = time.monotonic()
+        sock.sendall(head.encode() + first)
+        reply = b""
+        try:
+            while b"\r\n\r\n" not in reply and (chunk := sock.recv(65536)):
+                reply += chunk
+        except TimeoutError:
+            raise AssertionError("no answer while the body was unsent: the server waited to read it") from None
+        return int(reply.split(b" ", 2)[1]), time.monotonic() - start
+
+
+def test_an_upload_is_authenticated_before_its_body_is_read(client, settings):
+    """200 MiB announced, 64 KiB sent: without a valid token the 401 comes at once; nothing is spooled."""
+    from api.app import create_app
+    from tests.api.conftest import serve
+
+    big = settings.model_copy(update={"max_upload_bytes": 256 << 20})
+    first = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n' + b"x" * 65536
+    with serve(create_app(big, dispatch=None)) as url:
+        unknown = "Bearer tbx_" + "a" * 12 + "_" + "b" * 43
+        for headers in ({}, {"Authorization": "Bearer tbx_nope"}, {"Authorization": unknown}):
+            status, took = _post_headers_only(url, headers, 200 << 20, first)
+            assert (status, took < 3) == (401, True), (headers, status, took)
+        # A valid token is still answered by the route (here: it waits for the body, which never comes).
+        with pytest.raises(AssertionError, match="no answer"):
+            _post_headers_only(url, {"Authorization": client.headers["Authorization"]}, 200 << 20, first, wait_s=2)
