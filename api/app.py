@@ -20,7 +20,7 @@ from api import errors
 from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
 from api.deps import current_user
 from api.errors import documented
-from api.hardening import AuthFirst, RequestLimits
+from api.hardening import AuthFirst, RequestLimits, SecurityHeaders
 from api.observability import MetricsMiddleware, make_registry
 from api.routers import datasets, events, files, jobs, system, tokens, users
 from core import events as job_events
@@ -61,6 +61,10 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
         version="0.1.0",
         summary="Share one multi-GPU box for LLM training: submit, schedule, run and follow DeepSpeed jobs.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN, which an offline box cannot reach, and no
+        # installed package carries them: /openapi.json (public) is the API's description; any viewer reads it.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -75,7 +79,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.registry = registry
     app.state.admission = Admission(settings)
     upload_paths = frozenset({"/datasets"})
-    # The last added runs first: metrics, admission, upload auth, body limits, the routes.
+    # The last added runs first: metrics, headers, admission, upload auth, body limits, the routes.
     app.add_middleware(
         RequestLimits,
         max_body=settings.max_body_bytes,
@@ -85,6 +89,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     )
     app.add_middleware(AuthFirst, upload_paths=upload_paths)
     app.add_middleware(AdmissionControl, admission=app.state.admission)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
     errors.install(app)
     # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.

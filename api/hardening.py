@@ -1,5 +1,5 @@
 """Checks applied before any route runs: uploads authenticated before their body is read (401), body
-size (413) and JSON nesting depth (422).
+size (413), JSON nesting depth (422); and the headers every response carries (no framing).
 
 A body over the limit is refused from its Content-Length when it has one, and by counting the bytes
 as they arrive when it has not (chunked uploads), so nothing over the limit is read into memory or
@@ -168,6 +168,35 @@ async def _unauthorized(send: Send, msg: str) -> None:
     # Answered without reading the body: the server closes the connection instead of draining it.
     error = Unauthorized(msg)
     await _reply(send, 401, error_body(error.msg, error.loc, error.type), error.headers)
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response forbids framing (clickjacking of the dashboard's cancel button)
+    and content-type sniffing, and sends no referrer."""
+
+    HEADERS = (
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", b"frame-ancestors 'none'"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.HEADERS if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
 
 
 async def _reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:

@@ -249,6 +249,7 @@ def test_a_flood_and_open_streams_get_fast_answers_and_others_are_served(stack):
         assert r.seconds < 10, f"{r.status} after {r.seconds:.1f}s"
         if r.status in (429, 503):
             assert r.seconds < 3 and r.headers["retry-after"].isdigit(), (r.status, r.seconds, r.headers)
+            assert r.headers["x-frame-options"] == "DENY"
     others: list[Reply] = got["others"]  # type: ignore[assignment]
     assert [r.status for r in others] == [200] * len(others), "another user and /healthz are served meanwhile"
     assert max(r.seconds for r in others) < 3

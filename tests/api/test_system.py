@@ -46,8 +46,12 @@ def test_dashboard_and_docs(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<script" in page.text and "http://" not in page.text and "https://" not in page.text
-    assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
+    # Swagger UI and ReDoc would load from a CDN (nothing offline): off; the OpenAPI document is public.
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path, headers={"Authorization": ""}).status_code == 404, path
+    doc = client.get("/openapi.json", headers={"Authorization": ""})
+    assert doc.status_code == 200 and "cdn" not in doc.text.lower()
+    paths = doc.json()["paths"]
     assert {
         "/jobs",
         "/jobs/validate",
@@ -154,3 +158,21 @@ def test_queued_jobs_show_a_start_eta(client, sessions):
     assert client.get(f"/jobs/{queued['id']}").json()["start_eta_s"] is None, "the holder has no ETA yet"
     entries = {e["id"]: e for e in client.get("/queue").json()["data"]}
     assert "start_eta_s" in entries[queued["id"]]
+
+
+def test_no_response_can_be_framed(client):
+    """The dashboard's cancel button must not be clickjacked: every response forbids framing."""
+    anonymous = {"Authorization": ""}
+    responses = [
+        client.get("/", headers=anonymous),
+        client.get("/healthz", headers=anonymous),
+        client.get("/openapi.json", headers=anonymous),
+        client.get("/jobs", headers=anonymous),  # 401
+        client.get("/jobs/j0000000000000000"),  # 404
+        client.post("/datasets", headers=anonymous),  # 401 from the upload check
+        client.get("/jobs"),
+    ]
+    for r in responses:
+        assert r.headers["X-Frame-Options"] == "DENY", r.request.url
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], r.request.url
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
