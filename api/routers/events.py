@@ -45,6 +45,8 @@ router = APIRouter(tags=["events"], responses=documented(404, 429, 503))
 T = TypeVar("T")
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+ID_MAX = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
+STEP_MAX = 2**31 - 1  # job_metrics.step is a 32-bit INTEGER
 BATCH = 200
 DB_SEQ = 10**12  # DB event ids carry the step above this (Redis's own sequence numbers stay far below)
 SSE_NAMES = {"step": "metric", "start": "state", "end": "state"}
@@ -85,7 +87,7 @@ def _metrics_after(
     if last_step is not None and after[1] < DB_SEQ:
         after = (after[0], DB_SEQ + last_step)
     if after[1] >= DB_SEQ:
-        query = query.where(JobMetric.step > after[1] - DB_SEQ)
+        query = query.where(JobMetric.step > min(after[1] - DB_SEQ, STEP_MAX))
     else:
         query = query.where(JobMetric.time >= after[0] / 1000)
     if below_step is not None:
@@ -196,14 +198,14 @@ async def job_events(
         int | None,
         Header(
             ge=0,
-            le=2**31,
+            le=STEP_MAX,
             description="the last step the client received: makes a resume exact where Redis lost events",
         ),
     ] = None,
 ) -> EventSourceResponse:
     """Live events (`state`, `metric`, `log`, `checkpoint`, `end`); resume with the `Last-Event-ID` header."""
     resume = last_event_id or after or "0-0"
-    if not STREAM_ID.match(resume):
+    if not STREAM_ID.match(resume) or max(_id(resume)) > ID_MAX:
         loc = ["header", "Last-Event-ID"] if last_event_id else ["query", "after"]
         raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0)", loc)
     # The request's DB session has ended with this function (SessionDep); the stream opens short ones.
