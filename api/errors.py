@@ -9,9 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from core.jobs import IdempotencyConflict, InvalidCursor, JobNotFound
 from core.users import UserError
+from trainer.spec import clean_loc
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +24,20 @@ class ApiError(Exception):
     status_code = 400
     type = "bad_request"
 
-    def __init__(self, msg: str, loc: list[str | int] | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        msg: str,
+        loc: list[str | int] | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        type_: str | None = None,
+    ):
         super().__init__(msg)
         self.msg = msg
         self.loc = loc or []
         self.headers = headers
+        if type_ is not None:
+            self.type = type_
 
 
 class Unauthorized(ApiError):
@@ -125,7 +136,7 @@ def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     detail = [
         {
-            "loc": list(e.get("loc", [])),
+            "loc": clean_loc(e.get("loc", [])),
             "msg": _clean_msg(str(e.get("msg", ""))),
             "type": str(e.get("type", "")),
         }
@@ -134,13 +145,35 @@ def _validation(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def _http(_: Request, exc: Exception) -> JSONResponse:
+def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc.detail, list):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+        # FastAPI answers 400 when the body is not even text (invalid UTF-8); unparsable JSON is a 422
+        # (json_invalid), and so is this: the one documented status for a body that cannot be read.
+        return JSONResponse(error_body("request body is not valid UTF-8 JSON", ["body"], "json_invalid"), 422)
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette lists only the first route that matched the path; a path can have several.
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
     kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
     body = error_body(str(exc.detail), [], kind.get(exc.status_code, "http_error"))
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (for the Allow header of a 405)."""
+    routes = request.app.router.routes
+
+    def served(method: str) -> bool:
+        scope = {**request.scope, "type": "http", "method": method}
+        return any(route.matches(scope)[0] == Match.FULL for route in routes)
+
+    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if served(m)]
 
 
 def _api(_: Request, exc: Exception) -> JSONResponse:

@@ -138,6 +138,7 @@ class ValidateResult(BaseModel):
     micro_batch: int
     grad_accum: int
     train_batch_size: int
+    max_runtime_s: int = Field(description="as given, or the default the job would get (see notes)")
     precision: str
     notes: list[str]
     n_params: int | None

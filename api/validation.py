@@ -1,22 +1,27 @@
-"""Checks a spec needs beyond its own fields: files under the roots, and the validate dry run."""
+"""Checks a spec needs beyond its own fields: files under the roots, what the boxes can hold, and the
+validate dry run. Submit and validate run the same checks (`admit`), so validate answers what submit would.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import Unprocessable
-from api.estimate import estimate_memory, model_config
+from api.estimate import GB, estimate_memory, model_config
 from api.limits import check_spec_limits
 from core.models import Dataset, Gpu
 from core.scheduler import queue_position_for
 from core.settings import Settings
 from core.users import Principal
 from trainer import dsconfig
+from trainer.batch import divisors
 from trainer.paths import DatasetInfo, ModelSource, SpecError, inspect_dataset, resolve_dataset, resolve_model
-from trainer.spec import JobSpec
+from trainer.spec import DEFAULT_MAX_RUNTIME_S, MAX_GRAD_ACCUM, MAX_STEPS, JobSpec
 
 # Lines of the dataset read at submission: enough to catch a wrong format or text field early.
 INSPECT_RECORDS = 200
@@ -34,14 +39,16 @@ def check_files(
         # Held shared until the job is committed: DELETE /datasets/{id} (FOR UPDATE) waits for it.
         row = session.get(Dataset, spec.dataset.id, with_for_update={"read": True})
         if row is None or row.owner != user.name:
-            raise Unprocessable(f"no uploaded dataset with id {spec.dataset.id!r}", ["body", "dataset", "id"])
+            raise Unprocessable(
+                f"no uploaded dataset with id {spec.dataset.id!r}", ["body", "dataset", "id"], type_="file_not_usable"
+            )
     try:
         source = resolve_model(spec.model, settings.model_root)
         path = resolve_dataset(spec.dataset, settings.data_root)
         info = inspect_dataset(path, spec.dataset, max_records=INSPECT_RECORDS)
     except SpecError as e:
         loc: list[str | int] = ["body", *e.field.split(".")] if e.field else ["body"]
-        raise Unprocessable(str(e), loc) from None
+        raise Unprocessable(str(e), loc, type_="file_not_usable") from None
     return source, info
 
 
@@ -61,44 +68,244 @@ def check_fits_a_box(spec: JobSpec, session: Session) -> None:
         raise Unprocessable(
             f"gpus {spec.gpus} is more than any box has (the largest has {biggest}); a job runs on one box",
             ["body", "gpus"],
+            type_="does_not_fit",
         )
 
 
-def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal) -> dict[str, Any]:
-    """Everything `POST /jobs/validate` reports about a spec that passed the checks (limits included)."""
+def with_defaults(spec: JobSpec, user: Principal) -> tuple[JobSpec, list[str]]:
+    """The spec with what it left out filled in as it will run, and a note for each value filled in.
+
+    max_runtime_s left out: DEFAULT_MAX_RUNTIME_S, or the user's cap when that is lower (a default the
+    user did not choose must not be refused as over their cap).
+    """
+    if "max_runtime_s" in spec.model_fields_set:
+        return spec, []
+    runtime = min(DEFAULT_MAX_RUNTIME_S, user.limits.max_runtime_s)
+    note = f"max_runtime_s not given: {runtime} s" + (" (your cap)" if runtime < DEFAULT_MAX_RUNTIME_S else "")
+    return spec.model_copy(update={"max_runtime_s": runtime}), [note]
+
+
+def estimated_steps(spec: JobSpec, info: DatasetInfo) -> int:
+    """max_steps, or epochs x steps per epoch estimated from the dataset's size (~4 bytes per token)."""
+    if spec.max_steps is not None:
+        return spec.max_steps
+    blocks = max(1, info.bytes // 4 // spec.seq_len)
+    return spec.epochs * max(1, blocks // spec.batch.train)
+
+
+def check_steps(spec: JobSpec, info: DatasetInfo) -> int:
+    """422 when epochs over this dataset come to more optimizer steps than a job may have (MAX_STEPS)."""
+    steps = estimated_steps(spec, info)
+    if steps > MAX_STEPS:
+        raise Unprocessable(
+            f"epochs {spec.epochs} over this dataset come to about {steps} optimizer steps, over the limit of "
+            f"{MAX_STEPS}; set max_steps, fewer epochs or a larger train_batch_size",
+            ["body", "epochs"],
+            type_="too_many_steps",
+        )
+    return steps
+
+
+# --- memory admission ----------------------------------------------------------------------------
+
+
+@dataclass
+class Capacity:
+    """What the job's ranks get on the best box for it: memory per rank (GB), and where that comes from."""
+
+    per_rank_gb: float | None
+    where: str
+    on_gpu: bool
+    gpu_gb: float | None = None  # per GPU, for `fits` (None: CPU box or no box registered)
+    notes: list[str] = field(default_factory=list)
+
+
+def capacity(spec: JobSpec, session: Session, settings: Settings) -> Capacity:
+    """The most memory one rank of this job can have on any box that has enough GPUs (or slots).
+
+    GPU box: its smallest GPU (a job's ranks all need to fit). CPU box: the host's memory, shared by
+    the ranks (TRAINBOX_CPU_BOX_MEMORY_GB, default this machine's RAM: the embedded stack runs
+    the API and the CPU worker on one machine). No box registered yet: TRAINBOX_ASSUMED_GPU_MEMORY_GB
+    (the reference box's 24 GB); 0 skips the check until a box registers.
+    """
+    candidates = [mems for mems in box_sizes(session).values() if len(mems) >= spec.gpus]
+    if not candidates:
+        assumed = settings.assumed_gpu_memory_gb
+        if not assumed:
+            return Capacity(None, "", True, notes=["no box registered yet: memory not checked"])
+        note = f"no box registered yet: checked against {assumed:g} GB GPUs (TRAINBOX_ASSUMED_GPU_MEMORY_GB)"
+        return Capacity(assumed, f"{assumed:g} GB per GPU (no box registered yet)", True, notes=[note])
+    gpu_boxes = [min(m for m in mems if m is not None) / 1024 for mems in candidates if None not in mems]
+    if gpu_boxes:
+        best = max(gpu_boxes)
+        where = f"{best:.2f} GB per GPU on the best box with {spec.gpus} GPU{'s' if spec.gpus > 1 else ''}"
+        return Capacity(best, where, True, best)
+    host = settings.cpu_box_memory_gb or psutil.virtual_memory().total / GB
+    return Capacity(
+        host / spec.gpus,
+        f"{host:.1f} GB of host memory shared by {spec.gpus} CPU rank{'s' if spec.gpus > 1 else ''}",
+        False,
+        notes=[f"CPU box: {spec.gpus} ranks share {host:.1f} GB of host memory"],
+    )
+
+
+def _variant(spec: JobSpec, *, ds: dict[str, Any] | None = None, zero: dict[str, Any] | None = None,
+             **top: Any) -> JobSpec:
+    """A copy of the spec with some settings changed (no re-validation: for estimates only)."""
+    deepspeed = spec.deepspeed
+    if zero:
+        zero_config = deepspeed.zero_optimization.model_copy(update=zero)
+        deepspeed = deepspeed.model_copy(update={"zero_optimization": zero_config})
+    if ds:
+        deepspeed = deepspeed.model_copy(update=ds)
+    return spec.model_copy(update={**top, "deepspeed": deepspeed})
+
+
+def nearest_fits(spec: JobSpec, cfg: dict[str, Any], precision: str, limit_gb: float) -> list[str]:
+    """Settings near the spec's that the estimate says fit in limit_gb per rank, fewest changes first."""
+
+    def gb(s: JobSpec) -> float:
+        return float(estimate_memory(s, cfg, precision)["per_gpu_gb"])
+
+    plan = spec.batch
+    out: list[str] = []
+
+    def smaller_micro(base: JobSpec, extra: str = "") -> bool:
+        # The same train_batch_size with a smaller micro batch and more accumulation.
+        per_rank = plan.train // plan.gpus
+        for m in reversed(divisors(per_rank)):
+            accum = per_rank // m
+            if m >= plan.micro or accum > MAX_GRAD_ACCUM:
+                continue
+            s = _variant(base, ds={"train_batch_size": plan.train, "train_micro_batch_size_per_gpu": m,
+                                   "gradient_accumulation_steps": accum})
+            if gb(s) <= limit_gb:
+                out.append(f"{extra}train_micro_batch_size_per_gpu {m} with gradient_accumulation_steps {accum} "
+                           f"(same train_batch_size {plan.train}): ~{gb(s):.1f} GB")
+                return True
+        return False
+
+    smaller_micro(spec)
+    if not spec.gradient_checkpointing:
+        s = _variant(spec, gradient_checkpointing=True)
+        if gb(s) <= limit_gb:
+            out.append(f"gradient_checkpointing true: ~{gb(s):.1f} GB")
+        else:
+            smaller_micro(s, "gradient_checkpointing true and ")
+    zero = spec.deepspeed.zero_optimization
+    if plan.gpus > 1:
+        for stage in range(zero.stage + 1, 4):
+            s = _variant(spec, zero={"stage": stage})
+            if gb(s) <= limit_gb:
+                out.append(f"zero_optimization.stage {stage}: ~{gb(s):.1f} GB")
+                break
+    if zero.offload_optimizer is None or zero.offload_optimizer.device != "cpu":
+        from trainer.spec import OffloadConfig
+
+        stage = max(zero.stage, 1)
+        s = _variant(spec, zero={"stage": stage, "offload_optimizer": OffloadConfig(device="cpu")})
+        if gb(s) <= limit_gb:
+            out.append(f"zero_optimization.stage {stage} with offload_optimizer.device cpu: ~{gb(s):.1f} GB")
+    if not out:
+        # Shorter sequences, at micro batch 1 with checkpointing: the last resort before a bigger box.
+        base = _variant(spec, gradient_checkpointing=True,
+                        ds={"train_batch_size": None, "train_micro_batch_size_per_gpu": 1,
+                            "gradient_accumulation_steps": None})
+        seq = spec.seq_len // 2
+        while seq >= 8:
+            if gb(_variant(base, seq_len=seq)) <= limit_gb:
+                out.append(f"seq_len {seq} with micro batch 1 and gradient_checkpointing true: "
+                           f"~{gb(_variant(base, seq_len=seq)):.1f} GB")
+                break
+            seq //= 2
+    return out[:4]
+
+
+@dataclass
+class Memory:
+    """The memory estimate of a spec that fits, where it was checked against, and the precision it assumed."""
+
+    precision: dsconfig.Precision
+    estimate: dict[str, Any]
+    room: Capacity
+    notes: list[str]
+
+
+def check_memory(spec: JobSpec, source: ModelSource, session: Session, settings: Settings) -> Memory:
+    """422 when the estimated memory per GPU (per rank on a CPU box) is more than the best box offers.
+
+    The message gives the estimate and the nearest settings that fit. An estimate that cannot be made
+    (a local model without a readable config.json) is not checked; the note says so.
+    """
+    room = capacity(spec, session, settings)
+    precision, notes = dsconfig.resolve_precision(spec, on_gpu=room.on_gpu)
+    cfg = model_config(spec, source.kind, source.name)
+    estimate = estimate_memory(spec, cfg, precision)
+    need = estimate["per_gpu_gb"]
+    if need is not None and cfg is not None and room.per_rank_gb is not None and need > room.per_rank_gb:
+        near = nearest_fits(spec, cfg, precision, room.per_rank_gb)
+        hint = "; settings that fit: " + "; ".join(near) if near else (
+            "; nothing near fits: the model states alone are too large for this box (a box with more "
+            "memory, or more GPUs with ZeRO stage 3)"
+        )
+        raise Unprocessable(
+            f"estimated memory ~{need:.1f} GB per {'GPU' if room.on_gpu else 'rank'} is more than "
+            f"{room.where}{hint}",
+            ["body"],
+            type_="does_not_fit",
+        )
+    if need is None:
+        notes.append("memory not checked: the model's size is unknown")
+    return Memory(precision, estimate, room, notes + room.notes)
+
+
+@dataclass
+class Admission:
+    """A spec that passed every check, resolved (defaults filled in), with what the checks found out."""
+
+    spec: JobSpec
+    source: ModelSource
+    info: DatasetInfo
+    steps: int
+    memory: Memory
+    notes: list[str]
+
+
+def admit(spec: JobSpec, settings: Settings, session: Session, user: Principal) -> Admission:
+    """Every check a submission passes (403 limits; 422 files, box size, steps, memory), in that order."""
+    spec, notes = with_defaults(spec, user)
     check_spec_limits(spec, user)
     source, info = check_files(spec, settings, session, user)
     check_fits_a_box(spec, session)
-    sizes = box_sizes(session)
-    candidates = [mem for mem in sizes.values() if len(mem) >= spec.gpus]
-    on_gpu = not sizes or any(m is not None for mems in candidates for m in mems)
-    precision, notes = dsconfig.resolve_precision(spec, on_gpu=on_gpu)
+    steps = check_steps(spec, info)
+    memory = check_memory(spec, source, session, settings)
+    return Admission(spec, source, info, steps, memory, notes + memory.notes)
+
+
+def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal) -> dict[str, Any]:
+    """Everything `POST /jobs/validate` reports about a spec that passed the checks submit runs."""
+    a = admit(spec, settings, session, user)
+    spec, memory, notes = a.spec, dict(a.memory.estimate), a.notes
     plan = spec.batch
-    if spec.max_steps is not None:
-        steps = spec.max_steps
-    else:
-        # Without tokenizing: ~4 bytes of text per token, packed into seq_len blocks.
-        blocks = max(1, info.bytes // 4 // spec.seq_len)
-        steps = spec.epochs * max(1, blocks // plan.train)
-        notes.append(f"total steps ~{steps}, estimated from the dataset's size (about 4 bytes per token)")
-    cfg = model_config(spec, source.kind, source.name)
-    memory = estimate_memory(spec, cfg, precision)
-    box_memory = [min(mems) for mems in candidates if all(m is not None for m in mems)]
-    gpu_gb = max(box_memory) / 1024 if box_memory else None
+    if spec.max_steps is None:
+        notes.append(f"total steps ~{a.steps}, estimated from the dataset's size (about 4 bytes per token)")
+    gpu_gb = a.memory.room.gpu_gb
     fits = None
     if gpu_gb is not None and memory["per_gpu_gb"] is not None:
         fits = memory["per_gpu_gb"] <= gpu_gb * 0.95
+    precision = a.memory.precision
     return {
         "world_size": plan.gpus,
         "micro_batch": plan.micro,
         "grad_accum": plan.accum,
         "train_batch_size": plan.train,
+        "max_runtime_s": spec.max_runtime_s,
         "precision": precision,
         "notes": notes,
         "n_params": memory.pop("n_params", None),
-        "model": {"kind": source.kind, "name": source.name if source.kind != "local" else spec.model},
-        "dataset": {"format": info.format, "bytes": info.bytes, "records_checked": info.records},
-        "deepspeed_config": dsconfig.build_ds_config(spec, precision=precision, steps=steps),
+        "model": {"kind": a.source.kind, "name": a.source.name if a.source.kind != "local" else spec.model},
+        "dataset": {"format": a.info.format, "bytes": a.info.bytes, "records_checked": a.info.records},
+        "deepspeed_config": dsconfig.build_ds_config(spec, precision=precision, steps=a.steps),
         "memory": {**memory, "gpu_memory_gb": round(gpu_gb, 2) if gpu_gb else None, "fits": fits},
         "queue_position": queue_position_for(session, priority=spec.priority),
     }

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest dataset upload -> 413")
     max_json_depth: int = Field(32, ge=4, le=1000, description="deepest JSON nesting accepted in a body")
     metrics_public: bool = Field(False, description="serve /metrics without a token (a private scrape network)")
+    # The memory check at submission: a spec whose estimated memory per GPU exceeds the best box's is a 422.
+    assumed_gpu_memory_gb: float = Field(
+        24.0, ge=0, description="GB per GPU assumed while no box has registered (the reference box); 0: no check"
+    )
+    cpu_box_memory_gb: float | None = Field(
+        None, gt=0, description="host memory of a CPU box, shared by its ranks; None: this machine's RAM"
+    )
 
     sse_block_ms: int = Field(5000, ge=10, le=60000, description="XREAD BLOCK per SSE poll")
     # Admission (api/admission.py): what the API takes on at once; the DB and Redis pools follow from it.

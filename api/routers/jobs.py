@@ -10,14 +10,14 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from api.artifacts import list_artifacts
 from api.deps import CurrentUser, DispatchDep, JobDep, SessionDep, SettingsDep
 from api.errors import documented
-from api.limits import check_queue_limit, check_spec_limits, check_submit_rate
+from api.limits import check_queue_limit, check_submit_rate
 from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
-from api.validation import check_files, check_fits_a_box, dry_run, schedule_options
+from api.validation import admit, dry_run, schedule_options, with_defaults
 from core import jobs as service
 from core.eta import start_etas
 from core.scheduler import queue_positions, schedule
 from core.states import JobState
-from trainer.spec import JobSpec
+from trainer.spec import DEFAULT_MAX_RUNTIME_S, JobSpec
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -39,8 +39,41 @@ def read_job(request: Request, job_id: str, session: SessionDep) -> JobRead:
     )
 
 
+# A created job's id leads to its other routes (OpenAPI links: clients and schemathesis follow them).
+_JOB_ID = {"job_id": "$response.body#/id"}
+JOB_LINKS = {
+    "GetJob": {"operationRef": "#/paths/~1jobs~1{job_id}/get", "parameters": _JOB_ID},
+    "CancelJob": {"operationRef": "#/paths/~1jobs~1{job_id}~1cancel/post", "parameters": _JOB_ID},
+    "JobMetrics": {"operationRef": "#/paths/~1jobs~1{job_id}~1metrics/get", "parameters": _JOB_ID},
+    "JobLogs": {"operationRef": "#/paths/~1jobs~1{job_id}~1logs/get", "parameters": _JOB_ID},
+    "JobArtifacts": {"operationRef": "#/paths/~1jobs~1{job_id}~1artifacts/get", "parameters": _JOB_ID},
+}
+# The 422 rules a JSON schema cannot state; each error's `type` names the rule.
+SPEC_RULES = f"""
+A schema-valid spec is still refused with **422** when:
+- the batch arithmetic fails (`type: batch_arithmetic`): DeepSpeed needs train_batch_size =
+  train_micro_batch_size_per_gpu x gradient_accumulation_steps x gpus, each within its limit; any
+  two given derive the third, and the message names valid nearby choices;
+- fp16 and bf16 are both enabled (`precision_conflict`), or offload_optimizer.ratio < 1 without
+  ZeRO stage 3 (`deepspeed_conflict`);
+- the model or dataset is not usable on this server (`file_not_usable`): not found under its root,
+  not in the local Hugging Face cache, an invalid hub id, a symlink loop, unreadable or malformed data;
+- no box has that many GPUs, or the estimated memory per GPU (per rank on a CPU box) is more than
+  the best box offers (`does_not_fit`; the message gives the estimate and the nearest settings that fit);
+- epochs over the dataset come to more optimizer steps than a job may have (`too_many_steps`).
+
+A spec without `max_runtime_s` gets {DEFAULT_MAX_RUNTIME_S} s, or the caller's cap when that is lower; the
+job (and the validate result) shows the value it got.
+"""
+
+
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=JobRead, responses=documented(403, 409, 413, 429)
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    responses={201: {"description": "the job, queued (or already placed)", "links": JOB_LINKS}}
+    | documented(403, 409, 413, 429),
+    description="Submit a training job; it is queued and placed on GPUs as soon as they are free.\n" + SPEC_RULES,
 )
 def submit_job(
     spec: JobSpec,
@@ -54,19 +87,18 @@ def submit_job(
 ) -> JobRead:
     """Submit a training job; it is queued and placed on GPUs as soon as they are free."""
     check_submit_rate(request.app.state.sync_redis, user)
+    spec, _ = with_defaults(spec, user)
     if idempotency_key is not None:
         earlier = service.find_replay(session=session, owner=user.name, key=idempotency_key, spec=spec)
         if earlier is not None:
             response.headers["Idempotent-Replayed"] = "true"
             return read_job(request, earlier.id, session)
-    check_spec_limits(spec, user)
-    check_files(spec, settings, session, user)
-    check_fits_a_box(spec, session)
+    admitted = admit(spec, settings, session, user)
     check_queue_limit(session, user)
     submitted = service.create_job(
         session=session,
         owner=user.name,
-        spec=spec,
+        spec=admitted.spec,
         idempotency_key=idempotency_key,
         max_attempts=settings.max_attempts,
     )
@@ -82,7 +114,14 @@ def submit_job(
     return read_job(request, submitted.job.id, session)
 
 
-@router.post("/validate", response_model=ValidateResult, responses=documented(403, 413))
+@router.post(
+    "/validate",
+    response_model=ValidateResult,
+    responses=documented(403, 413),
+    description="Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position. "
+    "It runs every check POST /jobs runs, so it answers 200 exactly when POST /jobs would accept the spec.\n"
+    + SPEC_RULES,
+)
 def validate_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> ValidateResult:
     """Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position."""
     return ValidateResult(**dry_run(spec, settings, session, user))
@@ -95,7 +134,10 @@ def list_jobs(
     state: Annotated[list[JobState] | None, Query(description="repeat to match several states")] = None,
     owner: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=60, pattern=service.CURSOR_PATTERN, description="`next_cursor` of the previous page"),
+    ] = None,
 ) -> JobPage:
     """Your jobs (admins: everyone's), newest first, one page at a time. GET /queue shows every job."""
     if not user.is_admin:
@@ -138,7 +180,7 @@ def cancel_job(
 def job_metrics(
     job: JobDep,
     session: SessionDep,
-    after_step: Annotated[int, Query(ge=-1, le=2**31 - 1, description="steps are 32-bit")] = -1,
+    after_step: Annotated[int, Query(ge=-1)] = -1,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> MetricPage:
     """Step history (loss, lr, throughput, MFU, memory) after `after_step`, in step order."""

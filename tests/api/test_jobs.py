@@ -294,3 +294,102 @@ def test_metrics_paging(client, sessions):
     assert page["data"][0]["loss"] == pytest.approx(2.3)
     only_error(client.get(f"/jobs/{job_id}/metrics", params={"limit": 0}), 422)
     only_error(client.get("/jobs/j0000000000000000/metrics"), 404)
+
+
+# --- bad input: each was a 500, an endless request, or a value stored that breaks something later ----
+
+
+def test_huge_batch_is_refused_at_once_naming_the_limit(client):
+    """train_batch_size 200000001 with accumulation 2 took 5.6 s of the event loop (a divisor search)."""
+    body = spec(deepspeed={"train_batch_size": 200000001, "gradient_accumulation_steps": 2})
+    errors = only_error(client.post("/jobs/validate", json=body), 422)
+    assert errors[0]["loc"] == ["body", "deepspeed", "train_batch_size"]
+    assert "less than or equal to 1048576" in errors[0]["msg"]
+
+
+@pytest.mark.parametrize("model", ["foo/bar baz", "foo/-bar", "a/b--c", "foo/bar.", "foo/bar\n", "foo/.bar"])
+def test_hub_ids_the_hub_rejects_are_422_not_500(client, model):
+    [err] = only_error(client.post("/jobs", json=spec(model=model)), 422)
+    assert err["loc"] == ["body", "model"], err
+
+
+def test_symlink_loop_as_dataset_is_422_not_500(client, settings):
+    corpus = settings.data_root / "corpus"
+    for a, b in (("loop-a", "loop-b"), ("loop-b", "loop-a")):
+        (corpus / a).unlink(missing_ok=True)
+        os.symlink(corpus / b, corpus / a)
+    [err] = only_error(client.post("/jobs", json=spec(dataset={"path": "corpus/loop-a"})), 422)
+    assert err["loc"] == ["body", "dataset", "path"] and "symlink loop" in err["msg"]
+
+
+def test_step_counts_fit_the_32_bit_columns(client, settings):
+    """max_steps 10**30 was accepted; every metric insert of the job then failed."""
+    [err] = only_error(client.post("/jobs", json=spec(max_steps=10**30)), 422)
+    assert err["loc"] == ["body", "max_steps"] and "1000000000" in err["msg"]
+    # Epochs of a (sparse) 100 GB file at 8 tokens a step: more steps than a job may have.
+    big = settings.data_root / "corpus" / "huge.jsonl"
+    with big.open("wb") as f:
+        f.write(b'{"text": "a"}\n' * 300)
+        f.seek(100 << 30)
+        f.write(b"\n")
+    try:
+        body = spec(max_steps=None, seq_len=8, dataset={"path": "corpus/huge.jsonl"}, deepspeed={"train_batch_size": 1})
+        [err] = only_error(client.post("/jobs", json=body), 422)
+        assert err["type"] == "too_many_steps" and "set max_steps" in err["msg"]
+    finally:
+        big.unlink()
+
+
+def test_infinity_and_nan_are_refused_everywhere(client):
+    """`gradient_clipping: Infinity` was accepted and stored as JSON no parser reads back."""
+    for raw in (
+        b'"gradient_clipping": Infinity',
+        b'"gradient_clipping": NaN',
+        b'"optimizer": {"params": {"lr": -Infinity}}',
+        b'"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": NaN}}',
+    ):
+        body = b'{"name": "x", "model": "preset:tiny", "dataset": {"path": "corpus/train.jsonl"}, "deepspeed": {'
+        errors = only_error(client.post("/jobs", content=body + raw + b"}}", headers=JSON), 422)
+        assert errors[0]["type"] == "finite_number" and errors[0]["loc"][:2] == ["body", "deepspeed"], errors
+    assert client.get("/jobs").json()["data"] == []
+
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("name", ["evil\n", "x" * 100 + "\n"])
+def test_names_ending_in_a_newline_are_refused(client, name):
+    """`$` let "evil\\n" through; 101 characters went into a 100-character column."""
+    [err] = only_error(client.post("/jobs", json=spec(name=name)), 422)
+    assert err["loc"] == ["body", "name"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("gpus", True), ("priority", False), ("seed", "42"), ("epochs", 1.5)])
+def test_integers_are_strict(client, field, value):
+    [err] = only_error(client.post("/jobs", json=spec(**{field: value})), 422)
+    assert err["loc"] == ["body", field]
+
+
+def test_unreadable_body_is_a_documented_422(client):
+    """A body that is not UTF-8 got FastAPI's 400, which no operation documents."""
+    for body in (b"\xff\xfe\x00{", b'{"name": "\xe9"}'):
+        [err] = only_error(client.post("/jobs", content=body, headers=JSON), 422)
+        assert err["loc"][0] == "body"
+
+
+def test_405_lists_every_method_of_the_path(client):
+    """Only the first route's methods were listed: DELETE /jobs answered `Allow: POST`, hiding GET."""
+    r = client.delete("/jobs")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.request("OPTIONS", "/jobs/j0000000000000000")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+def test_cursor_format_is_stated_and_every_match_is_a_position(client):
+    """A cursor matching the documented pattern always gets a page (schemathesis found schema-valid 422s)."""
+    client.post("/jobs", json=spec())
+    assert client.get("/jobs", params={"cursor": "0.j"}).json() == {"data": [], "next_cursor": None}
+    assert len(client.get("/jobs", params={"cursor": "99999999999999999.zzzz"}).json()["data"]) == 1
+    schema = client.get("/openapi.json").json()
+    [cursor] = [p for p in schema["paths"]["/jobs"]["get"]["parameters"] if p["name"] == "cursor"]
+    assert cursor["schema"]["anyOf"][0]["pattern"]

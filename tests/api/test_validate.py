@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.api.conftest import spec
+import pytest
+
+from tests.api.conftest import make_user, spec
 from tests.api.test_jobs import add_box, only_error
 
 DEEPSEEK = spec(
@@ -40,17 +42,19 @@ def test_validate_reports_resolved_config_and_memory(client, sessions):
     assert len(client.get("/jobs").json()["data"]) == 2  # nothing stored
 
 
-def test_validate_says_when_it_does_not_fit(client, sessions):
+def test_validate_says_when_it_is_tight(client, sessions):
+    """Within the box but above 95% of it: accepted, with `fits` false as a warning."""
     add_box(sessions, n=3, memory_mb=24564)
-    body = {**DEEPSEEK, "gpus": 1, "deepspeed": {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0}}}
-    body["deepspeed"]["train_batch_size"] = 16
-    v = client.post("/jobs/validate", json=body).json()
-    assert v["memory"]["fits"] is False and v["memory"]["per_gpu_gb"] > 24
+    ds = {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0}, "train_batch_size": 16,
+          "gradient_accumulation_steps": 8}
+    v = client.post("/jobs/validate", json={**DEEPSEEK, "gpus": 1, "deepspeed": ds}).json()
+    assert v["memory"]["fits"] is False and 23.99 * 0.95 < v["memory"]["per_gpu_gb"] < 23.99
 
 
 def test_validate_without_gpus_cannot_judge_fit(client, sessions):
     v = client.post("/jobs/validate", json=spec(model="my-llama")).json()
     assert v["memory"]["fits"] is None and v["memory"]["per_gpu_gb"] > 0
+    assert any("no box registered yet: checked against 24 GB" in n for n in v["notes"])
     assert v["model"] == {"kind": "local", "name": "my-llama"} and v["queue_position"] == 1
     assert any("total steps" in n for n in client.post("/jobs/validate", json=spec(max_steps=None)).json()["notes"])
 
@@ -60,3 +64,101 @@ def test_validate_errors_match_submit(client):
     assert "impossible batch" in err["msg"]
     [err] = only_error(client.post("/jobs/validate", json=spec(dataset={"path": "corpus/missing.jsonl"})), 422)
     assert err["loc"] == ["body", "dataset", "path"]
+
+
+# --- admission by memory (the estimate the dry run shows decides) ---------------------------------
+
+TOO_BIG = {**DEEPSEEK, "gpus": 1, "deepspeed": {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0},
+                                               "train_batch_size": 16}}
+
+
+def test_spec_no_box_can_hold_is_refused_with_the_estimate_and_settings_that_fit(client, sessions):
+    """A spec estimated over every box's memory was accepted (`fits: false`) and would OOM after the queue."""
+    add_box(sessions, n=3, memory_mb=24564)
+    for route in ("/jobs/validate", "/jobs"):
+        [err] = only_error(client.post(route, json=TOO_BIG), 422)
+        assert err["type"] == "does_not_fit" and err["loc"] == ["body"]
+        assert "estimated memory ~24.9 GB per GPU is more than 23.99 GB per GPU" in err["msg"]
+        assert "train_micro_batch_size_per_gpu 2 with gradient_accumulation_steps 8" in err["msg"]
+        assert "gradient_checkpointing true" in err["msg"]
+    assert client.get("/jobs").json()["data"] == []
+    # The first suggestion is accepted as suggested.
+    ds = {**TOO_BIG["deepspeed"], "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}
+    assert client.post("/jobs", json={**TOO_BIG, "deepspeed": ds}).status_code == 201
+
+
+def test_micro_batch_of_100000_at_2048_tokens_is_refused(client, sessions):
+    """It was accepted with an estimate of 9,473 GB per GPU and `fits: null`."""
+    body = spec(seq_len=2048, deepspeed={"train_micro_batch_size_per_gpu": 100000})
+    err = only_error(client.post("/jobs/validate", json=body), 422)[0]  # then: nor is it "auto"
+    assert err["loc"] == ["body", "deepspeed", "train_micro_batch_size_per_gpu"] and "4096" in err["msg"]
+    body = spec(seq_len=2048, deepspeed={"train_micro_batch_size_per_gpu": 4096})
+    [err] = only_error(client.post("/jobs/validate", json=body), 422)
+    assert "no box registered yet" in err["msg"] and "settings that fit" in err["msg"]
+    err = only_error(client.post("/jobs", json=spec(deepspeed={"gradient_accumulation_steps": 10**12})), 422)[0]
+    assert err["loc"] == ["body", "deepspeed", "gradient_accumulation_steps"]
+
+
+def test_no_box_registered_assumes_the_reference_gpu_or_skips_when_told(client, settings, monkeypatch):
+    [err] = only_error(client.post("/jobs/validate", json=TOO_BIG), 422)
+    assert "more than 24 GB per GPU (no box registered yet)" in err["msg"]
+    monkeypatch.setattr(settings, "assumed_gpu_memory_gb", 0.0)
+    v = client.post("/jobs/validate", json=TOO_BIG)
+    assert v.status_code == 200 and "no box registered yet: memory not checked" in v.json()["notes"]
+
+
+def test_cpu_box_is_capped_by_host_memory(client, sessions, settings, monkeypatch):
+    """CPU slots have no GPU memory: all ranks share the host's, which bounds the whole job."""
+    from core.scheduler import GpuInfo, register_box
+
+    with sessions() as s:
+        register_box(s, "cpubox", [GpuInfo(i, "cpu-slot", None) for i in range(2)])
+        s.commit()
+    monkeypatch.setattr(settings, "cpu_box_memory_gb", 16.0)
+    body = spec(gpus=2, seq_len=2048, deepspeed={"train_micro_batch_size_per_gpu": 4096})
+    [err] = only_error(client.post("/jobs", json=body), 422)
+    assert "per rank is more than 16.0 GB of host memory shared by 2 CPU ranks" in err["msg"], err
+    v = client.post("/jobs/validate", json=spec(gpus=2, deepspeed={"train_batch_size": 8})).json()
+    assert "CPU box: 2 ranks share 16.0 GB of host memory" in v["notes"] and v["memory"]["fits"] is None
+
+
+@pytest.mark.parametrize(
+    "ds",
+    [
+        {"zero_optimization": {"stage": 2, "reduce_bucket_size": 0}},
+        {"zero_optimization": {"stage": 2, "reduce_bucket_size": -1}},
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": -5}}},
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -1e-4}}},
+        {"gradient_clipping": -1},
+    ],
+)
+def test_values_deepspeed_refuses_are_422_at_submission(client, ds):
+    """They passed validation and failed (or silently ran unclipped) inside DeepSpeed after the queue."""
+    errors = only_error(client.post("/jobs/validate", json=spec(deepspeed={"train_batch_size": 8, **ds})), 422)
+    assert errors[0]["loc"][:2] == ["body", "deepspeed"]
+
+
+def test_left_out_max_runtime_s_gets_the_default_and_shows_it(client):
+    """README said a spec without max_runtime_s is refused; it was accepted. It is, and says with what."""
+    body = spec()
+    body.pop("max_runtime_s", None)
+    v = client.post("/jobs/validate", json=body).json()
+    assert v["max_runtime_s"] == 86400 and "max_runtime_s not given: 86400 s" in v["notes"]
+    assert client.post("/jobs", json=body).json()["spec"]["max_runtime_s"] == 86400
+    assert client.post("/jobs/validate", json=spec(max_runtime_s=600)).json()["max_runtime_s"] == 600
+    [err] = only_error(client.post("/jobs", json=spec(max_runtime_s=None)), 422)
+    assert err["loc"] == ["body", "max_runtime_s"]
+
+
+def test_left_out_max_runtime_s_respects_a_lower_cap(client, sessions):
+    """With a cap below the default, leaving the field out must not be refused as over the cap."""
+    from core.users import set_limits
+
+    bob = make_user(client, "bob")
+    with sessions() as s:
+        set_limits(s, name="bob", max_runtime_s=3600)
+    job = client.post("/jobs", json=spec(), headers=bob)
+    assert job.status_code == 201 and job.json()["spec"]["max_runtime_s"] == 3600, job.text
+    v = client.post("/jobs/validate", json=spec(), headers=bob).json()
+    assert v["max_runtime_s"] == 3600 and "max_runtime_s not given: 3600 s (your cap)" in v["notes"]
+    only_error(client.post("/jobs", json=spec(max_runtime_s=7200), headers=bob), 403)
