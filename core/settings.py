@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     api_admission_wait_s: float = Field(1.0, ge=0, le=30, description="how long a request waits for a slot -> 503")
     api_max_streams: int = Field(500, ge=1, le=10000, description="open event streams (SSE) in all; more: 503")
     api_max_streams_per_user: int = Field(32, ge=1, description="open event streams of one user; more: 429")
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=1, le=65535)
+    stack_file: Path | None = Field(
+        None, description="set by `trainbox up`: its record of the children and their restarts, shown in /healthz"
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

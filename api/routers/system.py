@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -117,7 +119,20 @@ async def healthz(request: Request) -> JSONResponse:
             log.warning("health: redis check failed: %s", e)
             checks["redis"] = f"error: {type(e).__name__}"
     healthy = all(v in ("ok", "not configured") for v in checks.values())
-    return JSONResponse({"status": "ok" if healthy else "unavailable", **checks}, status_code=200 if healthy else 503)
+    body: dict[str, object] = {"status": "ok" if healthy else "unavailable", **checks}
+    stack_file = request.app.state.settings.stack_file
+    if stack_file is not None:
+        body["restarts"] = _restarts(stack_file)
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+def _restarts(stack_file: Path) -> dict[str, int]:
+    """Under `trainbox up`: how often its supervisor restarted each child (from the stack's record)."""
+    try:
+        children = json.loads(stack_file.read_text()).get("children", {})
+    except (OSError, ValueError):
+        return {}
+    return {name: int(child.get("restarts", 0)) for name, child in children.items()}
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_access)])
