@@ -73,6 +73,21 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, st
             event_id = value
 
 
+BUSY_RETRIES = 3
+BUSY_MAX_WAIT_S = 5.0
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before retrying a 429/503 that asked for a short wait; None otherwise."""
+    if response.status_code not in (429, 503):
+        return None
+    try:
+        wait = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return wait if 0 <= wait <= BUSY_MAX_WAIT_S else None
+
+
 class Client:
     """Synchronous client; the base URL and token default to TRAINBOX_URL and TRAINBOX_TOKEN."""
 
@@ -93,6 +108,15 @@ class Client:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.http.request(method, path, **kwargs)
+        # A busy server (503) or a user over their share of it (429) says when to come back: a short
+        # wait is taken here, a few times. Longer ones (the submit rate limit) and uploads (their
+        # body is a stream already sent) go to the caller.
+        for _ in range(BUSY_RETRIES):
+            wait = _retry_after(response)
+            if wait is None or "files" in kwargs or "content" in kwargs:
+                break
+            time.sleep(wait)
+            response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)

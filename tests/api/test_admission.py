@@ -65,3 +65,31 @@ def test_caps_answer_fast_with_retry_after_and_release(client, settings, session
         assert first.ended.wait(10)
         wait_for(lambda: admission.open_streams == 0, timeout=5, what="the stream slot given back")
     assert admission.inflight == {} and admission.streams == {} and admission.slots.free == 2
+
+
+def test_the_sdk_waits_out_a_short_busy_answer_and_gives_up_on_a_long_one(client, settings):
+    """A user at their in-flight cap gets 429 with Retry-After: 1; the SDK waits and retries, so a
+    script sees its answer. The submit rate limit's long Retry-After reaches the caller at once."""
+    import threading
+
+    from client.sdk import Client, TrainboxError
+
+    small = settings.model_copy(update={"api_max_inflight_per_user": 1, "submit_rate_per_minute": 1})
+    ann = make_user(client, "ann")
+    app = create_app(small, dispatch=None)
+    with serve(app) as url, Client(url, ann["Authorization"].removeprefix("Bearer ")) as sdk:
+        job = sdk.submit(spec())
+        slow = _slow_upload(url, ann)
+        from tests.helpers import wait_for
+
+        wait_for(lambda: app.state.admission.slots.free < small.api_max_inflight, timeout=5, what="the slot taken")
+        threading.Timer(0.5, slow.close).start()  # the slow request ends while the SDK waits
+        t = time.monotonic()
+        assert sdk.get(job["id"])["id"] == job["id"]
+        assert time.monotonic() - t >= 0.9, "it waited Retry-After before the retry"
+        t = time.monotonic()
+        try:
+            sdk.submit(spec())
+            raise AssertionError("the second submission this minute must be refused")
+        except TrainboxError as e:
+            assert e.status_code == 429 and time.monotonic() - t < 1
