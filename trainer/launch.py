@@ -98,6 +98,7 @@ class Launcher:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stop_requested = False  # SIGTERM/SIGINT came from outside: ranks dying of it are stopped, not failed
         self.store: Any = None  # the rendezvous TCPStore, held until the ranks are gone
+        self.world = 0  # ranks to start
 
     def _end(self, status: str, error: dict[str, Any] | None = None) -> None:
         writer = EventWriter(self.run_dir)
@@ -179,6 +180,7 @@ class Launcher:
             self._end("failed", {"type": "launch_error", "message": f"rendezvous store: {type(e).__name__}: {e}"})
             return EXIT_FAILED
         env = self._env(spec.gpus, gpus, port)
+        self.world = spec.gpus
         cmd = [sys.executable, "-m", "trainer", "rank", "--spec", str(self.args.spec), "--run-dir",
                str(self.run_dir), "--model-root", str(self.args.model_root), "--data-root", str(self.args.data_root)]
         if self.args.no_save:
@@ -187,6 +189,8 @@ class Launcher:
         copiers = []
         with (self.run_dir / LOG_FILE).open("ab") as log:
             for r in range(spec.gpus):
+                if self.stop_requested:  # a stop before every rank started: start no more
+                    break
                 p = subprocess.Popen(
                     cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig,
@@ -195,6 +199,8 @@ class Launcher:
                 t = threading.Thread(target=_copy_output, args=(p, r, log, lock), daemon=True)
                 t.start()
                 copiers.append(t)
+            if self.stop_requested:  # it may have come while a rank was being started, before it was listed
+                self._forward(signal.SIGTERM, None)
             first_failure = self._wait()
             for t in copiers:
                 t.join(timeout=5)
@@ -243,8 +249,8 @@ class Launcher:
     def _finish(self, first_failure: tuple[int, int] | None, offset: int) -> int:
         ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))
         if first_failure is None:
-            # Exit 75 (checkpointed), or killed by the stop during start-up (nothing to save yet).
-            preempted = any(p.returncode != EXIT_OK for p in self.procs)
+            # Exit 75 (checkpointed), or stopped during start-up (nothing to save yet), or never started.
+            preempted = len(self.procs) < self.world or any(p.returncode != EXIT_OK for p in self.procs)
             if not ended:
                 self._end("preempted" if preempted else "succeeded")
             return EXIT_PREEMPTED if preempted else EXIT_OK

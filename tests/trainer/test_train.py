@@ -239,3 +239,37 @@ def test_ports_taken_by_other_programs_or_jobs_never_fail_a_run(data_root: Path,
     for name in ("a", "b"):
         assert events(tmp_path / name)[-1]["status"] == "succeeded"
         assert no_process_left(tmp_path / name)
+
+
+def test_a_stop_before_the_ranks_start_starts_none(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM after the launcher took over its signals but before it started the ranks (a job cancelled
+    right after its launch): no rank starts and the run says `preempted`. It used to reach no rank, and
+    the run trained on until the supervisor's SIGKILL, or to the end."""
+    import argparse
+    import json
+
+    from trainer import launch
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(tiny_spec(max_steps=2, checkpoint_every=0)))
+    run_dir = tmp_path / "run"
+    args = argparse.Namespace(spec=str(spec_file), run_dir=str(run_dir), model_root=str(data_root),
+                              data_root=str(data_root), master_port=0, die_with_parent=False, no_save=True)  # fmt: skip
+    rendezvous = launch.Launcher._rendezvous
+
+    def rendezvous_then_sigterm(self: launch.Launcher, world: int) -> int:
+        port = rendezvous(self, world)
+        os.kill(os.getpid(), signal.SIGTERM)  # taken by the launcher's handler, as the worker's would be
+        return port
+
+    monkeypatch.setattr(launch.Launcher, "_rendezvous", rendezvous_then_sigterm)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        code = launch.Launcher(args).run()
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    assert code == 75
+    evs = events(run_dir)
+    assert [e["type"] for e in evs] == ["end"] and evs[0]["status"] == "preempted"
+    assert "[rank" not in ((run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else "")
