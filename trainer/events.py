@@ -17,6 +17,16 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM, run again to resume
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "train.log"
 ERRORS_DIR = "errors"
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step-N, complete ones only (trainer/checkpoint.py)
+MODEL_DIR = "model"  # the final model, Hugging Face format
+
+# error.type of a failed run, in the `end` event and the job's error (the worker adds `lost`, `timeout`).
+ERROR_INVALID = "invalid"  # exit EXIT_INVALID
+ERROR_LAUNCH = "launch_error"
+ERROR_TRAIN = "train_error"
+ERROR_OOM = "oom"
+ERROR_DISK = "disk"  # a checkpoint would not fit on the run dir's filesystem, or a write ran out of space
+TRAINER_ERROR_TYPES = frozenset({ERROR_INVALID, ERROR_LAUNCH, ERROR_TRAIN, ERROR_OOM, ERROR_DISK})
 
 
 def _clean(value: Any) -> Any:
@@ -57,10 +67,45 @@ def read_events(run_dir: Path, offset: int = 0) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.split(b"\n")[:-1] if line.strip()]
 
 
+ERROR_FILE_RESERVE = 64 * 1024  # bytes set aside at start for a rank's error file
+MAX_ERROR_MESSAGE = 16 * 1024
+
+
+def _error_tmp(run_dir: Path, rank: int) -> Path:
+    return run_dir / ERRORS_DIR / f".rank-{rank}.json.tmp"
+
+
+def reserve_rank_error(run_dir: Path, rank: int) -> None:
+    """Set aside the blocks of this rank's error file while there is room: a rank that fails because
+    the disk is full can still say so (writing inside allocated blocks needs no free space)."""
+    try:
+        (run_dir / ERRORS_DIR).mkdir(exist_ok=True)
+        fd = os.open(_error_tmp(run_dir, rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, ERROR_FILE_RESERVE)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # no room even for this, or no fallocate here: the error file is written the usual way
+
+
 def write_rank_error(run_dir: Path, rank: int, error_type: str, message: str) -> None:
     """A failing rank leaves its error for the launcher, which reports it if rank 0 could not."""
     d = run_dir / ERRORS_DIR
     d.mkdir(exist_ok=True)
-    tmp = d / f".rank-{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "type": error_type, "message": message}))
+    tmp = _error_tmp(run_dir, rank)
+    data = json.dumps({"rank": rank, "type": error_type, "message": message[:MAX_ERROR_MESSAGE]}).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)  # into the reserved blocks, if any: no O_TRUNC
+    try:
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
     tmp.rename(d / f"rank-{rank}.json")
+
+
+def remove_error_reserves(run_dir: Path) -> None:
+    """The launcher, once every rank is gone: the blocks no rank needed go back."""
+    d = run_dir / ERRORS_DIR
+    for f in d.glob(".rank-*.json.tmp") if d.is_dir() else []:
+        f.unlink(missing_ok=True)

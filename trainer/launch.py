@@ -36,6 +36,7 @@ from trainer.events import (
     LOG_FILE,
     EventWriter,
     read_events,
+    remove_error_reserves,
 )
 from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
 from trainer.spec import JobSpec, describe_errors
@@ -247,6 +248,12 @@ class Launcher:
         return failures[0]
 
     def _finish(self, first_failure: tuple[int, int] | None, offset: int) -> int:
+        from trainer.checkpoint import remove_partial
+
+        # Every rank is gone: a save cut short (a rank out of disk space, or killed mid-save) is garbage,
+        # and on a full disk its space is what the end event needs.
+        remove_partial(self.run_dir)
+        remove_error_reserves(self.run_dir)
         ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))
         if first_failure is None:
             # Exit 75 (checkpointed), or stopped during start-up (nothing to save yet), or never started.

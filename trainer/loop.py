@@ -58,6 +58,7 @@ class Loop:
     peak_flops: float | None
     precision: str
     save_outputs: bool = True
+    checkpoint_bytes: int | None = None  # free space each checkpoint needs first (None: no check)
     step: int = 0
     tokens: int = 0
     _nonfinite: int = field(default=0, init=False)
@@ -156,7 +157,10 @@ class Loop:
 
     def _checkpoint(self) -> None:
         state = {"tokens": self.tokens, "epoch": self.batches.epoch_of(max(self.step - 1, 0))}
-        path, seconds = checkpoint.save(self.engine, self.run_dir, self.step, state, self.spec.keep_checkpoints)
+        path, seconds = checkpoint.save(
+            self.engine, self.run_dir, self.step, state, self.spec.keep_checkpoints,
+            needed=self.checkpoint_bytes, device=self.device,
+        )  # fmt: skip
         if self.events is not None:
             rel = str(path.relative_to(self.run_dir))
             self.events.emit("checkpoint", step=self.step, path=rel, seconds=round(seconds, 3))

@@ -15,7 +15,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from trainer.events import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EventWriter, write_rank_error
+from trainer.checkpoint import DiskFull, out_of_space
+from trainer.events import (
+    ERROR_DISK,
+    ERROR_INVALID,
+    ERROR_OOM,
+    ERROR_TRAIN,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EventWriter,
+    reserve_rank_error,
+    write_rank_error,
+)
 from trainer.loop import Diverged, GiB, Loop, StopFlag, save_final_model
 from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
 from trainer.spec import JobSpec
@@ -92,10 +104,14 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     if all(hasattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")):
         fpt = flops_per_token(cfg.to_dict(), spec.seq_len)
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    stage = ds_config["zero_optimization"]["stage"]
+    ckpt_bytes = checkpoint.estimate_bytes(n_params, precision, stage, world)
     loop = Loop(
         spec=spec, run_dir=run_dir, engine=engine, batches=batches, device=device, events=events, stop=stop,
         total_steps=steps, flops_per_token=fpt, peak_flops=peak_flops(device_name) if on_gpu else None,
         precision=precision, save_outputs=not args.no_save,
+        # TRAINBOX_DISK_CHECK=off: a filesystem that misreports its free space (some network mounts).
+        checkpoint_bytes=None if os.environ.get("TRAINBOX_DISK_CHECK") == "off" else ckpt_bytes,
     )
     resumed = loop.resume()
     for note in notes:
@@ -107,7 +123,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
             train_batch_size=plan.train, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
             resumed_from_step=resumed, precision=precision, notes=notes, n_params=n_params,
             device=device_name, seq_len=spec.seq_len, dataset_tokens=int(len(batches.tokens)),
-            optimizer=opt, deepspeed_config=ds_config,
+            optimizer=opt, deepspeed_config=ds_config, checkpoint_estimate_bytes=ckpt_bytes,
         )
     code = loop.run()
     if code != EXIT_OK:
@@ -116,7 +132,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
         return code
     model_path = None
     if not args.no_save:
-        model_path = save_final_model(engine, tokenizer, run_dir, ds_config["zero_optimization"]["stage"])
+        model_path = save_final_model(engine, tokenizer, run_dir, stage)
     if events is not None:
         events.emit("end", status="succeeded", step=loop.step, error=None,
                     model_path=str(model_path.relative_to(run_dir)) if model_path else None)
@@ -152,6 +168,7 @@ def main(args: Any) -> int:
     run_dir = Path(args.run_dir)
     rank = int(os.environ.get("RANK", "0"))
     events = EventWriter(run_dir) if rank == 0 else None
+    reserve_rank_error(run_dir, rank)
     stop = StopFlag()
     # Until the loop can checkpoint there is nothing to save: a stop request ends the rank at once
     # (the default action), even inside a JIT build, a lock wait or a rendezvous, where a Python
@@ -162,7 +179,10 @@ def main(args: Any) -> int:
     def fail(error_type: str, message: str, code: int) -> int:
         # The launcher writes the failed `end` event: it knows which rank failed first (a rank whose
         # peer died sees only a broken connection, which is not the cause worth reporting).
-        write_rank_error(run_dir, rank, error_type, message)
+        try:
+            write_rank_error(run_dir, rank, error_type, message)
+        except OSError as e:  # a disk with no byte left: the message still reaches train.log
+            print(f"could not write this rank's error file ({e}): {error_type}: {message}", file=sys.stderr)
         return code
 
     try:
@@ -174,12 +194,17 @@ def main(args: Any) -> int:
         return code
     except SpecError as e:
         print(f"invalid: {e}", file=sys.stderr, flush=True)
-        return fail("invalid", str(e), EXIT_INVALID)
+        return fail(ERROR_INVALID, str(e), EXIT_INVALID)
     except Diverged as e:
         print(f"diverged: {e}", file=sys.stderr, flush=True)
-        return fail("train_error", str(e), EXIT_FAILED)
+        return fail(ERROR_TRAIN, str(e), EXIT_FAILED)
+    except DiskFull as e:
+        print(f"disk: {e}", file=sys.stderr, flush=True)
+        return fail(ERROR_DISK, str(e), EXIT_FAILED)
     except Exception as e:  # reported as the job's error, never swallowed
         traceback.print_exc()
         if _is_oom(e):
-            return fail("oom", _oom_message(e), EXIT_FAILED)
-        return fail("train_error", f"{type(e).__name__}: {e}", EXIT_FAILED)
+            return fail(ERROR_OOM, _oom_message(e), EXIT_FAILED)
+        if out_of_space(e):  # the token cache, the final model: anything written once the disk is full
+            return fail(ERROR_DISK, f"out of disk space under {run_dir}: {type(e).__name__}: {e}", EXIT_FAILED)
+        return fail(ERROR_TRAIN, f"{type(e).__name__}: {e}", EXIT_FAILED)

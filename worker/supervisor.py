@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from trainer.events import EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
+from trainer.events import ERROR_INVALID, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED, TRAINER_ERROR_TYPES
 from worker.ops import describe_locks, remove_stale_locks
 
 LOG_TAIL_LINES = 40
@@ -273,7 +273,7 @@ def classify(
     end_error = (end or {}).get("error") or {}
     if exit_code == EXIT_INVALID:
         return failed("invalid", end_error.get("message") or "the trainer refused the spec, paths or data")
-    kind = end_error.get("type") if end_error.get("type") in {"train_error", "oom", "launch_error"} else None
+    kind = end_error.get("type") if end_error.get("type") in TRAINER_ERROR_TYPES - {ERROR_INVALID} else None
     if exit_code is not None and exit_code < 0:
         message = f"the trainer was killed by signal {signal.Signals(-exit_code).name}"
     else:

@@ -132,6 +132,10 @@ def test_zero_stages_and_precisions(stage: int, precision: str, data_root: Path,
         assert start["notes"] == []
     losses = step_losses(evs)
     assert list(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    # The free-space check's estimate is never below what this stage and precision really write.
+    for ckpt in (tmp_path / "checkpoints").glob("step-*"):
+        real = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        assert real <= start["checkpoint_estimate_bytes"], (ckpt.name, real, start["checkpoint_estimate_bytes"])
     lrs = [e["lr"] for e in evs if e["type"] == "step"]
     if stage == 0:
         assert start["deepspeed_config"]["scheduler"]["params"]["total_num_steps"] == 4
