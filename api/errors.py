@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from core.jobs import IdempotencyConflict, InvalidCursor, JobNotFound
 from core.users import UserError
@@ -149,31 +149,35 @@ def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc.detail, list):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-    if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
-        # FastAPI answers 400 when the body is not even text (invalid UTF-8); unparsable JSON is a 422
-        # (json_invalid), and so is this: the one documented status for a body that cannot be read.
-        return JSONResponse(error_body("request body is not valid UTF-8 JSON", ["body"], "json_invalid"), 422)
+    if exc.status_code == 400:
+        # The framework's 400s are bodies it cannot parse (JSON that is not UTF-8, broken multipart).
+        # Unparsable JSON is a 422 (json_invalid); so are these: one documented status for a bad body.
+        msg = f"request body cannot be parsed: {exc.detail}"
+        return JSONResponse(error_body(msg, ["body"], "body_invalid"), status_code=422)
     headers = exc.headers
-    if exc.status_code == 405:
+    allowed = allowed_methods(request) if exc.status_code == 405 else None
+    if allowed:
         # Starlette lists only the first route that matched the path; a path can have several.
-        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
     kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
     body = error_body(str(exc.detail), [], kind.get(exc.status_code, "http_error"))
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
-BODY_PARSE_ERROR = "There was an error parsing the body"
+def allowed_methods(request: Request) -> list[str] | None:
+    """The methods the OpenAPI document gives the request's path (the most specific template that
+    matches it: /jobs/validate is not /jobs/{job_id}); None for a path it does not describe."""
+    best: tuple[int, list[str]] | None = None
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        params = template.count("{")
+        parts = re.split(r"(\{[^}]*\})", template)
+        regex = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+        if re.fullmatch(regex, request.url.path) and (best is None or params < best[0]):
+            best = (params, [m for m in _METHODS if m.lower() in operations])
+    return best[1] if best else None
 
 
-def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this request's path (for the Allow header of a 405)."""
-    routes = request.app.router.routes
-
-    def served(method: str) -> bool:
-        scope = {**request.scope, "type": "http", "method": method}
-        return any(route.matches(scope)[0] == Match.FULL for route in routes)
-
-    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if served(m)]
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _api(_: Request, exc: Exception) -> JSONResponse:

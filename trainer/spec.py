@@ -44,7 +44,8 @@ DEFAULT_MAX_RUNTIME_S = 86400
 # there is no NaN or Infinity (Python's JSON parser accepts both; stored JSON must never hold them).
 
 
-def _whole(v: Any) -> Any:
+def whole_number(v: Any) -> Any:
+    """An integer as JSON Schema means it: 3 or 3.0, not true, "3" or 3.5 (for a before-validator)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise PydanticCustomError("int_type", "Input should be a valid integer")
     if isinstance(v, float):
@@ -68,7 +69,7 @@ def _finite(v: Any) -> Any:
 
 # The bounds go inside (`Annotated[int, Field(ge=1), _W]`): after a validator pydantic would still
 # check them but drop them from the JSON schema (as unknown "ge"/"le" keywords).
-_W = BeforeValidator(_whole)
+_W = BeforeValidator(whole_number)
 _F = BeforeValidator(_finite)
 Bool = StrictBool
 Auto = Literal["auto"]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
 from api.errors import NotFound, documented
 from api.schemas import LimitsRead, UserRead
 from core import users as service
 from core.models import User
+from trainer.spec import whole_number
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -22,6 +23,12 @@ class LimitsUpdate(BaseModel):
     """Per-user overrides; a field set to null goes back to the server's setting, an absent one is kept."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_integers(cls, v: Any) -> Any:
+        # The schema says integer: 5 or 5.0, not `false` or "5" (lax mode took false as a limit of 0).
+        return v if v is None else whole_number(v)
 
     max_gpus: int | None = Field(None, ge=1, le=1024)
     max_queued: int | None = Field(None, ge=1, le=100_000)

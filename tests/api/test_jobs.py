@@ -383,6 +383,9 @@ def test_405_lists_every_method_of_the_path(client):
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
     r = client.request("OPTIONS", "/jobs/j0000000000000000")
     assert r.status_code == 405 and r.headers["allow"] == "GET"
+    # The most specific path: /jobs/validate is its own path, not a job id under /jobs/{job_id}.
+    assert client.request("OPTIONS", "/jobs/validate").headers["allow"] == "POST"
+    assert client.request("OPTIONS", "/users/me").headers["allow"] == "GET"
 
 
 def test_cursor_format_is_stated_and_every_match_is_a_position(client):
@@ -393,3 +396,12 @@ def test_cursor_format_is_stated_and_every_match_is_a_position(client):
     schema = client.get("/openapi.json").json()
     [cursor] = [p for p in schema["paths"]["/jobs"]["get"]["parameters"] if p["name"] == "cursor"]
     assert cursor["schema"]["anyOf"][0]["pattern"]
+
+
+def test_broken_multipart_is_a_documented_422(client):
+    """Starlette's form parser answered 400 (found by schemathesis on POST /datasets)."""
+    b = "c8e8b97592ca074a65860c19e40c7b23"
+    body = f"--{b}\r\n48515--{b}--\r\n".encode()
+    r = client.post("/datasets", content=body, headers={"content-type": f"multipart/form-data; boundary={b}"})
+    [err] = only_error(r, 422)
+    assert err["loc"] == ["body"] and err["type"] == "body_invalid"
