@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,11 +67,23 @@ def api_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads `lr: 1e-4` (no dot) as a string; a spec means the number, as YAML 1.2
+    and JSON do (the server takes numbers only: a string is not a learning rate)."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_spec(path: Path) -> dict[str, Any]:
     """Read a JobSpec from a YAML or JSON file."""
     text = path.read_text()
     try:
-        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        spec = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SpecLoader)
     except (ValueError, yaml.YAMLError) as exc:
         print_error(f"{path} is not valid YAML or JSON: {exc}")
         raise typer.Exit(2) from None
