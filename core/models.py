@@ -106,6 +106,9 @@ class Job(Base):
     epoch: Mapped[int | None] = mapped_column(Integer)
     latest: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     rate_origin: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # {"step", "time"}: for the ETA
+    # Bytes under the run directory, measured by the worker after each checkpoint and at the end of an
+    # attempt, and after checkpoints are pruned (NULL: never measured). GET /jobs/{id} reads it, never the disk.
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -199,6 +202,7 @@ class User(Base):
     max_datasets: Mapped[int | None] = mapped_column(Integer)
     max_dataset_bytes: Mapped[int | None] = mapped_column(BigInteger)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
+    max_disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", order_by="ApiToken.created_at")

@@ -108,3 +108,40 @@ def test_0003_gpu_busy_up_and_down_keeps_the_rows(backend, tmp_path):
             upgrade(url, "0003")
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0005_disk_up_and_down_keeps_jobs_their_metrics_and_users(backend, tmp_path):
+    """jobs.disk_bytes and users.max_disk_bytes come and go; no row goes with them (SQLite rebuilds
+    the jobs table on the way down, with job_metrics and gpus pointing at it)."""
+    from sqlalchemy import text
+
+    with fresh_database(backend, tmp_path) as url:
+        upgrade(url, "0004")
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(
+                    "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
+                    "cancel_requested, created_at, updated_at) VALUES ('j1', 'old', 'ann', 'succeeded', '{}', 1, 0, "
+                    "1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                ))  # fmt: skip
+                conn.execute(text("INSERT INTO job_metrics (job_id, attempt, step, time) VALUES ('j1', 1, 1, 1.0)"))
+                conn.execute(text("INSERT INTO users (name, is_admin, created_at) VALUES ('ann', false, '2026-01-01')"))
+            upgrade(url, "0005")
+            with engine.begin() as conn:
+                assert conn.execute(text("SELECT disk_bytes FROM jobs")).scalar_one() is None
+                assert conn.execute(text("SELECT max_disk_bytes FROM users")).scalar_one() is None
+                conn.execute(text("UPDATE jobs SET disk_bytes = 21474836480"))  # 20 GB: past 32 bits
+                conn.execute(text("UPDATE users SET max_disk_bytes = 1099511627776"))
+                assert conn.execute(text("SELECT disk_bytes FROM jobs")).scalar_one() == 20 << 30
+            downgrade(url, "0004")
+            with engine.connect() as conn:
+                assert "disk_bytes" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+                assert "max_disk_bytes" not in {c["name"] for c in inspect(conn).get_columns("users")}
+                assert conn.execute(text("SELECT count(*) FROM job_metrics")).scalar_one() == 1
+                assert conn.execute(text("SELECT name FROM jobs")).scalar_one() == "old"
+                assert conn.execute(text("SELECT name FROM users")).scalar_one() == "ann"
+            upgrade(url, "0005")
+        finally:
+            engine.dispose()
