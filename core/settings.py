@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     max_datasets_per_user: int = Field(100, ge=1, description="uploaded datasets one user may keep")
     max_dataset_bytes_per_user: int = Field(10 << 30, ge=1024, description="total bytes of one user's uploads")
     max_tokens_per_user: int = Field(20, ge=1, description="live API tokens one user may hold (made through the API)")
+    max_disk_bytes_per_user: int | None = Field(
+        None, ge=1, description="disk one user's run directories and uploads may use; at or over it, no submission"
+    )
+    # Disk: the worker's sweep deletes finished jobs' checkpoints this many days after they finished.
+    checkpoint_retention_days: float | None = Field(
+        None, ge=0, description="days a finished job's checkpoints are kept (model/ and logs stay); None: forever"
+    )
     # Request hardening.
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (uploads excepted) -> 413")
     max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest dataset upload -> 413")

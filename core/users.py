@@ -38,6 +38,7 @@ LIMIT_FIELDS = (
     "max_datasets",
     "max_dataset_bytes",
     "max_tokens",
+    "max_disk_bytes",
 )
 LOCAL_ADMIN = "admin"
 
@@ -66,6 +67,7 @@ class Limits:
     max_datasets: int = 0
     max_dataset_bytes: int = 0
     max_tokens: int = 0
+    max_disk_bytes: int | None = None  # run directories and uploads together
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def effective_limits(user: User, settings: Settings) -> Limits:
         max_datasets=user.max_datasets or settings.max_datasets_per_user,
         max_dataset_bytes=user.max_dataset_bytes or settings.max_dataset_bytes_per_user,
         max_tokens=user.max_tokens or settings.max_tokens_per_user,
+        max_disk_bytes=pick(user.max_disk_bytes, settings.max_disk_bytes_per_user),
     )
 
 
