@@ -15,6 +15,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
+from worker import retention
 from worker.gpucheck import refresh_busy
 from worker.reaper import reap_expired, reap_orphans
 from worker.runner import shutting_down
@@ -105,7 +106,8 @@ def gpu_memory_used() -> dict[int, int]:
 
 
 def sweep(box: str) -> None:
-    """One sweep: the box is alive (GPU memory in use, busy GPUs flagged), stale `starting` re-sent, schedule."""
+    """One sweep: the box is alive (GPU memory in use, busy GPUs flagged), stale `starting` re-sent, schedule;
+    hourly, finished jobs' checkpoints past the retention deleted."""
     from worker.celery_app import dispatch
 
     settings = get_settings()
@@ -128,6 +130,10 @@ def sweep(box: str) -> None:
             redis.close()
     with session_scope() as session:
         schedule(session, dispatch, box_ttl_s=settings.lease_s * 3)
+    try:
+        retention.maybe_prune()  # last: a slow disk must not hold up placing jobs
+    except Exception:
+        log.exception("checkpoint retention failed; it is tried again in an hour")
 
 
 class Sweeper(threading.Thread):

@@ -17,6 +17,8 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from core.disk import tree_bytes
+
 log = logging.getLogger(__name__)
 
 LOG_LINES_PER_EVENT = 200
@@ -81,6 +83,7 @@ class Relay:
         log_files: tuple[str, ...] = ("train.log", "launcher.log"),
         offsets_key: str | None = None,
     ) -> None:
+        self.run_dir = run_dir
         self.stream_key = stream_key
         self.redis = redis
         self.sink = sink
@@ -149,6 +152,7 @@ class Relay:
     def pump(self, *, final: bool = False) -> int:
         """Relay whatever is new; flush metrics when due (or now if `final`). Returns events relayed."""
         out: list[dict[str, Any]] = []
+        checkpointed = False
         for line in self.events.read_lines():
             if not line.strip():
                 continue
@@ -166,6 +170,10 @@ class Relay:
                 self.pending_fields["total_steps"] = event["total_steps"]
             elif event["type"] == "end":
                 self.end_event = event
+            elif event["type"] == "checkpoint":
+                checkpointed = True
+        if checkpointed:
+            self.measure_disk()  # a checkpoint landed (and older ones went): the job's disk use changed
         lines = [line for tail in self.logs for line in tail.read_lines()]
         for i in range(0, len(lines), LOG_LINES_PER_EVENT):
             out.append({"type": "log", "lines": lines[i : i + LOG_LINES_PER_EVENT], "time": time.time()})
@@ -174,6 +182,10 @@ class Relay:
         if (self.pending_metrics or self.pending_fields) and due:
             self.flush()
         return len(out)
+
+    def measure_disk(self) -> None:
+        """Measure the run directory; its size goes to the job (jobs.disk_bytes) with the next flush."""
+        self.pending_fields["disk_bytes"] = tree_bytes(self.run_dir)
 
     def flush(self) -> None:
         """Write the buffered step metrics (and the job's latest/progress) to the database."""

@@ -256,6 +256,7 @@ def run_attempt(job_id: str, attempt: int) -> str:
         log.exception("job %s attempt %s: supervisor error", job_id, attempt)
         error = {"type": "launch_error", "message": f"worker error: {exc!r}", "log_tail": ""}
         outcome = Outcome("failed", None, error)
+    relay.measure_disk()  # the attempt's last word on the job's size, stored with the final flush
     relay.pump(final=True)
     state = _retry(lambda: finish(job_id, attempt, outcome), what=f"recording the end of job {job_id}")
     if state is not None:

@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--start-after", type=float, default=0.0, help="seconds before the start event (SIGTERM kills)")
     p.add_argument("--alloc-log", type=Path, help="append 'start|end job devices time' lines here")
     p.add_argument("--label", default="", help="'job:devices' for the allocation log")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write checkpoints/step-N (and its event)")
+    p.add_argument("--checkpoint-bytes", type=int, default=1000, help="size of each checkpoint's one file")
     a = p.parse_args()
     if a.alloc_log:
         with a.alloc_log.open("a") as f:  # one short write per line: appends from many processes stay whole
@@ -54,6 +56,11 @@ def main() -> None:
         emit("step", step=step, epoch=0, loss=10.0 / step, lr=1e-3, samples_per_s=100.0, tokens_per_s=6400.0,
              mfu=None, gpu_mem_gb=None)  # fmt: skip
         log.write(f"[rank 0] step {step}/{a.steps}\n")
+        if a.checkpoint_every and step % a.checkpoint_every == 0:
+            ckpt = a.run_dir / "checkpoints" / f"step-{step}"
+            ckpt.mkdir(parents=True)
+            (ckpt / "shard.pt").write_bytes(b"\0" * a.checkpoint_bytes)
+            emit("checkpoint", step=step, path=f"checkpoints/step-{step}", seconds=0.0)
     if a.exit == 0:
         emit("end", status="succeeded", step=step, error=None, model_path="model")
     else:
