@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import LimitExceeded, TooManyRequests
 from core import keys
+from core.disk import disk_usage, human_bytes
 from core.models import Dataset, Job
 from core.states import JobState
 from core.users import Principal
@@ -34,6 +35,7 @@ _WHERE = {
     "max_datasets": "TRAINBOX_MAX_DATASETS_PER_USER",
     "max_dataset_bytes": "TRAINBOX_MAX_DATASET_BYTES_PER_USER",
     "max_tokens": "TRAINBOX_MAX_TOKENS_PER_USER",
+    "max_disk_bytes": "TRAINBOX_MAX_DISK_BYTES_PER_USER",
 }
 
 
@@ -138,3 +140,20 @@ def token_limit_exceeded(user: Principal, live: int) -> LimitExceeded:
         f"you have {live} live tokens, the most you may hold {_where('max_tokens')}; revoke one first",
         ["body"],
     )
+
+
+def check_disk_quota(session: Session, user: Principal) -> None:
+    """403 if the user's run directories and uploads already take their disk quota (or more)."""
+    cap = user.limits.max_disk_bytes
+    if cap is None:
+        return
+    use = disk_usage(session, user.name)
+    if use.total_bytes >= cap:
+        raise LimitExceeded(
+            f"you use {human_bytes(use.total_bytes)} ({use.total_bytes} bytes) of disk: "
+            f"{use.jobs_bytes} bytes in your jobs' run directories and {use.uploads_bytes} in uploads, at or over "
+            f"your quota of {human_bytes(cap)} ({cap} bytes) {_where('max_disk_bytes')}; free some first: "
+            "delete uploads (trainbox datasets delete ID), or ask an admin to delete finished jobs' "
+            "checkpoints (trainbox prune)",
+            ["body"],
+        )

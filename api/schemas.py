@@ -50,7 +50,14 @@ class JobSummary(BaseModel):
     finished_at: datetime | None
     progress: Progress
     latest: Latest | None
-    error: dict[str, Any] | None
+    error: dict[str, Any] | None = Field(
+        description="a failed job's {type, message, log_tail, exit_code}; type in invalid, launch_error, "
+        "train_error, oom, disk (a checkpoint did not fit on the runs' disk), lost, timeout"
+    )
+    disk_bytes: int | None = Field(
+        None, description="bytes its run directory takes, as the worker last measured (after each checkpoint, "
+        "at the end of each attempt, after a prune); null until measured"
+    )
 
     @classmethod
     def of(cls, job: Job, positions: dict[str, int] | None = None, **extra: Any) -> Any:
@@ -72,6 +79,7 @@ class JobSummary(BaseModel):
             progress=Progress(**progress_of(job)),
             latest=Latest(**{k: latest.get(k) for k in (*LATEST_FIELDS, "time")}) if latest else None,
             error=job.error,
+            disk_bytes=job.disk_bytes,
             **extra,
         )
 
@@ -214,9 +222,19 @@ class LimitsRead(BaseModel):
     max_datasets: int = Field(description="uploaded datasets you may keep")
     max_dataset_bytes: int = Field(description="total bytes of your uploaded datasets")
     max_tokens: int = Field(description="live API tokens you may hold (POST /tokens)")
+    max_disk_bytes: int | None = Field(
+        None, description="disk your run directories and uploads may take; at or over it, no submission (null: no cap)"
+    )
+
+
+class DiskUsageRead(BaseModel):
+    jobs_bytes: int = Field(description="your jobs' run directories (checkpoints, models, logs), as last measured")
+    uploads_bytes: int = Field(description="your uploaded datasets")
+    total_bytes: int = Field(description="what counts against max_disk_bytes")
 
 
 class UserRead(BaseModel):
     name: str
     is_admin: bool
     limits: LimitsRead
+    disk: DiskUsageRead | None = None

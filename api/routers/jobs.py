@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from api.artifacts import list_artifacts
 from api.deps import CurrentUser, DispatchDep, JobDep, SessionDep, SettingsDep
 from api.errors import documented
-from api.limits import check_queue_limit, check_submit_rate
+from api.limits import check_disk_quota, check_queue_limit, check_submit_rate
 from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
 from api.validation import admit, dry_run, schedule_options, with_defaults
 from core import jobs as service
@@ -95,6 +95,7 @@ def submit_job(
             return read_job(request, earlier.id, session)
     admitted = admit(spec, settings, session, user)
     check_queue_limit(session, user)
+    check_disk_quota(session, user)
     submitted = service.create_job(
         session=session,
         owner=user.name,

@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
 from api.errors import NotFound, documented
-from api.schemas import LimitsRead, UserRead
+from api.schemas import DiskUsageRead, LimitsRead, UserRead
 from core import users as service
+from core.disk import DiskUsage, disk_usage, disk_usage_by_owner
 from core.models import User
 from trainer.spec import whole_number
 
@@ -38,23 +39,32 @@ class LimitsUpdate(BaseModel):
     max_datasets: int | None = Field(None, ge=1, le=1_000_000)
     max_dataset_bytes: int | None = Field(None, ge=1, le=1 << 50)
     max_tokens: int | None = Field(None, ge=1, le=10_000)
+    max_disk_bytes: int | None = Field(None, ge=1, le=1 << 50)
 
 
-def _read(user: User, settings: SettingsDep) -> UserRead:
+def _read(user: User, settings: SettingsDep, disk: DiskUsage | None = None) -> UserRead:
     limits = service.effective_limits(user, settings)
-    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**limits.__dict__))
+    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**limits.__dict__), disk=_disk(disk))
+
+
+def _disk(use: DiskUsage | None) -> DiskUsageRead | None:
+    if use is None:
+        return None
+    return DiskUsageRead(jobs_bytes=use.jobs_bytes, uploads_bytes=use.uploads_bytes, total_bytes=use.total_bytes)
 
 
 @router.get("/me", response_model=UserRead)
-def me(user: CurrentUser) -> UserRead:
-    """The caller: name, admin or not, and the limits in force for them."""
-    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**user.limits.__dict__))
+def me(user: CurrentUser, session: SessionDep) -> UserRead:
+    """The caller: name, admin or not, the limits in force for them and the disk they use."""
+    disk = _disk(disk_usage(session, user.name))
+    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**user.limits.__dict__), disk=disk)
 
 
 @router.get("", response_model=list[UserRead], responses=documented(403))
 def list_users(session: SessionDep, settings: SettingsDep, admin: AdminUser) -> list[UserRead]:
-    """Every user and their limits (admins only)."""
-    return [_read(u, settings) for u in service.list_users(session)]
+    """Every user, their limits and the disk they use (admins only)."""
+    usage = disk_usage_by_owner(session)
+    return [_read(u, settings, usage.get(u.name, DiskUsage())) for u in service.list_users(session)]
 
 
 @router.patch("/{name}", response_model=UserRead, responses=documented(403, 404, 413))
