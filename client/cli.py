@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "client.cli_datasets",  # datasets upload/list, queue, whoami
     "client.cli_users",  # users add/list/set, tokens create/list/revoke (admin, on the database)
     "client.cli_service",  # service install (systemd units)
+    "client.cli_admin",  # prune (admin, through the API)
 ]
 
 

@@ -69,6 +69,10 @@ def whoami() -> None:
     console.print(f"[bold]{text(me['name'])}[/]{' (admin)' if me['is_admin'] else ''}")
     for key, value in me["limits"].items():
         console.print(f"  {key:<24} {'no cap' if value is None else value}", markup=False, highlight=False)
+    disk = me.get("disk")
+    if disk:
+        console.print(f"  {'disk in use':<24} {disk['total_bytes']} bytes ({disk['jobs_bytes']} in run directories, "
+                      f"{disk['uploads_bytes']} in uploads)", markup=False, highlight=False)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

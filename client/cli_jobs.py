@@ -92,6 +92,8 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         )
     if job.get("gpu_ids"):
         console.print(f"  gpus {job['gpu_ids']}, attempt {job.get('attempt')}", markup=False)
+    if job.get("disk_bytes") is not None:
+        console.print(f"  disk {job['disk_bytes']} bytes (run directory)", markup=False)
     error = job.get("error") or {}
     if error.get("log_tail"):
         console.print("  [dim]log tail:[/]")

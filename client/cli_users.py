@@ -87,10 +87,10 @@ def users_list() -> None:
 
     with database() as session:
         table = Table("name", "admin", "max gpus", "max queued", "max runtime s", "max priority", "submits/min",
-                      "datasets", "dataset bytes", "tokens")  # fmt: skip
+                      "datasets", "dataset bytes", "tokens", "disk bytes")  # fmt: skip
         for u in list_users(session):
             limits = (u.max_gpus, u.max_queued, u.max_runtime_s, u.max_priority, u.submit_rate_per_minute,
-                      u.max_datasets, u.max_dataset_bytes, u.max_tokens)  # fmt: skip
+                      u.max_datasets, u.max_dataset_bytes, u.max_tokens, u.max_disk_bytes)  # fmt: skip
             table.add_row(escape(u.name), "yes" if u.is_admin else "", *(_limit(v) for v in limits))
         console.print(table)
 
@@ -106,6 +106,7 @@ def users_set(
     max_datasets: int = typer.Option(None, "--max-datasets", help="uploaded datasets they may keep"),
     max_dataset_bytes: int = typer.Option(None, "--max-dataset-bytes", help="total bytes of their uploads"),
     max_tokens: int = typer.Option(None, "--max-tokens", help="live tokens they may hold (made through the API)"),
+    max_disk_bytes: int = typer.Option(None, "--max-disk-bytes", help="disk their run dirs and uploads may take"),
     reset: list[str] = typer.Option([], "--reset", help="limit to put back to the server's setting (repeat)"),
     admin: bool = typer.Option(None, "--admin/--no-admin", help="make or unmake an admin"),
 ) -> None:
@@ -114,7 +115,8 @@ def users_set(
 
     given = {"max_gpus": max_gpus, "max_queued": max_queued, "max_runtime_s": max_runtime_s,
              "max_priority": max_priority, "submit_rate_per_minute": submit_rate, "max_datasets": max_datasets,
-             "max_dataset_bytes": max_dataset_bytes, "max_tokens": max_tokens}  # fmt: skip
+             "max_dataset_bytes": max_dataset_bytes, "max_tokens": max_tokens,
+             "max_disk_bytes": max_disk_bytes}  # fmt: skip
     changes: dict[str, int | None] = {k: v for k, v in given.items() if v is not None}
     for field in reset:
         field = field.replace("-", "_")

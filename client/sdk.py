@@ -212,6 +212,14 @@ class Client:
         """Delete one of your uploads and its file (409 while an unfinished job trains on it)."""
         self._call("DELETE", f"/datasets/{dataset_id}")
 
+    def prune(self, *, older_than_days: float | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """Admins: delete the checkpoints of jobs finished at least `older_than_days` ago (default: the
+        server's retention setting); `dry_run` only reports. Returns the jobs and `bytes_freed`."""
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if older_than_days is not None:
+            body["older_than_days"] = older_than_days
+        return self._call("POST", "/admin/prune", json=body)
+
     def events(
         self,
         job_id: str,
