@@ -24,7 +24,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("max_tokens")
-        batch.drop_column("max_dataset_bytes")
-        batch.drop_column("max_datasets")
+    # A plain DROP COLUMN (SQLite >= 3.35): batch mode would rebuild `users` on SQLite, and with foreign
+    # keys on, dropping the old table cascades to api_tokens and datasets.
+    op.drop_column("users", "max_tokens")
+    op.drop_column("users", "max_dataset_bytes")
+    op.drop_column("users", "max_datasets")

@@ -145,3 +145,32 @@ def test_0005_disk_up_and_down_keeps_jobs_their_metrics_and_users(backend, tmp_p
             upgrade(url, "0005")
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0004_down_keeps_users_their_tokens_and_uploads(backend, tmp_path):
+    """Dropping the quota columns must not cascade: on SQLite a rebuilt users table (batch mode) would
+    delete every API token and upload through their foreign keys."""
+    from sqlalchemy import text
+
+    with fresh_database(backend, tmp_path) as url:
+        upgrade(url, "0004")
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO users (name, is_admin, created_at, max_tokens) "
+                                  "VALUES ('ann', false, '2026-01-01', 5)"))  # fmt: skip
+                uid = conn.execute(text("SELECT id FROM users")).scalar_one()
+                conn.execute(text("INSERT INTO api_tokens (id, user_id, name, secret_hash, created_at) "
+                                  f"VALUES ('t1', {uid}, 'laptop', '{'0' * 64}', '2026-01-01')"))  # fmt: skip
+                conn.execute(text("INSERT INTO datasets (id, owner, filename, format, text_field, records, bytes, "
+                                  f"sha256, created_at) VALUES ('d1', 'ann', 'a.jsonl', 'jsonl', 'text', 1, 10, "
+                                  f"'{'0' * 64}', '2026-01-01')"))  # fmt: skip
+            downgrade(url, "0003")
+            with engine.connect() as conn:
+                assert "max_tokens" not in {c["name"] for c in inspect(conn).get_columns("users")}
+                assert conn.execute(text("SELECT count(*) FROM api_tokens")).scalar_one() == 1
+                assert conn.execute(text("SELECT count(*) FROM datasets")).scalar_one() == 1
+            upgrade(url)
+        finally:
+            engine.dispose()
