@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.bench import _WORDS, summarize  # noqa: E402
 from trainer.events import read_events  # noqa: E402
-from trainer.launch import free_port, visible_gpus  # noqa: E402
+from trainer.launch import visible_gpus  # noqa: E402
 from trainer.presets import DEEPSEEK_1_3B, TINY  # noqa: E402
 
 # Big enough that compute, not Python overhead, dominates a CPU step; small enough for 2 cores.
@@ -56,6 +56,15 @@ def write_docs(path: Path, n: int, seq_len: int, seed: int = 0) -> None:
         for _ in range(n):
             k = rng.randint(max(4, seq_len // 8), seq_len)
             f.write(json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(k))}) + "\n")
+
+
+def free_port() -> int:
+    """The plain loop's rendezvous port (it has no launcher to serve one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def rank_env(world: int, on_gpu: bool) -> dict[str, str]:

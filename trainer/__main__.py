@@ -16,11 +16,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.launch import STOP_GRACE_S
+
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="train: start one process per rank and supervise them")
     _common(run)
-    run.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
+    run.add_argument("--stop-grace", type=float, default=STOP_GRACE_S,
+                     help="seconds ranks get to checkpoint and exit after SIGTERM before SIGKILL")  # fmt: skip
     run.add_argument("--die-with-parent", action="store_true", help="exit when the calling process dies")
     rank = sub.add_parser("rank", help="one rank (started by `run`)")
     _common(rank)

@@ -1,27 +1,36 @@
-"""The launcher: one process per rank, their output into train.log, fate shared, end always reported.
+"""The launcher: torch's elastic agent starts and watches the ranks; this module adds what a
+supervised service needs and elastic does not do.
 
-Like `deepspeed`/`torchrun` for one box, plus what a supervised service needs: ranks die with the
-launcher (PR_SET_PDEATHSIG), a failing rank stops the others, SIGTERM reaches every rank so they
-checkpoint together, and the `end` event names the rank that failed first and why.
+Ranks are started by `torch.distributed.launcher.api.elastic_launch`, as `torchrun --standalone`
+does: a c10d rendezvous on localhost:0, whose agent store every rank shares
+(TORCHELASTIC_USE_AGENT_STORE) on a port the OS assigns, so no port is picked, raced for or taken by
+another program. Elastic sets the rank environment, stops every rank when one fails, forwards
+SIGTERM/SIGINT to the ranks and SIGKILLs them after `--stop-grace` seconds.
 
-Rendezvous works as torchrun's agent store: the launcher serves the TCPStore on a port the OS
-assigns and holds it for the run; every rank, rank 0 included, connects to it as a client
-(TORCHELASTIC_USE_AGENT_STORE). No rank binds a rendezvous port, so no other program can take one
-between a check and a bind (EADDRINUSE), and two jobs never pick the same one.
+Kept around it (docs/TRAINER.md, "Launch"):
+- the precheck (spec, paths, data) before any rank starts, and the `end` event, always written;
+- `_Rank`, elastic's subprocess handler with three changes: the rank stays in the launcher's session
+  (elastic starts each rank in a new one, out of reach of the worker's session kill), it dies with
+  the launcher (PR_SET_PDEATHSIG), and its output goes through a pipe into train.log, every line
+  prefixed "[rank N] " (elastic's tee writes each rank's output to a file and polls it);
+- the failure blamed on the rank that caused it, not on a peer that lost its connection to it
+  (elastic's root cause is the smallest timestamp, in whole seconds);
+- exit 75 when the stop was checkpointed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +51,25 @@ from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_m
 from trainer.spec import JobSpec, describe_errors
 
 PR_SET_PDEATHSIG = 1
-FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get before SIGKILL
+# SIGTERM -> SIGKILL for ranks that are checkpointing on a stop. Elastic's default (30 s) is shorter
+# than a 1.3B-parameter ZeRO checkpoint (about 20 GB) takes on a disk slower than 700 MB/s; under the
+# worker, its own cancel_grace_s (shorter) ends a stop that hangs.
+STOP_GRACE_S = 600
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # the ones elastic handles
 # How a rank reports that a peer died under it (gloo, NCCL): a symptom, not the cause.
 _PEER_GONE = re.compile(
     r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|peer.*(died|closed)", re.I
 )
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: a forked child must not dlopen
 
 
-def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send `sig` to this process when its parent dies (Linux)."""
+def set_pdeathsig(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux); a child whose
+    `parent` died before it could ask exits at once."""
     with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def visible_gpus() -> int:
@@ -83,23 +94,78 @@ def _describe_exit(rank: int, code: int) -> str:
     return f"rank {rank} exited with code {code}"
 
 
-def _copy_output(proc: subprocess.Popen[bytes], rank: int, log: Any, lock: threading.Lock) -> None:
-    assert proc.stdout is not None
+def _copy_output(pipe: Any, rank: int, log: Any, lock: threading.Lock) -> None:
+    """Whole lines from a rank's pipe into train.log (a pipe, not a file: a full disk never fails a rank's print)."""
     prefix = f"[rank {rank}] ".encode()
-    for line in iter(proc.stdout.readline, b""):
-        with lock:
+    for line in iter(pipe.readline, b""):
+        with lock, contextlib.suppress(OSError):  # no room for the log: the rank goes on
             log.write(prefix + line)
             log.flush()
+    pipe.close()
+
+
+def _rank_handler_class() -> type:
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
+
+    class _Rank(SubprocessHandler):  # type: ignore[misc]
+        """One rank as elastic starts it, but in the launcher's session, dying with it, output piped."""
+
+        launcher: Launcher
+
+        def _popen(self, args: tuple[str, ...], env: dict[str, str]) -> subprocess.Popen[bytes]:
+            self.rank = int(env["RANK"])
+            self.signalled = False  # a signal from the launcher (elastic), not from outside
+            launcher = self.launcher
+            self.proc = subprocess.Popen(
+                args, env=env | launcher.rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                process_group=0,  # its own group (elastic signals the group), in the launcher's session
+                preexec_fn=lambda: set_pdeathsig(signal.SIGKILL, launcher.pid),
+            )  # fmt: skip
+            launcher.ranks.append(self)
+            self.copier = threading.Thread(
+                target=_copy_output, args=(self.proc.stdout, self.rank, launcher.log, launcher.log_lock), daemon=True
+            )
+            self.copier.start()
+            return self.proc
+
+        def close(self, death_sig: signal.Signals | None = None) -> None:
+            if self.proc.poll() is None:
+                self.signalled = True
+            with contextlib.suppress(ProcessLookupError):  # it exited since elastic looked
+                super().close(death_sig)
+
+    return _Rank
+
+
+def _logs_specs() -> Any:
+    """Elastic writes no log or error file: output goes through the ranks' pipes, errors to errors/rank-N.json."""
+    from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
+
+    class NoFiles(LogsSpecs):  # type: ignore[misc]
+        def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+            ranks = range(len(envs))
+            return LogsDest(stdouts=dict.fromkeys(ranks, ""), stderrs=dict.fromkeys(ranks, ""),
+                            error_files=dict.fromkeys(ranks, os.devnull))  # fmt: skip
+
+        @property
+        def root_log_dir(self) -> str:
+            return os.devnull
+
+    return NoFiles(log_dir=os.devnull)
 
 
 class Launcher:
     def __init__(self, args: Any) -> None:
         self.args = args
         self.run_dir = Path(args.run_dir)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.stop_requested = False  # SIGTERM/SIGINT came from outside: ranks dying of it are stopped, not failed
-        self.store: Any = None  # the rendezvous TCPStore, held until the ranks are gone
+        self.pid = os.getpid()
+        self.ranks: list[Any] = []  # elastic's handlers of the ranks started, in start order
+        self.stop_requested = False  # a stop came from outside: ranks dying of it are stopped, not failed
+        self.agent_error: str | None = None  # elastic itself failed (not a rank)
         self.world = 0  # ranks to start
+        self.rank_env: dict[str, str] = {}
+        self.log: Any = None
+        self.log_lock = threading.Lock()
 
     def _end(self, status: str, error: dict[str, Any] | None = None) -> None:
         writer = EventWriter(self.run_dir)
@@ -113,40 +179,18 @@ class Launcher:
         inspect_dataset(resolve_dataset(spec.dataset, Path(self.args.data_root)), spec.dataset, max_records=1000)
         return spec
 
-    def _rendezvous(self, world: int) -> int:
-        """Serve the ranks' rendezvous store; returns its port (the OS's pick unless --master-port)."""
-        from torch.distributed import TCPStore
-
-        self.store = TCPStore(
-            "127.0.0.1", int(self.args.master_port or 0), world_size=world, is_master=True, wait_for_workers=False
-        )
-        return int(self.store.port)
-
-    def _env(self, world: int, gpus: int, port: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            # torch.distributed's env:// rendezvous then connects every rank to the launcher's store.
-            TORCHELASTIC_USE_AGENT_STORE="True",
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            PYTHONUNBUFFERED="1",
-        )
+    def _env(self, world: int, gpus: int) -> dict[str, str]:
+        """Added to what elastic gives each rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT, the agent store)."""
+        env = {"PYTHONUNBUFFERED": "1"}
         if gpus == 0:
             env["DS_ACCELERATOR"] = "cpu"
             cores = len(os.sched_getaffinity(0))
-            env.setdefault("OMP_NUM_THREADS", str(max(1, cores // world)))
+            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(max(1, cores // world)))
         return env
 
-    def _forward(self, signum: int, _frame: Any) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _note_stop(self, _signum: int, _frame: Any) -> None:
+        """Before the launch (importing torch) and after it (writing the end event): remember the stop."""
         self.stop_requested = True
-        self._forward(signum, frame)
 
     def _stopped(self, code: int | None) -> bool:
         """An exit that is not a failure: done, checkpointed on a stop, or ended by a stop during start-up."""
@@ -173,73 +217,95 @@ class Launcher:
             f.unlink()
         offset = (self.run_dir / "events.jsonl").stat().st_size if (self.run_dir / "events.jsonl").exists() else 0
 
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        try:
-            port = self._rendezvous(spec.gpus)
-        except Exception as e:  # noqa: BLE001 - reported as the job's error
-            self._end("failed", {"type": "launch_error", "message": f"rendezvous store: {type(e).__name__}: {e}"})
-            return EXIT_FAILED
-        env = self._env(spec.gpus, gpus, port)
         self.world = spec.gpus
-        cmd = [sys.executable, "-m", "trainer", "rank", "--spec", str(self.args.spec), "--run-dir",
-               str(self.run_dir), "--model-root", str(self.args.model_root), "--data-root", str(self.args.data_root)]
+        self.rank_env = self._env(spec.gpus, gpus)
+        handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, self._note_stop)
+            order = self._launch()
+            return self._finish(self._cause(order), offset)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _launch(self) -> list[int]:
+        """Run the ranks under elastic's agent; returns the failed ranks in the order elastic saw them."""
+        from torch.distributed.elastic.multiprocessing import api as mp_api
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+        rank_class = _rank_handler_class()
+        rank_class.launcher = self
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=self.world, run_id=f"trainbox-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", local_addr="127.0.0.1",
+            max_restarts=0,  # a failed run is the worker's to retry, from its checkpoint
+            logs_specs=_logs_specs(), shutdown_timeout=int(self.args.stop_grace),
+        )  # fmt: skip
+        args = ["-m", "trainer", "rank", "--spec", str(self.args.spec), "--run-dir", str(self.run_dir),
+                "--model-root", str(self.args.model_root), "--data-root", str(self.args.data_root)]  # fmt: skip
         if self.args.no_save:
-            cmd.append("--no-save")
-        lock = threading.Lock()
-        copiers = []
-        with (self.run_dir / LOG_FILE).open("ab") as log:
-            for r in range(spec.gpus):
-                if self.stop_requested:  # a stop before every rank started: start no more
-                    break
-                p = subprocess.Popen(
-                    cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig,
-                )
-                self.procs.append(p)
-                t = threading.Thread(target=_copy_output, args=(p, r, log, lock), daemon=True)
-                t.start()
-                copiers.append(t)
-            if self.stop_requested:  # it may have come while a rank was being started, before it was listed
-                self._forward(signal.SIGTERM, None)
-            first_failure = self._wait()
-            for t in copiers:
-                t.join(timeout=5)
-        return self._finish(first_failure, offset)
+            args.append("--no-save")
+        order: list[int] = []
+        # Elastic's SubprocessContext makes each rank's handler through this module-level function.
+        make_handler = mp_api.get_subprocess_handler
 
-    def _wait(self) -> tuple[int, int] | None:
-        """Wait for every rank; on the first failure stop the rest (SIGTERM, then SIGKILL)."""
-        failures: list[tuple[int, int]] = []  # in the order seen
-        killed_by_us: set[int] = set()
-        kill_at = None
-        while any(p.poll() is None for p in self.procs):
-            for r, p in enumerate(self.procs):
-                code = p.poll()
-                if code is not None and not self._stopped(code) and r not in {f[0] for f in failures}:
-                    failures.append((r, code))
-            if failures and kill_at is None:
-                kill_at = time.monotonic() + FAILURE_GRACE_S
-                # Ranks still in start-up die of this SIGTERM: not a cause worth reporting either.
-                killed_by_us.update(r for r, p in enumerate(self.procs) if p.poll() is None)
-                self._forward(signal.SIGTERM, None)
-            if kill_at is not None and time.monotonic() > kill_at:
-                for r, p in enumerate(self.procs):
-                    if p.poll() is None:
-                        killed_by_us.add(r)
-                        p.kill()
-            time.sleep(0.05)
-        for r, p in enumerate(self.procs):
-            if not self._stopped(p.returncode) and r not in {f[0] for f in failures}:
-                failures.append((r, p.returncode))
-        return self._cause(failures, killed_by_us)
+        def stop(signum: int, _frame: Any) -> None:
+            # Until elastic takes the signals over (as it starts the ranks), a stop aborts the launch as
+            # elastic's own handler does; whatever rank was started by then is stopped below.
+            self.stop_requested = True
+            raise SignalException(f"launcher got {signal.Signals(signum).name}", signal.Signals(signum))
 
-    def _cause(self, failures: list[tuple[int, int]], killed_by_us: set[int]) -> tuple[int, int] | None:
-        """The failure worth reporting: a rank killed from outside, else one whose error is not merely
-        a broken connection to a peer that went first, else the first failure seen."""
+        with (self.run_dir / LOG_FILE).open("ab") as self.log:
+            try:
+                for s in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(s, stop)
+                if self.stop_requested:  # it came while torch was being imported
+                    raise SignalException("launcher stopped before the launch", signal.SIGTERM)
+                mp_api.get_subprocess_handler = rank_class
+                elastic_launch(config, sys.executable)(*args)
+            except ChildFailedError as e:
+                order = list(e.failures)
+            except SignalException:
+                self.stop_requested = True
+            except Exception as e:  # noqa: BLE001 - the rendezvous or the agent itself: reported as the job's error
+                self.agent_error = f"elastic agent: {type(e).__name__}: {e}"
+            finally:
+                mp_api.get_subprocess_handler = make_handler
+                for s in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(s, self._note_stop)
+                self._stop_leftovers()
+                for r in self.ranks:
+                    r.copier.join(timeout=5)
+        return order
+
+    def _stop_leftovers(self) -> None:
+        """Ranks elastic did not stop (a stop came while it was starting them): SIGTERM, then SIGKILL."""
+        alive = [r for r in self.ranks if r.proc.poll() is None]
+        for r in alive:
+            r.close(signal.SIGTERM)
+        deadline = time.monotonic() + self.args.stop_grace
+        for r in alive:
+            try:
+                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.close(signal.SIGKILL)
+                r.proc.wait()
+
+    def _cause(self, order: list[int]) -> tuple[int, int] | None:
+        """The failure worth reporting: a rank killed by a signal the launcher did not send, else one
+        whose error is not merely a broken connection to a peer that went first, else the first
+        failure elastic saw."""
+        codes = {r.rank: r.proc.returncode for r in self.ranks}
+        failures = [(r, codes[r]) for r in dict.fromkeys([*order, *sorted(codes)])
+                    if codes.get(r) is not None and not self._stopped(codes[r])]  # fmt: skip
         if not failures:
             return None
+        signalled = {r.rank for r in self.ranks if r.signalled}
         for r, code in failures:
-            if code < 0 and r not in killed_by_us:
+            if code < 0 and r not in signalled:
                 return r, code
         for r, code in failures:
             error_file = self.run_dir / ERRORS_DIR / f"rank-{r}.json"
@@ -255,17 +321,18 @@ class Launcher:
         remove_partial(self.run_dir)
         remove_error_reserves(self.run_dir)
         ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))
+        if first_failure is None and self.agent_error is not None:
+            self._end("failed", {"type": "launch_error", "message": self.agent_error})
+            return EXIT_FAILED
         if first_failure is None:
             # Exit 75 (checkpointed), or stopped during start-up (nothing to save yet), or never started.
-            preempted = len(self.procs) < self.world or any(p.returncode != EXIT_OK for p in self.procs)
+            preempted = len(self.ranks) < self.world or any(r.proc.returncode != EXIT_OK for r in self.ranks)
             if not ended:
                 self._end("preempted" if preempted else "succeeded")
             return EXIT_PREEMPTED if preempted else EXIT_OK
         rank, code = first_failure
         error_file = self.run_dir / ERRORS_DIR / f"rank-{rank}.json"
         if error_file.exists():
-            import json
-
             err = json.loads(error_file.read_text())
             error = {"type": err["type"], "message": f"rank {rank}: {err['message']}", "exit_code": code}
         else:

@@ -245,12 +245,17 @@ def test_ports_taken_by_other_programs_or_jobs_never_fail_a_run(data_root: Path,
         assert no_process_left(tmp_path / name)
 
 
-def test_a_stop_before_the_ranks_start_starts_none(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    """SIGTERM after the launcher took over its signals but before it started the ranks (a job cancelled
-    right after its launch): no rank starts and the run says `preempted`. It used to reach no rank, and
-    the run trained on until the supervisor's SIGKILL, or to the end."""
+@pytest.mark.parametrize("when", ["after the rendezvous", "after the first rank started"])
+def test_a_stop_before_every_rank_started_starts_no_more(when: str, data_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """SIGTERM after the launcher took over its signals but before every rank started (a job cancelled
+    right after its launch): no more rank starts, those started are stopped, and the run says
+    `preempted`. Such a stop once reached no rank, and the run trained on until the supervisor's
+    SIGKILL, or to the end."""
     import argparse
     import json
+
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
     from trainer import launch
 
@@ -258,22 +263,37 @@ def test_a_stop_before_the_ranks_start_starts_none(data_root: Path, tmp_path: Pa
     spec_file.write_text(json.dumps(tiny_spec(max_steps=2, checkpoint_every=0)))
     run_dir = tmp_path / "run"
     args = argparse.Namespace(spec=str(spec_file), run_dir=str(run_dir), model_root=str(data_root),
-                              data_root=str(data_root), master_port=0, die_with_parent=False, no_save=True)  # fmt: skip
-    rendezvous = launch.Launcher._rendezvous
+                              data_root=str(data_root), stop_grace=30, die_with_parent=False, no_save=True)  # fmt: skip
 
-    def rendezvous_then_sigterm(self: launch.Launcher, world: int) -> int:
-        port = rendezvous(self, world)
+    def sigterm() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # taken by the launcher's handler, as the worker's would be
-        return port
 
-    monkeypatch.setattr(launch.Launcher, "_rendezvous", rendezvous_then_sigterm)
-    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    try:
-        code = launch.Launcher(args).run()
-    finally:
-        signal.signal(signal.SIGTERM, handlers[0])
-        signal.signal(signal.SIGINT, handlers[1])
-    assert code == 75
+    if when == "after the rendezvous":  # the agent store is up, no rank is started
+        next_rendezvous = DynamicRendezvousHandler.next_rendezvous
+
+        def rendezvous_then_sigterm(self: DynamicRendezvousHandler) -> object:
+            info = next_rendezvous(self)
+            sigterm()
+            return info
+
+        monkeypatch.setattr(DynamicRendezvousHandler, "next_rendezvous", rendezvous_then_sigterm)
+    else:  # elastic is starting the ranks: rank 0 runs, rank 1 is not started yet
+        rank_class = launch._rank_handler_class
+
+        def stop_after_the_first() -> type:
+            class Rank(rank_class()):  # type: ignore[misc]
+                def _popen(self, *a: object) -> object:
+                    proc = super()._popen(*a)
+                    sigterm()
+                    return proc
+
+            return Rank
+
+        monkeypatch.setattr(launch, "_rank_handler_class", stop_after_the_first)
+    launcher = launch.Launcher(args)
+    assert launcher.run() == 75
+    assert [r.rank for r in launcher.ranks] == ([] if when == "after the rendezvous" else [0])
+    assert all(r.proc.returncode == -signal.SIGTERM for r in launcher.ranks)
     evs = events(run_dir)
     assert [e["type"] for e in evs] == ["end"] and evs[0]["status"] == "preempted"
-    assert "[rank" not in ((run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else "")
+    assert no_process_left(run_dir)
