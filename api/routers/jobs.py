@@ -181,7 +181,7 @@ def cancel_job(
 def job_metrics(
     job: JobDep,
     session: SessionDep,
-    after_step: Annotated[int, Query(ge=-1)] = -1,
+    after_step: Annotated[int, Query(ge=-1, le=2**31 - 1, description="steps are 32-bit")] = -1,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> MetricPage:
     """Step history (loss, lr, throughput, MFU, memory) after `after_step`, in step order."""
