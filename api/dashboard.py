@@ -30,7 +30,7 @@ th{color:var(--dim);font-weight:500}tr.job{cursor:pointer}tr.job:hover,tr.sel{ba
 #stats div b{display:block;font-size:1.1rem}#log{max-height:180px;overflow:auto;font:12px monospace;color:var(--dim);white-space:pre-wrap}
 </style></head><body>
 <header><h1>trainbox</h1><span id="health">checking...</span>
-<form id="login" style="margin-left:auto"><input id="token" type="password" placeholder="API token (trainbox tokens create)" size="34" autocomplete="off"> <button>use token</button></form></header>
+<form id="login" style="margin-left:auto"><input id="token" type="password" placeholder="API token (trainbox-admin tokens create)" size="34" autocomplete="off"> <button>use token</button></form></header>
 <main>
 <div>
 <section><h2>GPUs</h2><div id="gpus" class="gpus"></div></section>

@@ -41,9 +41,9 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-MISSING_TOKEN = "missing bearer token: send `Authorization: Bearer <token>` (trainbox tokens create)"
+MISSING_TOKEN = "missing bearer token: send `Authorization: Bearer <token>` (trainbox-admin tokens create)"
 INVALID_TOKEN = "invalid, revoked or expired token"
-_bearer = HTTPBearer(auto_error=False, description="an API token: `trainbox tokens create NAME`")
+_bearer = HTTPBearer(auto_error=False, description="an API token: `trainbox-admin tokens create NAME`")
 
 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]

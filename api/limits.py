@@ -1,7 +1,7 @@
 """Per-user limits on what a job may ask for, on the queue, and on how fast one submits.
 
 Each refusal names the limit and where it is set: the TRAINBOX_ setting, or a per-user override an
-admin sets with `trainbox users set NAME --<limit> N`.
+admin sets with `trainbox-admin users set NAME --<limit> N`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ _WHERE = {
 
 def _where(limit: str) -> str:
     flag = "--" + limit.replace("_", "-")
-    return f"(limit {limit}: {_WHERE[limit]}, or per user by an admin: trainbox users set NAME {flag} N)"
+    return f"(limit {limit}: {_WHERE[limit]}, or per user by an admin: trainbox-admin users set NAME {flag} N)"
 
 
 def check_spec_limits(spec: JobSpec, user: Principal) -> None:

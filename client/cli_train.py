@@ -18,8 +18,6 @@ from rich.markup import escape
 
 from client.cli_common import load_spec
 from client.follow import FollowView
-from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, read_events
-from trainer.spec import JobSpec, describe_errors
 
 console = Console()
 
@@ -31,6 +29,10 @@ def train(
     model_root: Path = typer.Option(Path("."), "--model-root", help="model directories are relative to this"),
 ) -> None:
     """Train a spec here with a live loss display; Ctrl-C checkpoints, and running again resumes."""
+    # The trainer is imported here, not at module level: the rest of the CLI needs no trainer code.
+    from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, read_events
+    from trainer.spec import JobSpec, describe_errors
+
     try:
         spec = JobSpec.model_validate(load_spec(spec_file))
     except ValidationError as e:

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     port_base: int = Field(29500, ge=1024, le=65000, description="first rendezvous (master) port")
     port_count: int = Field(500, ge=1, le=10000, description="rendezvous ports per box")
 
-    # Limits per user; each can be overridden per user by an admin (`trainbox users set`).
+    # Limits per user; each can be overridden per user by an admin (`trainbox-admin users set`).
     max_gpus_per_user: int | None = Field(None, ge=1, description="GPUs one user's jobs hold at once; None: no cap")
     max_queued_per_user: int = Field(50, ge=1, description="jobs one user may have waiting in the queue")
     max_runtime_s: int = Field(7 * 86400, ge=1, description="cap on a spec's max_runtime_s")

@@ -1,7 +1,7 @@
 """Uploaded datasets: POST /datasets (multipart), GET /datasets (the caller's own), DELETE /datasets/{id}.
 
 Uploads are private: the uploads directory is 0700 and each file 0600. Each user has a quota on how
-many uploads they keep and on their total bytes (settings, or per user: `trainbox users set`).
+many uploads they keep and on their total bytes (settings, or per user: `trainbox-admin users set`).
 """
 
 from __future__ import annotations

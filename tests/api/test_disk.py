@@ -68,7 +68,7 @@ def test_a_user_at_their_disk_quota_cannot_submit_until_an_override_or_a_prune(
     msg = err["msg"]
     for fragment in ("you use 6.0 KB (6000 bytes) of disk", "6000 bytes in your jobs' run directories",
                      "quota of 6.0 KB (6000 bytes)", "max_disk_bytes", "TRAINBOX_MAX_DISK_BYTES_PER_USER",
-                     "trainbox users set NAME --max-disk-bytes N", "trainbox prune",
+                     "trainbox-admin users set NAME --max-disk-bytes N", "trainbox prune",
                      "trainbox datasets delete"):  # fmt: skip
         assert fragment in msg, msg
     assert client.post("/jobs", json=spec()).status_code == 201, "others (the admin `local`) still submit"
