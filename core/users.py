@@ -26,7 +26,8 @@ from core.settings import Settings
 TOKEN_PREFIX = "tbx"
 # Matched with fullmatch: `$` also matches before a final newline ("evil\n" would pass, 101 characters).
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,99}")
-TOKEN_NAME = re.compile(r"[\w .@:()-]{1,100}")
+# ASCII only: the API states this as a JSON Schema pattern, where \w means [A-Za-z0-9_].
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_ .@:()-]{1,100}")
 _ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"
 _TOKEN = re.compile(rf"{TOKEN_PREFIX}_([{_ID_CHARS}]{{12}})_([A-Za-z0-9_-]{{43}})")
 LIMIT_FIELDS = (

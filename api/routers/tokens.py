@@ -20,7 +20,7 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("default", min_length=1, max_length=100, pattern=r"^[\w .@:()-]+$")
+    name: str = Field("default", min_length=1, max_length=100, pattern=f"^{service.TOKEN_NAME.pattern}$")
     expires_in_days: float | None = Field(
         None, ge=0.001, le=3650, description="none: until revoked; never later than the token making it"
     )

@@ -53,8 +53,9 @@ def test_live_tokens_per_user_are_capped(client):
     assert client.get("/users/me", headers=ann).json()["limits"]["max_tokens"] == 3
 
 
-@pytest.mark.parametrize("name", ["evil\n", "a" * 100 + "\n"])
+@pytest.mark.parametrize("name", ["evil\n", "a" * 100 + "\n", "\u00aa", "caf\u00e9"])
 def test_names_with_a_trailing_newline_are_422(client, name):
+    """Whole-name matching; and ASCII only, as the schema's pattern states (its \\w is ASCII)."""
     ann = make_user(client, "ann")
     only_error(client.post("/tokens", json={"name": name}, headers=ann), 422)
     only_error(client.patch("/users/ann%0A", json={"max_gpus": 1}), 422)
