@@ -224,7 +224,8 @@ class Launcher:
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, self._note_stop)
             order = self._launch()
-            return self._finish(self._cause(order), offset)
+            signalled = {r.rank for r in self.ranks if r.signalled}
+            return self._finish(self._cause(self._failures(order), signalled), offset)
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -294,18 +295,19 @@ class Launcher:
                 r.close(signal.SIGKILL)
                 r.proc.wait()
 
-    def _cause(self, order: list[int]) -> tuple[int, int] | None:
-        """The failure worth reporting: a rank killed by a signal the launcher did not send, else one
-        whose error is not merely a broken connection to a peer that went first, else the first
-        failure elastic saw."""
+    def _failures(self, order: list[int]) -> list[tuple[int, int]]:
+        """(rank, exit code) of the ranks that failed, in the order elastic saw them, then by rank."""
         codes = {r.rank: r.proc.returncode for r in self.ranks}
-        failures = [(r, codes[r]) for r in dict.fromkeys([*order, *sorted(codes)])
-                    if codes.get(r) is not None and not self._stopped(codes[r])]  # fmt: skip
+        return [(r, codes[r]) for r in dict.fromkeys([*order, *sorted(codes)])
+                if codes.get(r) is not None and not self._stopped(codes[r])]  # fmt: skip
+
+    def _cause(self, failures: list[tuple[int, int]], killed_by_us: set[int]) -> tuple[int, int] | None:
+        """The failure worth reporting: a rank killed by a signal the launcher did not send, else one
+        whose error is not merely a broken connection to a peer that went first, else the first seen."""
         if not failures:
             return None
-        signalled = {r.rank for r in self.ranks if r.signalled}
         for r, code in failures:
-            if code < 0 and r not in signalled:
+            if code < 0 and r not in killed_by_us:
                 return r, code
         for r, code in failures:
             error_file = self.run_dir / ERRORS_DIR / f"rank-{r}.json"

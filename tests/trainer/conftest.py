@@ -62,16 +62,18 @@ def trainer_cmd(spec_file: Path, run_dir: Path, data_root: Path, *extra: str) ->
 
 
 def start_trainer(
-    spec: dict[str, Any], run_dir: Path, data_root: Path, extra_env: dict[str, str] | None = None
+    spec: dict[str, Any], run_dir: Path, data_root: Path, extra_env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
-    """Launch the trainer in its own session, as the worker does (`extra_env`: more variables)."""
+    """Launch the trainer in its own session, as the worker does (`extra_env`: more variables,
+    `extra_args`: more launcher options)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_file = run_dir / "spec.json"
     spec_file.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
     env |= extra_env or {}
     return subprocess.Popen(
-        trainer_cmd(spec_file, run_dir, data_root), cwd=REPO, env=env, start_new_session=True,
+        trainer_cmd(spec_file, run_dir, data_root, *extra_args), cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

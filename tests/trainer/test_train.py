@@ -161,6 +161,24 @@ def test_killed_rank_fails_the_job_with_its_exit_code(data_root: Path, tmp_path:
     wait_for(lambda: no_process_left(tmp_path), timeout=10, what="no rank left")
 
 
+def test_ranks_that_do_not_stop_within_the_grace_are_killed_then(data_root: Path, tmp_path: Path) -> None:
+    """--stop-grace bounds a stop: rank 1 frozen (SIGSTOP) cannot checkpoint, rank 0 waits on it in the
+    next collective; both are SIGKILLed when the grace runs out, and the run fails saying so."""
+    p = start_trainer(tiny_spec(max_steps=10_000, checkpoint_every=0), tmp_path, data_root,
+                      extra_args=("--stop-grace", "3"))  # fmt: skip
+    wait_for(lambda: len(step_losses(events(tmp_path))) >= 2, timeout=240, what="2 steps")
+    rank1 = next(c for c in psutil.Process(p.pid).children() if c.environ().get("RANK") == "1")
+    rank1.suspend()
+    stopped_at = time.monotonic()
+    os.killpg(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=60) == 1
+    assert 3 <= time.monotonic() - stopped_at < 20
+    end = events(tmp_path)[-1]
+    assert end["status"] == "failed" and end["error"]["exit_code"] == -9
+    assert end["error"]["message"].endswith("was killed by SIGKILL")
+    wait_for(lambda: no_process_left(tmp_path), timeout=10, what="no rank left")
+
+
 def test_invalid_data_fails_fast_without_starting_ranks(data_root: Path, tmp_path: Path) -> None:
     spec = tiny_spec(dataset={"path": "corpus.jsonl", "text_field": "body"})
     p = start_trainer(spec, tmp_path, data_root)
