@@ -56,21 +56,42 @@ async function api(path, opts = {}) {
 $("login").addEventListener("submit", (ev) => { ev.preventDefault(); const t = $("token").value.trim();
   if (t) localStorage.setItem("trainbox-token", t); else localStorage.removeItem("trainbox-token"); $("token").value = ""; refresh(); });
 
-// Server-Sent Events over fetch: EventSource cannot send the Authorization header.
+// Server-Sent Events over fetch: EventSource cannot send the Authorization header. A stream that
+// ends or breaks before the job's final `end` is resumed from the last event id (the server's one
+// resume protocol: nothing lost, nothing repeated).
 async function stream(path, on, signal) {
-  const r = await fetch(path, {headers: auth({Accept: "text/event-stream"}), signal});
-  if (!r.ok || !r.body) return;
-  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buf = "", name = "message", data = [];
-  for (;;) {
-    const {value, done} = await reader.read(); if (done) return;
-    buf += value; let i;
-    while ((i = buf.indexOf("\n")) >= 0) {
-      const line = buf.slice(0, i).replace(/\r$/, ""); buf = buf.slice(i + 1);
-      if (line === "") { if (data.length && on[name]) on[name]({data: data.join("\n")}); name = "message"; data = []; }
-      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
-      else if (line.startsWith("event:")) name = line.slice(6).trim();
-    }
+  let after = new URL(path, location.href).searchParams.get("after") || "0-0:0";
+  const base = path.split("?")[0];
+  while (!signal.aborted) {
+    let ended = false;
+    try {
+      const r = await fetch(`${base}?after=${encodeURIComponent(after)}`, {headers: auth({Accept: "text/event-stream"}), signal});
+      if (r.status === 401 || r.status === 404) return;
+      if (r.ok && r.body) {
+        const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = "", name = "message", data = [], id = null;
+        for (;;) {
+          const {value, done} = await reader.read(); if (done) break;
+          buf += value; let i;
+          while ((i = buf.indexOf("\n")) >= 0) {
+            const line = buf.slice(0, i).replace(/\r$/, ""); buf = buf.slice(i + 1);
+            if (line === "") {
+              if (data.length) {
+                if (id) after = id;
+                if (name === "end" && JSON.parse(data.join("\n")).state) ended = true;
+                if (on[name]) on[name]({data: data.join("\n")});
+              }
+              name = "message"; data = []; id = null;
+            }
+            else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+            else if (line.startsWith("event:")) name = line.slice(6).trim();
+            else if (line.startsWith("id:")) id = line.slice(3).trim();
+          }
+        }
+      }
+    } catch (e) { if (signal.aborted) return; }
+    if (ended) return;
+    await new Promise((ok) => setTimeout(ok, 1000));
   }
 }
 
@@ -130,17 +151,15 @@ async function select(id) {
   const hist = await api(`/jobs/${id}/metrics?limit=10000`);
   hist.data.forEach(addPoint); if (hist.data.length) stats(hist.data[hist.data.length - 1]);
   draw();
-  // Stream ids are Redis timestamps (ms): follow from a little before the newest stored step instead of
-  // replaying the whole stream (steps seen twice are merged by step number).
-  const last = hist.data.length ? hist.data[hist.data.length - 1].time : null;
-  const after = last == null ? "0-0" : `${Math.max(0, Math.floor(last * 1000) - 5000)}-0`;
+  // Resume after the history just loaded: `0-0:<step>` sends the stream's other events and only newer steps.
+  const after = `0-0:${hist.data.length ? hist.data[hist.data.length - 1].step : 0}`;
   source = new AbortController();
   stream(`/jobs/${id}/events?after=${after}`, {
-    metric: (e) => { const m = JSON.parse(e.data); addPoint(m); stats(m); draw(); },
+    step: (e) => { const m = JSON.parse(e.data); addPoint(m); stats(m); draw(); },
     log: (e) => { const d = JSON.parse(e.data); const el = $("log");
       el.textContent += (d.lines || [d.line || d.text || ""]).join("\n") + "\n"; el.scrollTop = el.scrollHeight; },
     state: (e) => { const d = JSON.parse(e.data); if (d.state) $("title").textContent = `${job.name} (${job.id}): ${d.state}`; },
-    end: (e) => { const d = JSON.parse(e.data); $("title").textContent = `${job.name} (${job.id}): ${d.state}`; refresh(); },
+    end: (e) => { const d = JSON.parse(e.data); if (d.state) { $("title").textContent = `${job.name} (${job.id}): ${d.state}`; refresh(); } },
   }, source.signal).catch(() => {});
   refresh();
 }

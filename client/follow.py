@@ -70,7 +70,7 @@ class FollowView:
         if event_type == "start" and data.get("total_steps"):
             resumed = data.get("resumed_from_step") or 0
             self.progress.update(self.task, total=data["total_steps"], completed=resumed)
-        elif event_type in ("step", "metric"):
+        elif event_type == "step":
             self.steps_seen += 1
             self.last_step = data
             if self.first_loss is None and isinstance(data.get("loss"), int | float):

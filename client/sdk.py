@@ -74,6 +74,7 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, st
 
 
 BUSY_RETRIES = 3
+RECONNECT_FOR_S = 120.0  # a follower keeps trying this long through a server restart, then raises
 BUSY_MAX_WAIT_S = 5.0
 
 
@@ -225,24 +226,21 @@ class Client:
         job_id: str,
         *,
         last_event_id: str | None = None,
-        last_step: int | None = None,
         reconnect: bool = True,
         retry_s: float = 0.5,
     ) -> Iterator[Event]:
-        """The job's live events; reconnects with Last-Event-ID (no gaps, no repeats) until it ends.
-
-        `Last-Step` goes with it: if Redis lost events (a restart), the server refills them from the
-        step history exactly after the last step this client received."""
+        """The job's live events until it ends; on a lost connection it resumes with Last-Event-ID, which
+        the server makes exact: no step lost or repeated, even where Redis lost events."""
+        down_since: float | None = None  # the server unreachable since: give up after RECONNECT_FOR_S
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
                 headers["Last-Event-ID"] = last_event_id
-            if last_step is not None:
-                headers["Last-Step"] = str(last_step)
             try:
                 with self.http.stream(
                     "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=None)
                 ) as response:
+                    down_since = None
                     if response.status_code >= 400:
                         response.read()
                         raise TrainboxError(response.status_code, _detail(response))
@@ -256,14 +254,15 @@ class Client:
                         if not isinstance(data, dict):
                             data = {"value": data}
                         event = Event(event_id, str(data.get("type") or name or "message"), data)
-                        if event.type == "step" and isinstance(data.get("step"), int):
-                            last_step = data["step"]
                         yield event
-                        if event.type == "state" and data.get("state") in TERMINAL_STATES:
+                        if event.type in ("state", "end") and data.get("state") in TERMINAL_STATES:
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError):
-                if not reconnect:
+                down_since = down_since or time.monotonic()
+                if not reconnect or time.monotonic() - down_since > RECONNECT_FOR_S:
                     raise
+                time.sleep(retry_s)
+                continue  # the server drains what is left and ends the stream, terminal job or not
             if not reconnect or self.get(job_id)["state"] in TERMINAL_STATES:
                 return
             time.sleep(retry_s)

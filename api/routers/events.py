@@ -1,15 +1,17 @@
 """The live event stream of a job: Server-Sent Events read from the job's Redis stream.
 
-Each SSE event's `id` is the Redis stream id, so `Last-Event-ID` resumes exactly after the last
-event a client saw. Where the stream no longer holds what followed that id (Redis restarted and lost
-it, or the cap trimmed it), the missing steps come from the DB's step history first, then the stream
-goes on. A DB event's id is `<its time in ms>-<DB_SEQ + step>`: still a valid stream position, and a
-resume from it continues by step. A client that also sends `Last-Step` (the SDK
-does) resumes by step, exactly. Without it, rows are matched to the Redis id by time, which can miss a
-lost step that the trainer wrote before the client's last event reached Redis.
+Resuming (one protocol, for every client): each event's `id` is `<stream id>:<step>`, the Redis stream
+position of the event and the last step sent up to and including it. A client resumes by sending the
+last id it saw as `Last-Event-ID` (or `?after=`; a browser's EventSource does this by itself). The
+server sends what the stream holds after that position, never a step at or below that step; where
+the stream no longer reaches back to the position (Redis restarted and lost it, or the cap trimmed
+it), the missing steps come from the DB's step history first, by step, so nothing is lost or repeated.
+A client that already has the history (the dashboard loads it from /metrics) asks for `0-0:<its last
+step>`: the stream's other events, and only newer steps.
 
-Trainer `step` events are sent as `metric`, `start` and trainer `end` as `state`; the final `end`
-event is sent once the job is terminal and the stream is drained, then the response closes.
+Each event is named on the wire by its own `type` (`state`, `start`, `step`, `eval`, `checkpoint`,
+`log`, `end`); the final `end`, with the job's terminal `state`, comes once the job is terminal and
+the stream is drained, then the response closes.
 
 A quiet stream stays open (a keep-alive comment every PING_S) as long as the client does. While it
 streams it holds no DB connection (the request's session ended with the route; the state checks
@@ -44,12 +46,12 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["events"], responses=documented(404, 429, 503))
 T = TypeVar("T")
 
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+RESUME_ID = re.compile(r"^(\d{1,20})-(\d{1,20}):(\d{1,10})$")
 ID_MAX = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
 STEP_MAX = 2**31 - 1  # job_metrics.step is a 32-bit INTEGER
 BATCH = 200
-DB_SEQ = 10**12  # DB event ids carry the step above this (Redis's own sequence numbers stay far below)
-SSE_NAMES = {"step": "metric", "start": "state", "end": "state"}
+# A refilled step event carries what its history row holds (every column but the keys).
+STEP_ROW_FIELDS = tuple(c.name for c in JobMetric.__table__.columns if c.name not in ("id", "job_id", "attempt"))
 PING_S = 10  # keep-alive comment on a quiet stream (proxies drop idle connections)
 WARN_EVERY_S = 10.0  # Redis errors of many streams at once: one log line per this, with a count
 _warned = {"at": 0.0, "quiet": 0}
@@ -66,44 +68,34 @@ def _read_state(request: Request, job_id: str) -> tuple[str, dict[str, Any] | No
         return (job.state, job.error) if job else (JobState.CANCELLED.value, None)
 
 
-def _to_sse(entry_id: Any, fields: dict[Any, Any]) -> ServerSentEvent:
-    event = events.decode(fields)
-    name = SSE_NAMES.get(str(event.get("type")), str(event.get("type") or "message"))
-    eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return ServerSentEvent(data=json.dumps(event, separators=(",", ":")), event=name, id=eid)
+def _sse(event: dict[str, Any], position: str, step: int) -> ServerSentEvent:
+    name = str(event.get("type") or "message")
+    return ServerSentEvent(data=json.dumps(event, separators=(",", ":")), event=name, id=f"{position}:{step}")
 
 
-def _id(stream_id: Any) -> tuple[int, int]:
-    ms, _, seq = (stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)).partition("-")
+def _stream_id(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+def _id(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
 
 
-def _metrics_after(
-    request: Request, job_id: str, after: tuple[int, int], below_step: int | None, last_step: int | None
-) -> list[Any]:
-    """Step rows after stream position `after` (a DB id, or the client's Last-Step: by step; a Redis id:
-    by time), below `below_step`."""
-    query = select(JobMetric).where(JobMetric.job_id == job_id)
-    if last_step is not None and after[1] < DB_SEQ:
-        after = (after[0], DB_SEQ + last_step)
-    if after[1] >= DB_SEQ:
-        query = query.where(JobMetric.step > min(after[1] - DB_SEQ, STEP_MAX))
-    else:
-        query = query.where(JobMetric.time >= after[0] / 1000)
+def _metrics_after(request: Request, job_id: str, after_step: int, below_step: int | None) -> list[Any]:
+    """Step rows after `after_step` (and below `below_step`, where the stream takes over), by step."""
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > after_step)
     if below_step is not None:
         query = query.where(JobMetric.step < below_step)
     with request.app.state.read_sessions() as session:
-        rows = session.scalars(query.order_by(JobMetric.step)).all()
-        return [r for r in rows if after[1] >= DB_SEQ or int(r.time * 1000) > after[0]]
+        return list(session.scalars(query.order_by(JobMetric.step)).all())
 
 
-async def _lost_steps(
-    request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
-) -> list[ServerSentEvent]:
-    """The steps after `last_id` that the stream no longer holds, from the DB ([] when it holds them)."""
-    key, after = keys.job_events(job_id), _id(last_id)
+async def _lost_steps(request: Request, redis: Redis, job_id: str, position: str, step: int) -> list[Any]:
+    """The step rows after `step` that the stream no longer holds past `position` ([] when it does)."""
+    key = keys.job_events(job_id)
     head = await redis.xrange(key, count=1)
-    if head and _id(head[0][0]) <= after:
+    if head and _id(_stream_id(head[0][0])) <= _id(position):
         return []  # the stream still reaches back to the client's position
     first_step, start = None, "-"
     while first_step is None:  # the first step the stream still has: the DB fills in below it
@@ -111,25 +103,16 @@ async def _lost_steps(
         if not batch:
             break
         first_step = next((e["step"] for _i, f in batch if (e := events.decode(f)).get("type") == "step"), None)
-        start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else str(batch[-1][0]))
-    rows = await _in_stream_thread(request, _metrics_after, job_id, after, first_step, last_step)
-    fields = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
-    return [
-        ServerSentEvent(
-            data=json.dumps({"type": "step", **{f: getattr(r, f) for f in fields}}, separators=(",", ":")),
-            event="metric",
-            id=f"{int(r.time * 1000)}-{DB_SEQ + r.step}",
-        )
-        for r in rows
-    ]
+        start = "(" + _stream_id(batch[-1][0])
+    return await _in_stream_thread(request, _metrics_after, job_id, step, first_step)
 
 
 async def _stream(
-    request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
+    request: Request, redis: Redis, job_id: str, position: str, step: int
 ) -> AsyncIterator[ServerSentEvent]:
     """The events; a Redis error ends the stream with a log line (no traceback): the client resumes."""
     try:
-        async for sse in _events(request, redis, job_id, last_id, last_step):
+        async for sse in _events(request, redis, job_id, position, step):
             yield sse
     except RedisError as e:
         now = time.monotonic()
@@ -142,15 +125,13 @@ async def _stream(
 
 
 async def _events(
-    request: Request, redis: Redis, job_id: str, last_id: str, last_step: int | None
+    request: Request, redis: Redis, job_id: str, position: str, step: int
 ) -> AsyncIterator[ServerSentEvent]:
     key = keys.job_events(job_id)
     block_ms = request.app.state.settings.sse_block_ms
-    from_db = await _lost_steps(request, redis, job_id, last_id, last_step)
-    for sse in from_db:
-        yield sse
-    # Steps the relay held while Redis was away reach the stream later; the DB may have sent them already.
-    db_step = json.loads(from_db[-1].data)["step"] if from_db else None
+    for row in await _lost_steps(request, redis, job_id, position, step):
+        step = row.step
+        yield _sse({"type": "step", **{f: getattr(row, f) for f in STEP_ROW_FIELDS}}, position, step)
 
     async def terminal() -> tuple[bool, str, dict[str, Any] | None]:
         state, error = await _in_stream_thread(request, _read_state, job_id)
@@ -159,11 +140,10 @@ async def _events(
     done, state, error = await terminal()
     while True:
         # Once the job is terminal, read without blocking: what is left is drained, then the end.
-        entries = await redis.xread({key: last_id}, count=BATCH, block=None if done else block_ms)
+        entries = await redis.xread({key: position}, count=BATCH, block=None if done else block_ms)
         if not entries:
             if done:
-                end = {"type": "end", "state": state, "error": error}
-                yield ServerSentEvent(data=json.dumps(end), event="end", id=last_id)
+                yield _sse({"type": "end", "state": state, "error": error}, position, step)
                 return
             if await request.is_disconnected():
                 return
@@ -171,13 +151,16 @@ async def _events(
             continue
         saw_state = False
         for _key, items in entries:
-            for entry_id, fields in items:
-                sse = _to_sse(entry_id, fields)
-                last_id = sse.id or last_id
-                if db_step is not None and sse.event == "metric" and json.loads(sse.data).get("step", 0) <= db_step:
-                    continue
-                saw_state = saw_state or sse.event == "state"
-                yield sse
+            for entry_id, raw in items:
+                position, event = _stream_id(entry_id), events.decode(raw)
+                if event.get("type") == "step":
+                    # Steps already sent (or refilled from the DB) are not sent again: the relay re-sends
+                    # what it held while Redis was away.
+                    if not isinstance(event.get("step"), int) or event["step"] <= step:
+                        continue
+                    step = event["step"]
+                saw_state = saw_state or event.get("type") in ("state", "end")
+                yield _sse(event, position, step)
         if saw_state and not done:
             done, state, error = await terminal()
 
@@ -192,21 +175,24 @@ async def job_events(
     request: Request,
     redis: RedisDep,
     _stream_slot: Annotated[None, Depends(stream_slot)],
-    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
-    after: Annotated[str | None, Query(max_length=64, description="stream id to resume after")] = None,
-    last_step: Annotated[
-        int | None,
-        Header(
-            ge=0,
-            le=STEP_MAX,
-            description="the last step the client received: makes a resume exact where Redis lost events",
-        ),
+    last_event_id: Annotated[
+        str | None, Header(max_length=64, description="the last event id received: resume after it")
+    ] = None,
+    after: Annotated[
+        str | None, Query(max_length=64, description="an event id to resume after (the same as Last-Event-ID)")
     ] = None,
 ) -> EventSourceResponse:
-    """Live events (`state`, `metric`, `log`, `checkpoint`, `end`); resume with the `Last-Event-ID` header."""
-    resume = last_event_id or after or "0-0"
-    if not STREAM_ID.match(resume) or max(_id(resume)) > ID_MAX:
+    """Live events (`state`, `start`, `step`, `eval`, `checkpoint`, `log`, `end`); resume with `Last-Event-ID`.
+
+    Event ids are `<stream id>:<step>` (for example `1764270000123-0:120`): the stream position and
+    the last step sent. Resuming after one sends no step twice and none is lost, even where Redis lost
+    events (the steps then come from the step history). `0-0:N` starts at the beginning but skips
+    steps up to N (for a client that already has the history)."""
+    resume = last_event_id or after or "0-0:0"
+    match = RESUME_ID.match(resume)
+    if not match or max(int(match[1]), int(match[2])) > ID_MAX or int(match[3]) > STEP_MAX:
         loc = ["header", "Last-Event-ID"] if last_event_id else ["query", "after"]
-        raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0)", loc)
+        raise Unprocessable(f"{resume!r} is not an event id (they look like 1764270000123-0:120)", loc)
+    position, step = f"{match[1]}-{match[2]}", int(match[3])
     # The request's DB session has ended with this function (SessionDep); the stream opens short ones.
-    return EventSourceResponse(_stream(request, redis, job.id, resume, last_step), ping=PING_S)
+    return EventSourceResponse(_stream(request, redis, job.id, position, step), ping=PING_S)

@@ -1,4 +1,4 @@
-"""GET /jobs/{id}/events: SSE from the job's Redis stream, resumable with Last-Event-ID."""
+"""GET /jobs/{id}/events: SSE from the job's Redis stream, resumable with Last-Event-ID (`<stream id>:<step>`)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def parse(lines):
     return out
 
 
+def position(event_id: str) -> str:
+    """The Redis stream id part of an event id (`<stream id>:<step>`)."""
+    return event_id.split(":")[0]
+
+
 def set_state(sessions, job_id, state):
     with sessions() as s:
         s.get(Job, job_id).state = state
@@ -72,9 +77,9 @@ def test_terminal_job_streams_history_then_end(client, sessions, redis):
     ids = steps(redis, job_id, 1, 6)
     set_state(sessions, job_id, "succeeded")
     got = read_all(client, job_id)
-    assert [e[1] for e in got] == ["state", "metric", "metric", "metric", "metric", "metric", "end"]
+    assert [e[1] for e in got] == ["state", "step", "step", "step", "step", "step", "end"]
     assert got[0][2]["state"] == "queued"
-    assert [e[0] for e in got[1:6]] == ids
+    assert [e[0] for e in got[1:6]] == [f"{i}:{n}" for n, i in enumerate(ids, 1)]  # position and last step
     assert [e[2]["step"] for e in got[1:6]] == [1, 2, 3, 4, 5]
     assert got[-1][2] == {"type": "end", "state": "succeeded", "error": None}
 
@@ -83,14 +88,19 @@ def test_last_event_id_resumes_without_gaps_or_repeats(client, sessions, redis):
     job_id = client.post("/jobs", json=spec()).json()["id"]
     ids = steps(redis, job_id, 1, 11)
     set_state(sessions, job_id, "failed")
-    got = read_all(client, job_id, **{"Last-Event-ID": ids[3]})
-    assert [e[0] for e in got[:-1]] == ids[4:]
+    got = read_all(client, job_id, **{"Last-Event-ID": f"{ids[3]}:4"})
+    assert [position(e[0]) for e in got[:-1]] == ids[4:]
     assert [e[2]["step"] for e in got[:-1]] == list(range(5, 11))
     assert got[-1][1] == "end" and got[-1][2]["state"] == "failed"
-    # Resuming from the last id gives only the end; the query parameter works for EventSource too.
-    assert [e[1] for e in read_all(client, job_id, **{"Last-Event-ID": ids[-1]})] == ["end"]
-    with client.stream("GET", f"/jobs/{job_id}/events", params={"after": ids[7]}) as r:
+    # Resuming from the last id gives only the end; the query parameter works the same.
+    assert [e[1] for e in read_all(client, job_id, **{"Last-Event-ID": got[-2][0]})] == ["end"]
+    with client.stream("GET", f"/jobs/{job_id}/events", params={"after": f"{ids[7]}:8"}) as r:
         assert [e[2].get("step") for e in parse(r.iter_lines())] == [9, 10, None]
+    # A client that has the history (the dashboard) starts at 0-0 with its last step: only newer steps.
+    with client.stream("GET", f"/jobs/{job_id}/events", params={"after": "0-0:7"}) as r:
+        assert [(e[1], e[2].get("step")) for e in parse(r.iter_lines())] == [
+            ("state", None), ("step", 8), ("step", 9), ("step", 10), ("end", None)
+        ]  # fmt: skip
 
 
 def test_cancelled_queued_job_stream_ends(client):
@@ -106,8 +116,9 @@ def test_cancelled_queued_job_stream_ends(client):
 
 def test_event_errors(client):
     job_id = client.post("/jobs", json=spec()).json()["id"]
-    [err] = only_error(client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "abc"}), 422)
-    assert err["loc"] == ["header", "Last-Event-ID"]
+    for bad in ("abc", "1764270000123-0", "1-0:-1", f"1-0:{2**31}"):
+        [err] = only_error(client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": bad}), 422)
+        assert err["loc"] == ["header", "Last-Event-ID"]
     only_error(client.get("/jobs/j0000000000000000/events"), 404)
 
 
@@ -134,7 +145,7 @@ def test_live_stream_delivers_each_event_once_across_a_reconnect(client, session
                     msgs = parse(lines)
                     lines = []
                     received.extend(msgs)
-                    if stop_after and sum(1 for m in received if m[1] == "metric") >= stop_after:
+                    if stop_after and sum(1 for m in received if m[1] == "step") >= stop_after:
                         return  # drop the connection mid-run
 
     t = threading.Thread(target=follow, kwargs={"stop_after": 4})
@@ -149,7 +160,7 @@ def test_live_stream_delivers_each_event_once_across_a_reconnect(client, session
     ids_so_far = {m[0] for m in received}
     set_state(sessions, job_id, "succeeded")
     follow(last_id=last)
-    metric_steps = [m[2]["step"] for m in received if m[1] == "metric"]
+    metric_steps = [m[2]["step"] for m in received if m[1] == "step"]
     assert metric_steps == list(range(1, 9)), metric_steps
     assert received[-1][1] == "end"
     assert len({m[0] for m in received if m[1] != "end"}) == len([m for m in received if m[1] != "end"])
@@ -176,24 +187,23 @@ def test_steps_redis_lost_come_from_the_db(client, sessions, redis):
         events.publish(redis, job_id, {"type": "step", "step": i, "loss": 1.0 / i, "time": time.time()}, maxlen=1000)
     set_state(sessions, job_id, "succeeded")
 
-    got = read_all(client, job_id, **{"Last-Event-ID": ids[3]})
+    got = read_all(client, job_id, **{"Last-Event-ID": f"{ids[3]}:4"})
     assert [(e[1], e[2].get("step")) for e in got] == [
-        ("metric", 5), ("metric", 6), ("metric", 7), ("state", None), ("metric", 8), ("metric", 9), ("metric", 10),
-        ("end", None),
+        ("step", 5), ("step", 6), ("step", 7), ("state", None), ("step", 8), ("step", 9), ("step", 10), ("end", None),
     ]  # fmt: skip
     assert got[0][2]["loss"] == pytest.approx(0.2) and len({e[0] for e in got[:-1]}) == 7
     # A client that drops in the middle of the DB part resumes from a DB id; a new one gets it all.
     again = read_all(client, job_id, **{"Last-Event-ID": got[0][0]})
-    assert [e[2].get("step") for e in again if e[1] == "metric"] == [6, 7, 8, 9, 10]
+    assert [e[2].get("step") for e in again if e[1] == "step"] == [6, 7, 8, 9, 10]
     fresh = read_all(client, job_id)
-    assert [e[2].get("step") for e in fresh if e[1] == "metric"] == list(range(1, 11))
+    assert [e[2].get("step") for e in fresh if e[1] == "step"] == list(range(1, 11))
     # Nothing lost: the DB is not consulted.
     assert [e[2].get("step") for e in read_all(client, job_id, **{"Last-Event-ID": got[4][0]})] == [9, 10, None]
 
 
-def test_last_step_makes_a_resume_exact_when_redis_lost_events(client, sessions, redis):
+def test_a_resume_is_exact_by_step_when_redis_lost_events(client, sessions, redis):
     """The relay publishes after the trainer writes (and holds events while Redis is away), so a step's
-    recorded time can precede the stream id of an earlier step: with Last-Step the refill is by step."""
+    recorded time can precede the stream id of an earlier step: the event id's step makes the refill exact."""
     from core.models import JobMetric
 
     job_id = client.post("/jobs", json=spec()).json()["id"]
@@ -206,10 +216,8 @@ def test_last_step_makes_a_resume_exact_when_redis_lost_events(client, sessions,
             s.commit()
     redis.delete(keys.job_events(job_id))  # a restarted Redis lost them all
     set_state(sessions, job_id, "succeeded")
-    got = read_all(client, job_id, **{"Last-Event-ID": ids[3], "Last-Step": "4"})
-    assert [(e[1], e[2].get("step")) for e in got] == [("metric", 5), ("metric", 6), ("end", None)]
-    [err] = only_error(client.get(f"/jobs/{job_id}/events", headers={"Last-Step": "-1"}), 422)
-    assert err["loc"] == ["header", "last-step"]
+    got = read_all(client, job_id, **{"Last-Event-ID": f"{ids[3]}:4"})
+    assert [(e[1], e[2].get("step")) for e in got] == [("step", 5), ("step", 6), ("end", None)]
 
 
 class Follower:
@@ -259,10 +267,10 @@ def test_a_quiet_stream_outlives_the_redis_socket_timeout(client, settings, sess
         comments = [line for t, line in follower.lines if t > quiet_since and line.startswith(":")]
         assert comments, "keep-alive comments while quiet"
         steps(redis, job_id, 1, 2)
-        wait_for(lambda: any(e[1] == "metric" for e in follower.events()), timeout=10, what="the step event")
+        wait_for(lambda: any(e[1] == "step" for e in follower.events()), timeout=10, what="the step event")
         set_state(sessions, job_id, "succeeded")
         assert follower.ended.wait(15)
-    assert [e[1] for e in follower.events()] == ["state", "metric", "end"]
+    assert [e[1] for e in follower.events()] == ["state", "step", "end"]
 
 
 @pytest.fixture
@@ -325,9 +333,9 @@ def test_a_redis_failure_ends_the_stream_with_one_line_and_the_resume_works(
         r = start_redis()
         steps(r, job_id, 3, 4)
         set_state(sessions, job_id, "succeeded")
-        resumed = Follower(url, job_id, auth, **{"Last-Event-ID": last_id, "Last-Step": "2"})
+        resumed = Follower(url, job_id, auth, **{"Last-Event-ID": last_id})
         assert resumed.ended.wait(15)
-    assert [(e[1], e[2].get("step")) for e in resumed.events()] == [("metric", 3), ("end", None)]
+    assert [(e[1], e[2].get("step")) for e in resumed.events()] == [("step", 3), ("end", None)]
     warnings = [rec for rec in caplog.records if rec.name == events_route.log.name]
     assert len(warnings) == 1 and "Redis" in warnings[0].getMessage(), [w.getMessage() for w in warnings]
     assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR], "no tracebacks"
