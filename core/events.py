@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
 
 from core import keys
+
+# Publishes one event on a job's stream, best effort (the DB holds the state): (job id, event).
+Publish = Callable[[str, dict[str, Any]], None]
 
 
 def encode(event: dict[str, Any]) -> dict[str, str]:

@@ -16,9 +16,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core import lifecycle
+from core.events import Publish
 from core.models import Job, JobMetric, new_job_id, utcnow
 from core.settings import get_settings
-from core.states import JobState, transition
+from core.states import JobState
 from trainer.spec import JobSpec
 
 
@@ -126,19 +128,15 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def request_cancel(*, session: Session, job_id: str) -> Job:
+def request_cancel(*, session: Session, job_id: str, publish: Publish | None = None) -> Job:
     """Cancel a job and commit: queued -> cancelled at once; starting/running -> cancelling (the worker
-    stops the processes and finishes it); cancelling or terminal: nothing to do (idempotent)."""
+    stops the processes and finishes it); cancelling or terminal: nothing to do (idempotent). The
+    change's `state` event goes to `publish` after the commit."""
     get_job(session, job_id)
-    if not transition(session, job_id, to=JobState.CANCELLED, from_states=[JobState.QUEUED], cancel_requested=True):
-        transition(
-            session,
-            job_id,
-            to=JobState.CANCELLING,
-            from_states=[JobState.STARTING, JobState.RUNNING],
-            cancel_requested=True,
-        )
+    event = lifecycle.cancel(session, job_id)
     session.commit()
+    if event is not None and publish is not None:
+        publish(job_id, event)
     job = get_job(session, job_id)
     session.refresh(job)
     return job

@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from core import keys
+from core import keys, lifecycle
 from core.db import SQLITE_BEGIN, is_postgres
 from core.models import Box, Gpu, Job, User, utcnow
 from core.settings import get_settings
-from core.states import ACTIVE_STATES, JobState, transition
+from core.states import ACTIVE_STATES, JobState
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +174,8 @@ def _claim(session: Session, job: Job, box: str, gpu_ids: list[int], port: int) 
             .values(job_id=job.id)
             .execution_options(synchronize_session=False)
         ).rowcount
-        if taken != len(gpu_ids) or not transition(
-            session,
-            job.id,
-            to=JobState.STARTING,
-            from_states=[JobState.QUEUED],
-            attempt=job.attempt,
-            box=box,
-            gpu_ids=gpu_ids,
-            master_port=port,
-            cancel_requested=False,
+        if taken != len(gpu_ids) or not lifecycle.place(
+            session, job.id, attempt=job.attempt, box=box, gpu_ids=gpu_ids, master_port=port
         ):
             nested.rollback()
             log.info("job %s changed while being placed; skipped", job.id)

@@ -11,7 +11,7 @@ of two racing writers exactly one wins, and a stale attempt's late write changes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -82,10 +82,11 @@ def transition(
     to: JobState | str,
     from_states: Iterable[JobState | str] | None = None,
     attempt: int | None = None,
-    **values: Any,
+    values: Mapping[str, Any] | None = None,
 ) -> bool:
     """Move the job to `to` if it is in one of `from_states` (default: every allowed source) and, when
-    given, still at `attempt`; also set `values` on the row. True if this call won, False if it lost.
+    given, still at `attempt` (filters); also write `values` on the row (an `attempt` there is the new
+    attempt). True if this call won, False if it lost.
 
     Does not commit. Timestamps: `updated_at` always, `started_at` on -> running, `finished_at` on
     -> a terminal state (unless given in `values`).
@@ -101,6 +102,7 @@ def transition(
             raise InvalidTransition(f"{', '.join(bad)} -> {dst.value} is not an allowed job transition")
     if not sources:
         raise InvalidTransition(f"no state may move to {dst.value}")
+    values = dict(values or {})
     unknown = set(values) - set(Job.__table__.columns.keys())
     if unknown or "state" in values or "id" in values:
         raise ValueError(f"cannot set {sorted(unknown | ({'state', 'id'} & set(values)))} in a transition")

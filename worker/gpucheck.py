@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import select, update
 
+from core import lifecycle
 from core.db import session_scope
 from core.models import Gpu, Job
-from core.scheduler import free_gpus
-from core.states import JobState, transition
+from core.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,11 @@ def requeue_if_busy(job_id: str, attempt: int, processes: Processes | None = Non
         busy = busy_indices(row.gpu_ids or [], procs, own_pids=[os.getpid()])
         if not busy:
             return []
-        won = transition(session, job_id, to=JobState.QUEUED, from_states=[JobState.STARTING], attempt=attempt,
-                         box=None, gpu_ids=None)  # fmt: skip
-        if not won:
+        if (
+            lifecycle.requeue(session, job_id, attempt=attempt, from_states=[JobState.STARTING], next_attempt=False)
+            is None
+        ):
             return []
-        free_gpus(session, job_id)
         session.execute(
             update(Gpu).where(Gpu.box == row.box, Gpu.index.in_(busy)).values(busy=True)
             .execution_options(synchronize_session=False)

@@ -15,14 +15,13 @@ from datetime import timedelta
 from typing import Any
 
 import psutil
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from core import keys
+from core import keys, lifecycle
 from core.db import session_scope
 from core.models import Job, utcnow
-from core.scheduler import free_gpus
 from core.settings import get_settings
-from core.states import JobState, transition
+from core.states import JobState
 from worker.relay import stream_fields
 
 log = logging.getLogger(__name__)
@@ -72,42 +71,27 @@ def _reap(rows: Any, reason: str, redis: Any | None) -> list[tuple[str, str]]:
     settings = get_settings()
     out = []
     for job_id, attempt, state, max_attempts in rows:
-        to = _reap_one(job_id, attempt, JobState(state), max_attempts)
-        if to is None:
+        event = _reap_one(job_id, attempt, JobState(state), max_attempts, reason)
+        if event is None:
             continue
-        out.append((job_id, to.value))
-        log.warning("job %s attempt %s: %s; now %s", job_id, attempt, reason, to.value)
+        out.append((job_id, event["state"]))
+        log.warning("job %s attempt %s: %s; now %s", job_id, attempt, reason, event["state"])
         if redis is not None:
-            event = {"type": "state", "state": to.value, "attempt": attempt, "reason": reason, "time": time.time()}
             try:
-                redis.xadd(keys.job_events(job_id), stream_fields(event), maxlen=settings.stream_maxlen,
-                           approximate=True)  # fmt: skip
+                redis.xadd(keys.job_events(job_id), stream_fields({"time": time.time(), **event}),
+                           maxlen=settings.stream_maxlen, approximate=True)  # fmt: skip
             except Exception as exc:  # the state is in the DB; the stream is a convenience
                 log.warning("could not publish the reaped state of %s: %s", job_id, exc)
     return out
 
 
-def _reap_one(job_id: str, attempt: int, state: JobState, max_attempts: int) -> JobState | None:
-    done: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+def _reap_one(job_id: str, attempt: int, state: JobState, max_attempts: int, reason: str) -> dict[str, Any] | None:
     with session_scope() as session:
         if state is JobState.CANCELLING:
-            to = JobState.CANCELLED
-            won = transition(session, job_id, to=to, from_states=[state], attempt=attempt, **done)
-        elif attempt < max_attempts:
-            to = JobState.QUEUED
-            won = transition(session, job_id, to=to, from_states=[state], attempt=attempt, box=None,
-                             gpu_ids=None, **done)  # fmt: skip
-            if won:
-                session.execute(
-                    update(Job).where(Job.id == job_id).values(attempt=attempt + 1)
-                    .execution_options(synchronize_session=False)
-                )  # fmt: skip
-        else:
-            to = JobState.FAILED
-            message = f"its worker was lost on the last attempt ({attempt} of {max_attempts})"
-            error = {"type": "lost", "message": message, "log_tail": ""}
-            won = transition(session, job_id, to=to, from_states=[state], attempt=attempt, error=error, **done)
-        if not won:
-            return None
-        free_gpus(session, job_id)
-    return to
+            return lifecycle.cancel(session, job_id, attempt=attempt, stopped=True, reason=reason)
+        if attempt < max_attempts:
+            return lifecycle.requeue(session, job_id, attempt=attempt, from_states=[state], reason=reason)
+        message = f"its worker was lost on the last attempt ({attempt} of {max_attempts})"
+        error = {"type": "lost", "message": message, "log_tail": ""}
+        return lifecycle.finish(session, job_id, attempt=attempt, to=JobState.FAILED, error=error,
+                                from_states=[state], reason=reason)  # fmt: skip

@@ -20,12 +20,12 @@ from redis import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
-from core import keys
+from core import keys, lifecycle
 from core.db import session_scope
 from core.models import Gpu, Job, utcnow
-from core.scheduler import free_gpus, schedule
+from core.scheduler import schedule
 from core.settings import get_settings
-from core.states import JobState, transition
+from core.states import JobState
 from worker.gpucheck import requeue_if_busy
 from worker.metrics import backfill_metrics, store_metrics
 from worker.relay import Relay, stream_fields
@@ -43,18 +43,12 @@ def lease_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
-def claim(job_id: str, attempt: int) -> bool:
-    """starting -> running for this attempt; False means a duplicate delivery, a stale attempt or a cancel."""
-    settings = get_settings()
+def claim(job_id: str, attempt: int) -> dict[str, Any] | None:
+    """starting -> running for this attempt, and its event; None means a duplicate delivery, a stale
+    attempt or a cancel."""
     with session_scope() as session:
-        return transition(
-            session,
-            job_id,
-            to=JobState.RUNNING,
-            from_states=[JobState.STARTING],
-            attempt=attempt,
-            lease_owner=lease_owner(),
-            lease_expires_at=utcnow() + timedelta(seconds=settings.lease_s),
+        return lifecycle.start(
+            session, job_id, attempt=attempt, lease_owner=lease_owner(), lease_s=get_settings().lease_s
         )
 
 
@@ -97,7 +91,7 @@ class Tick:
         self.next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         self.renewed_at = time.monotonic()
         self.reason: Stop | None = None
-        self.publish_cancelling = False
+        self.cancelling: dict[str, Any] | None = None  # the cancelling event this worker is to publish
 
     def __call__(self) -> Stop | None:
         self.relay.pump()
@@ -127,10 +121,8 @@ class Tick:
             if row.state == JobState.CANCELLING or row.cancel_requested:
                 # The API moves the job to `cancelling` (and says so on the stream); a bare flag is
                 # moved here, and then this worker says so.
-                if row.state == JobState.RUNNING and transition(
-                    session, self.job_id, to=JobState.CANCELLING, from_states=[JobState.RUNNING]
-                ):
-                    self.publish_cancelling = True
+                if row.state == JobState.RUNNING:
+                    self.cancelling = lifecycle.cancel(session, self.job_id, attempt=self.attempt)
                 if self.reason is None:
                     self.reason = Stop.CANCEL
             if now >= self.next_heartbeat:
@@ -145,9 +137,9 @@ class Tick:
                     self.reason = Stop.LOST
                 else:
                     self.renewed_at = now
-        if self.publish_cancelling:
-            self.publish_cancelling = False
-            self.relay.state(JobState.CANCELLING, attempt=self.attempt)
+        if self.cancelling is not None:
+            self.relay.publish([{"time": time.time(), **self.cancelling}])
+            self.cancelling = None
 
 
 def make_sink(job_id: str, attempt: int) -> Any:
@@ -166,42 +158,30 @@ def make_sink(job_id: str, attempt: int) -> Any:
     return sink
 
 
-def finish(job_id: str, attempt: int, outcome: Outcome) -> str | None:
-    """Record the attempt's end by compare-and-set, free the GPUs; return the new state (None: fenced)."""
+def finish(job_id: str, attempt: int, outcome: Outcome) -> dict[str, Any] | None:
+    """Record the attempt's end (the processes are gone); return its `state` event (None: fenced)."""
     if outcome.kind == "lost":
         return None  # another attempt owns the job: write nothing
-    active = [JobState.RUNNING, JobState.CANCELLING]
-    done: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     with session_scope() as session:
         to = {"succeeded": JobState.SUCCEEDED, "cancelled": JobState.CANCELLED}.get(outcome.kind, JobState.FAILED)
         error = outcome.error
         if outcome.kind == "preempted":
             job = session.get_one(Job, job_id)
             if job.attempt < job.max_attempts:
-                to = JobState.QUEUED
-            else:
-                error = {
-                    "type": "lost",
-                    "message": f"preempted on its last attempt ({attempt} of {job.max_attempts})",
-                }
-        if to is JobState.QUEUED:
-            # The worker is going away: back to the queue; the next attempt resumes from the checkpoint.
-            won = transition(session, job_id, to=to, from_states=[JobState.RUNNING], attempt=attempt,
-                             box=None, gpu_ids=None, **done)  # fmt: skip
-            if won:
-                session.execute(
-                    update(Job).where(Job.id == job_id).values(attempt=attempt + 1)
-                    .execution_options(synchronize_session=False)
-                )  # fmt: skip
-        elif to is JobState.FAILED:
-            won = transition(session, job_id, to=to, from_states=active, attempt=attempt, error=error, **done)
-        else:
-            won = transition(session, job_id, to=to, from_states=active, attempt=attempt, **done)
-        if not won:
-            log.warning("job %s attempt %s: could not record %s (the job moved on)", job_id, attempt, to)
-            return None
-        free_gpus(session, job_id)
-    return to.value
+                # The worker is going away: back to the queue; the next attempt resumes from the checkpoint.
+                event = lifecycle.requeue(session, job_id, attempt=attempt, from_states=[JobState.RUNNING])
+                return _fenced(event, job_id, attempt, JobState.QUEUED)
+            error = {"type": "lost", "message": f"preempted on its last attempt ({attempt} of {job.max_attempts})"}
+        event = lifecycle.finish(
+            session, job_id, attempt=attempt, to=to, error=error if to is JobState.FAILED else None
+        )
+        return _fenced(event, job_id, attempt, to)
+
+
+def _fenced(event: dict[str, Any] | None, job_id: str, attempt: int, to: JobState) -> dict[str, Any] | None:
+    if event is None:
+        log.warning("job %s attempt %s: could not record %s (the job moved on)", job_id, attempt, to)
+    return event
 
 
 def cancel_unstarted(job_id: str, attempt: int) -> bool:
@@ -210,16 +190,14 @@ def cancel_unstarted(job_id: str, attempt: int) -> bool:
     with session_scope() as session:
         if session.scalar(select(Job.lease_owner).where(Job.id == job_id)) is not None:
             return False  # a supervisor holds it and will finish the cancel
-        won = transition(session, job_id, to=JobState.CANCELLED, from_states=[JobState.CANCELLING], attempt=attempt)
-        if won:
-            free_gpus(session, job_id)
-    if won and settings.redis_url:
-        event = {"type": "state", "state": JobState.CANCELLED.value, "attempt": attempt, "time": time.time()}
+        event = lifecycle.cancel(session, job_id, attempt=attempt, stopped=True)
+    if event is not None and settings.redis_url:
         with contextlib.suppress(RedisError):
             redis = Redis.from_url(settings.redis_url)
-            redis.xadd(keys.job_events(job_id), stream_fields(event), maxlen=settings.stream_maxlen, approximate=True)
+            redis.xadd(keys.job_events(job_id), stream_fields({"time": time.time(), **event}),
+                       maxlen=settings.stream_maxlen, approximate=True)  # fmt: skip
             redis.close()
-    return won
+    return event is not None
 
 
 def run_attempt(job_id: str, attempt: int) -> str:
@@ -227,7 +205,8 @@ def run_attempt(job_id: str, attempt: int) -> str:
     if requeue_if_busy(job_id, attempt):  # a GPU used outside trainbox: back to the queue, not launched
         reschedule()
         return "requeued"
-    if not claim(job_id, attempt):
+    started = claim(job_id, attempt)
+    if started is None:
         if cancel_unstarted(job_id, attempt):
             reschedule()
             return "cancelled"
@@ -248,7 +227,7 @@ def run_attempt(job_id: str, attempt: int) -> str:
             relay.pump(final=True)  # what the last attempt's relay never got to (its worker died)
             with session_scope() as session:
                 backfill_metrics(session, job_id=job_id, attempt=attempt, events_path=relay.events.path)
-        relay.state(JobState.RUNNING, attempt=attempt)
+        relay.publish([{"time": time.time(), **started}])
         launch = build_launch(job_id, attempt)
         outcome = supervise(launch, Tick(job_id, attempt, relay))
     except Exception as exc:
@@ -258,10 +237,10 @@ def run_attempt(job_id: str, attempt: int) -> str:
         outcome = Outcome("failed", None, error)
     relay.measure_disk()  # the attempt's last word on the job's size, stored with the final flush
     relay.pump(final=True)
-    state = _retry(lambda: finish(job_id, attempt, outcome), what=f"recording the end of job {job_id}")
-    if state is not None:
-        extra = {"error": outcome.error} if outcome.error else {}
-        relay.state(state, attempt=attempt, **extra)
+    event = _retry(lambda: finish(job_id, attempt, outcome), what=f"recording the end of job {job_id}")
+    state = None if event is None else event["state"]
+    if event is not None:
+        relay.publish([{"time": time.time(), **event}])
     if not relay.drain():
         log.warning("job %s: Redis stayed away; %d events were not streamed", job_id, len(relay._backlog))
     if state is not None and JobState(state).is_terminal():

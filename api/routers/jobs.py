@@ -164,10 +164,7 @@ def cancel_job(
 ) -> JobRead:
     """Cancel: a queued job ends at once, a running one is stopped by its worker. Idempotent."""
     before = job.state
-    after = service.request_cancel(session=session, job_id=job.id)
-    if after.state != before:
-        request.app.state.publish(job.id, {"type": "state", "state": after.state})
-        request.app.state.notify_cancel(job.id)
+    after = service.request_cancel(session=session, job_id=job.id, publish=request.app.state.publish)
     if after.state == JobState.CANCELLED and before == JobState.QUEUED:
         try:
             # The cancelled job may have been the head that blocked the queue.

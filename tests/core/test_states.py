@@ -61,7 +61,7 @@ def test_forbidden_transitions(src, dst):
 
 def test_transition_sets_state_values_and_timestamps(session):
     job = add_job(session)
-    assert transition(session, job.id, to=S.STARTING, from_states=[S.QUEUED], box="b", gpu_ids=[0])
+    assert transition(session, job.id, to=S.STARTING, from_states=[S.QUEUED], values={"box": "b", "gpu_ids": [0]})
     assert transition(session, job.id, to=S.RUNNING, attempt=1)
     session.commit()
     session.refresh(job)
@@ -109,7 +109,7 @@ def test_disallowed_source_is_a_programming_error(session):
     with pytest.raises(InvalidTransition):
         transition(session, job.id, to=S.QUEUED, from_states=[S.SUCCEEDED])
     with pytest.raises(ValueError):
-        transition(session, job.id, to=S.CANCELLED, no_such_column=1)
+        transition(session, job.id, to=S.CANCELLED, values={"no_such_column": 1})
 
 
 def test_only_one_of_two_racing_writers_wins(sessions):
