@@ -6,7 +6,6 @@ uvicorn api.app:app          (settings from TRAINBOX_* environment variables)
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +25,7 @@ from api.routers import admin, datasets, events, files, jobs, system, tokens, us
 from core import events as job_events
 from core import keys
 from core.db import make_engine, make_sessionmaker
+from core.lifecycle import announcing
 from core.scheduler import Dispatch
 from core.settings import Settings, get_settings
 
@@ -71,9 +71,9 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.sessions = make_sessionmaker(engine)
     app.state.read_sessions = make_sessionmaker(engine, read_only=True)
     app.state.redis = None
-    app.state.dispatch = dispatch
     app.state.sync_redis = sync_redis
-    app.state.publish = _publisher(sync_redis, settings)
+    app.state.publish = job_events.publisher(sync_redis, maxlen=settings.stream_maxlen)
+    app.state.dispatch = announcing(dispatch, app.state.publish)
     app.state.notify_cancel = _cancel_notifier(sync_redis)
     registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
@@ -111,19 +111,6 @@ def async_redis(settings: Settings) -> Redis | None:
         max_connections=redis_pool_size(settings),
         client_name="trainbox-api",
     )
-
-
-def _publisher(redis: SyncRedis | None, settings: Settings) -> Any:
-    def publish(job_id: str, event: dict[str, Any]) -> None:
-        """Best effort: the DB holds the state; the stream only tells followers sooner."""
-        if redis is None:
-            return
-        try:
-            job_events.publish(redis, job_id, {"time": time.time(), **event}, maxlen=settings.stream_maxlen)
-        except RedisError as e:
-            log.warning("could not publish %s for job %s: %s", event.get("type"), job_id, e)
-
-    return publish
 
 
 def _cancel_notifier(redis: SyncRedis | None) -> Any:

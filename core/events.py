@@ -1,14 +1,20 @@
-"""The job event stream in Redis: how events are written and read back (one field, `data`, of JSON)."""
+"""The job event stream in Redis: the one place that writes it (the API, the scheduler, the worker's
+relay, the reaper) and reads an entry back. Each entry is one field, `data`, holding the event's JSON."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from core import keys
+
+log = logging.getLogger(__name__)
 
 # Publishes one event on a job's stream, best effort (the DB holds the state): (job id, event).
 Publish = Callable[[str, dict[str, Any]], None]
@@ -36,5 +42,56 @@ def decode(fields: dict[Any, Any]) -> dict[str, Any]:
 
 def publish(r: Redis, job_id: str, event: dict[str, Any], *, maxlen: int) -> str:
     """XADD one event to the job's stream (capped, approximately, at `maxlen`); returns its stream id."""
-    entry_id = r.xadd(keys.job_events(job_id), encode(event), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return publish_many(r, job_id, [event], maxlen=maxlen)[0]
+
+
+def publish_many(
+    r: Redis,
+    job_id: str,
+    events: Sequence[dict[str, Any]],
+    *,
+    maxlen: int,
+    offsets: tuple[str, Mapping[str, int]] | None = None,
+) -> list[str]:
+    """XADD events in order in one round trip; with `offsets` (a hash key and its fields: how far the
+    producer has read), the hash is set in the same MULTI, so a crash loses or repeats nothing. Raises RedisError."""
+    pipe = r.pipeline(transaction=offsets is not None)
+    for event in events:
+        pipe.xadd(keys.job_events(job_id), encode(event), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+    if offsets is not None:
+        pipe.hset(offsets[0], mapping=dict(offsets[1]))
+    replies = pipe.execute()[: len(events)]
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in replies]
+
+
+def publisher(r: Redis | None, *, maxlen: int) -> Publish:
+    """A best-effort `Publish` over `r` (None: publishes nothing): stamps the event's time if it has none;
+    a Redis error is logged, since the DB holds the state and the stream only tells followers sooner."""
+
+    def publish_one(job_id: str, event: dict[str, Any]) -> None:
+        if r is None:
+            return
+        try:
+            publish(r, job_id, {"time": time.time(), **event}, maxlen=maxlen)
+        except RedisError as e:
+            log.warning("could not publish %s for job %s: %s", event.get("type"), job_id, e)
+
+    return publish_one
+
+
+def settings_publisher() -> Publish:
+    """The publisher for this process's settings (the worker's; the API builds its own from its settings)."""
+    from core.settings import get_settings
+
+    settings = get_settings()
+    return publisher(_redis(settings.redis_url) if settings.redis_url else None, maxlen=settings.stream_maxlen)
+
+
+_clients: dict[str, Redis] = {}
+
+
+def _redis(url: str) -> Redis:
+    """One client (and connection pool) per URL for the process."""
+    if url not in _clients:
+        _clients[url] = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return _clients[url]

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
 from core import scheduler
+from core.events import Publish
 from core.models import utcnow
 from core.states import JobState, transition
+
+if TYPE_CHECKING:
+    from core.scheduler import Dispatch
 
 Event = dict[str, Any]
 S = JobState
@@ -36,6 +40,19 @@ def state_event(state: JobState | str, *, attempt: int | None = None, **extra: A
     if attempt is not None:
         event["attempt"] = attempt
     return {**event, **extra}
+
+
+def announcing(dispatch: Dispatch | None, publish: Publish) -> Dispatch | None:
+    """`dispatch` for schedule() that first publishes the placement's `starting` event (None stays None)."""
+    if dispatch is None:
+        return None
+    send = dispatch
+
+    def announce_and_dispatch(job_id: str, attempt: int, queue: str) -> None:
+        publish(job_id, state_event(S.STARTING, attempt=attempt))
+        send(job_id, attempt, queue)
+
+    return announce_and_dispatch
 
 
 def place(

@@ -10,7 +10,9 @@ from redis import Redis
 from sqlalchemy import select, update
 
 from core.db import session_scope
+from core.events import settings_publisher
 from core.keys import box_queue
+from core.lifecycle import announcing
 from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
@@ -129,7 +131,7 @@ def sweep(box: str) -> None:
         if redis is not None:
             redis.close()
     with session_scope() as session:
-        schedule(session, dispatch, box_ttl_s=settings.lease_s * 3)
+        schedule(session, announcing(dispatch, settings_publisher()), box_ttl_s=settings.lease_s * 3)
     try:
         retention.maybe_prune()  # last: a slow disk must not hold up placing jobs
     except Exception:

@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 
 from core import lifecycle
 from core.db import session_scope
+from core.events import settings_publisher
 from core.models import Gpu, Job
 from core.states import JobState
 
@@ -73,10 +74,10 @@ def requeue_if_busy(job_id: str, attempt: int, processes: Processes | None = Non
         busy = busy_indices(row.gpu_ids or [], procs, own_pids=[os.getpid()])
         if not busy:
             return []
-        if (
-            lifecycle.requeue(session, job_id, attempt=attempt, from_states=[JobState.STARTING], next_attempt=False)
-            is None
-        ):
+        event = lifecycle.requeue(
+            session, job_id, attempt=attempt, from_states=[JobState.STARTING], next_attempt=False, busy_gpus=busy
+        )
+        if event is None:
             return []
         session.execute(
             update(Gpu).where(Gpu.box == row.box, Gpu.index.in_(busy)).values(busy=True)
@@ -84,6 +85,7 @@ def requeue_if_busy(job_id: str, attempt: int, processes: Processes | None = Non
         )  # fmt: skip
     log.warning("job %s attempt %s: GPUs %s of box %s are used by other processes; requeued",
                 job_id, attempt, busy, row.box)  # fmt: skip
+    settings_publisher()(job_id, event)
     return busy
 
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from datetime import timedelta
 from typing import Any
 
 import psutil
 from sqlalchemy import select
 
-from core import keys, lifecycle
+from core import events as job_events
+from core import lifecycle
 from core.db import session_scope
 from core.models import Job, utcnow
 from core.settings import get_settings
 from core.states import JobState
-from worker.relay import stream_fields
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def _holder_is_gone(owner: str, host: str) -> bool:
 
 
 def _reap(rows: Any, reason: str, redis: Any | None) -> list[tuple[str, str]]:
-    settings = get_settings()
+    publish = job_events.publisher(redis, maxlen=get_settings().stream_maxlen)
     out = []
     for job_id, attempt, state, max_attempts in rows:
         event = _reap_one(job_id, attempt, JobState(state), max_attempts, reason)
@@ -76,12 +75,7 @@ def _reap(rows: Any, reason: str, redis: Any | None) -> list[tuple[str, str]]:
             continue
         out.append((job_id, event["state"]))
         log.warning("job %s attempt %s: %s; now %s", job_id, attempt, reason, event["state"])
-        if redis is not None:
-            try:
-                redis.xadd(keys.job_events(job_id), stream_fields({"time": time.time(), **event}),
-                           maxlen=settings.stream_maxlen, approximate=True)  # fmt: skip
-            except Exception as exc:  # the state is in the DB; the stream is a convenience
-                log.warning("could not publish the reaped state of %s: %s", job_id, exc)
+        publish(job_id, event)
     return out
 
 

@@ -1,8 +1,8 @@
 """Relay a run's events and log lines to the job's Redis stream, and its step metrics to the database.
 
 The trainer only appends to files (events.jsonl, train.log); the relay tails them incrementally and
-XADDs each event to `job:{id}:events` (capped) as one field, `data`, holding the event's JSON. Log
-lines travel as batched `log` events, so following a job never needs the run directory.
+publishes each event on the job's stream (core.events). Log lines travel as batched `log` events, so
+following a job never needs the run directory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from core import events as job_events
 from core.disk import tree_bytes
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,6 @@ class FileTail:
         return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
 
 
-def stream_fields(event: dict[str, Any]) -> dict[str, str]:
-    """How one event is stored in the Redis stream (the API's SSE endpoint reads `data` back)."""
-    return {"data": json.dumps(event, separators=(",", ":"))}
-
-
 class Relay:
     """Moves one attempt's events, log lines and metrics from its run directory to Redis and the DB."""
 
@@ -75,7 +71,7 @@ class Relay:
         self,
         *,
         run_dir: Path,
-        stream_key: str,
+        job_id: str,
         redis: Redis,
         sink: MetricSink,
         stream_cap: int = 10_000,
@@ -84,7 +80,7 @@ class Relay:
         offsets_key: str | None = None,
     ) -> None:
         self.run_dir = run_dir
-        self.stream_key = stream_key
+        self.job_id = job_id
         self.redis = redis
         self.sink = sink
         self.stream_cap = stream_cap
@@ -121,15 +117,11 @@ class Relay:
         self._backlog.extend(events)
         if not self._backlog:
             return
+        # The events and how far the files were read go in together (MULTI): a crash between
+        # the two would otherwise lose events or repeat them.
+        offsets = (self.offsets_key, {name: t.position for name, t in self.tails.items()}) if self.offsets_key else None
         try:
-            # The events and how far the files were read go in together (MULTI): a crash between
-            # the two would otherwise lose events or repeat them.
-            pipe = self.redis.pipeline(transaction=bool(self.offsets_key))
-            for event in self._backlog:
-                pipe.xadd(self.stream_key, stream_fields(event), maxlen=self.stream_cap, approximate=True)
-            if self.offsets_key:
-                pipe.hset(self.offsets_key, mapping={name: t.position for name, t in self.tails.items()})
-            pipe.execute()
+            job_events.publish_many(self.redis, self.job_id, self._backlog, maxlen=self.stream_cap, offsets=offsets)
         except RedisError as exc:
             # Training goes on without Redis; the stream catches up when it is back.
             log.warning("relay: Redis unavailable (%s); %d events held", exc, len(self._backlog))

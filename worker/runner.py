@@ -22,13 +22,14 @@ from sqlalchemy import select, update
 
 from core import keys, lifecycle
 from core.db import session_scope
+from core.events import settings_publisher
 from core.models import Gpu, Job, utcnow
 from core.scheduler import schedule
 from core.settings import get_settings
 from core.states import JobState
 from worker.gpucheck import requeue_if_busy
 from worker.metrics import backfill_metrics, store_metrics
-from worker.relay import Relay, stream_fields
+from worker.relay import Relay
 from worker.supervisor import Launch, Outcome, Stop, supervise
 
 log = logging.getLogger(__name__)
@@ -186,17 +187,12 @@ def _fenced(event: dict[str, Any] | None, job_id: str, attempt: int, to: JobStat
 
 def cancel_unstarted(job_id: str, attempt: int) -> bool:
     """A cancel that came while the job was `starting`: nothing runs, so end it and free its GPUs."""
-    settings = get_settings()
     with session_scope() as session:
         if session.scalar(select(Job.lease_owner).where(Job.id == job_id)) is not None:
             return False  # a supervisor holds it and will finish the cancel
         event = lifecycle.cancel(session, job_id, attempt=attempt, stopped=True)
-    if event is not None and settings.redis_url:
-        with contextlib.suppress(RedisError):
-            redis = Redis.from_url(settings.redis_url)
-            redis.xadd(keys.job_events(job_id), stream_fields({"time": time.time(), **event}),
-                       maxlen=settings.stream_maxlen, approximate=True)  # fmt: skip
-            redis.close()
+    if event is not None:
+        settings_publisher()(job_id, event)
     return event is not None
 
 
@@ -216,7 +212,7 @@ def run_attempt(job_id: str, attempt: int) -> str:
     redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
     relay = Relay(
         run_dir=settings.run_dir(job_id),
-        stream_key=keys.job_events(job_id),
+        job_id=job_id,
         redis=redis,
         sink=make_sink(job_id, attempt),
         stream_cap=settings.stream_maxlen,
@@ -270,6 +266,8 @@ def reschedule() -> None:
 
     try:
         with session_scope() as session:
-            schedule(session, dispatch, box_ttl_s=get_settings().lease_s * 3)
+            schedule(
+                session, lifecycle.announcing(dispatch, settings_publisher()), box_ttl_s=get_settings().lease_s * 3
+            )
     except Exception:
         log.exception("scheduler call failed; the sweep will retry")

@@ -11,7 +11,7 @@ from core.db import session_scope
 from core.models import Gpu
 from core.scheduler import GpuInfo, register_box, schedule
 from tests.worker.conftest import BOX
-from tests.worker.test_runner import _job, _placed_job
+from tests.worker.test_runner import _job, _placed_job, _stream
 from worker import gpucheck, runner
 
 
@@ -44,6 +44,8 @@ def test_a_busy_assigned_gpu_requeues_the_job_unlaunched(db, monkeypatch):
     assert (job.state, job.attempt, job.box, job.gpu_ids, job.started_at) == ("queued", attempt, None, None, None)
     assert _flags() == [(0, False, None), (1, True, None), (2, False, None)]
     assert not (runner.get_settings().run_dir(job_id) / "events.jsonl").exists(), "nothing launched"
+    [requeued] = [e for e in _stream(job_id) if e["type"] == "state"]
+    assert (requeued["state"], requeued["attempt"], requeued["busy_gpus"]) == ("queued", attempt, [1])
     with session_scope() as s:
         [placed] = schedule(s, None)
     assert placed.job_id == job_id and placed.gpu_ids == [0, 2] and placed.attempt == attempt, "around the busy one"

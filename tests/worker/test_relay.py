@@ -26,7 +26,7 @@ def test_file_tail_keeps_a_partial_line(tmp_path):
 
 def test_relay_publishes_events_logs_and_metrics_in_order(tmp_path, redis):
     stored: list[tuple[list, dict]] = []
-    relay = Relay(run_dir=tmp_path, stream_key="job:r1:events", redis=redis,
+    relay = Relay(run_dir=tmp_path, job_id="r1", redis=redis,
                   sink=lambda rows, fields: stored.append((rows, fields)), flush_s=3600)  # fmt: skip
     relay.state("running", attempt=1)
     with (tmp_path / "events.jsonl").open("a") as f:
@@ -55,7 +55,7 @@ def test_relay_holds_events_while_redis_is_away(tmp_path, redis):
     from redis import Redis
 
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    relay = Relay(run_dir=tmp_path, stream_key="job:r2:events", redis=dead, sink=lambda *a: None)
+    relay = Relay(run_dir=tmp_path, job_id="r2", redis=dead, sink=lambda *a: None)
     relay.state("running")
     assert relay.published == 0 and len(relay._backlog) == 1
     relay.redis = redis
@@ -71,7 +71,7 @@ def test_relay_retries_a_failed_metrics_write(tmp_path, redis):
         if len(calls) == 1:
             raise RuntimeError("database is locked")
 
-    relay = Relay(run_dir=tmp_path, stream_key="job:r3:events", redis=redis, sink=flaky, flush_s=0)
+    relay = Relay(run_dir=tmp_path, job_id="r3", redis=redis, sink=flaky, flush_s=0)
     (tmp_path / "events.jsonl").write_text(json.dumps({"type": "step", "step": 1, "time": 1.0}) + "\n")
     relay.pump()
     assert relay.pending_metrics, "kept for the next flush"
@@ -83,7 +83,7 @@ def test_a_later_relay_resumes_where_the_last_one_published(tmp_path, redis):
     events = tmp_path / "events.jsonl"
 
     def relay() -> Relay:
-        return Relay(run_dir=tmp_path, stream_key="job:r4:events", redis=redis, sink=lambda *a: None,
+        return Relay(run_dir=tmp_path, job_id="r4", redis=redis, sink=lambda *a: None,
                      offsets_key="job:r4:relay")  # fmt: skip
 
     first = relay()
@@ -103,7 +103,7 @@ def test_drain_gives_up_after_its_timeout(tmp_path, redis):
     from redis import Redis
 
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.1)
-    relay = Relay(run_dir=tmp_path, stream_key="job:r5:events", redis=dead, sink=lambda *a: None)
+    relay = Relay(run_dir=tmp_path, job_id="r5", redis=dead, sink=lambda *a: None)
     relay.state("succeeded")
     assert relay.drain(timeout_s=0.3, interval_s=0.1) is False
     relay.redis = redis

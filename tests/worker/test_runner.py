@@ -280,3 +280,32 @@ def test_a_job_succeeds_while_other_programs_take_its_ports(db, monkeypatch):
         assert _run_bounded(job_id, attempt, timeout=300) == "succeeded", _job(job_id).error
     assert len(squatter.ports) == 1 and all(squatter.ports.values()), squatter.ports
     assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []
+
+
+def test_following_a_job_shows_every_state_in_order(db, fake):
+    """Submitted through the API, placed by the scheduler, run by the worker: one publisher for all."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from core.users import create_token, create_user
+    from tests.api.test_events import read_all
+
+    fake["argv"] = ["--steps", "2"]
+    settings = get_settings()
+    (settings.data_root / "x.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    (settings.data_root / "x.jsonl").write_text(json.dumps({"text": "some words " * 40}) + "\n")
+    sent: list[tuple[str, int, str]] = []
+    with TestClient(create_app(settings, dispatch=lambda *a: sent.append(a))) as client:
+        with client.app.state.sessions() as s:  # type: ignore[attr-defined]
+            create_user(s, name="u")
+            _, token = create_token(s, user_name="u")
+        client.headers["Authorization"] = f"Bearer {token}"
+        spec = {"name": "fake", "model": "preset:tiny", "dataset": {"path": "x.jsonl"}, "gpus": 1,
+                "seq_len": 16, "deepspeed": {"train_batch_size": 2}}  # fmt: skip
+        created = client.post("/jobs", json=spec)
+        assert created.status_code == 201, created.text
+        [(job_id, attempt, _queue)] = sent
+        assert runner.run_attempt(job_id, attempt) == "succeeded"
+        got = read_all(client, job_id)
+    states = [data["state"] for _id, name, data in got if name == "state"]
+    assert states == ["queued", "starting", "running", "succeeded"]
