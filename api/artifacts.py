@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from api.errors import NotFound
+from trainer.events import CHECKPOINTS_DIR, MODEL_DIR
 
-DOWNLOADABLE = ("model", "checkpoints")
+DOWNLOADABLE = (MODEL_DIR, CHECKPOINTS_DIR)
 _STEP = re.compile(r"^step-(\d+)$")
 CHUNK = 1 << 20
 
@@ -49,10 +50,10 @@ def list_artifacts(run_dir: Path) -> dict[str, list[dict[str, object]]]:
         except FileNotFoundError:
             return None  # the trainer pruned it while we listed (old checkpoints go as new ones land)
 
-    model_dir = run_dir / "model"
+    model_dir = run_dir / MODEL_DIR
     model = [e for p in files_under(model_dir) if (e := entry(p))] if _real_dir(model_dir) else []
     checkpoints = []
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS_DIR
     if _real_dir(ckpt_dir):
         for p in ckpt_dir.iterdir():
             m = _STEP.match(p.name)
@@ -62,7 +63,7 @@ def list_artifacts(run_dir: Path) -> dict[str, list[dict[str, object]]]:
                 if len(files) < len(listed) or not p.is_dir():
                     continue  # pruned while we listed it
                 size = sum(int(f["size"]) for f in files)  # type: ignore[call-overload]
-                name = f"checkpoints/{p.name}"
+                name = f"{CHECKPOINTS_DIR}/{p.name}"
                 checkpoints.append({"name": name, "step": int(m.group(1)), "size": size, "files": files})
     checkpoints.sort(key=lambda c: c["step"])  # type: ignore[arg-type, return-value]
     return {"model": model, "checkpoints": checkpoints}
@@ -71,10 +72,10 @@ def list_artifacts(run_dir: Path) -> dict[str, list[dict[str, object]]]:
 def checkpoint_dir(run_dir: Path, name: str) -> Path | None:
     """The checkpoint directory `name` names (`checkpoints/step-N`, as listed), or None."""
     parts = name.split("/")
-    if len(parts) != 2 or parts[0] != "checkpoints" or not _STEP.match(parts[1]):
+    if len(parts) != 2 or parts[0] != CHECKPOINTS_DIR or not _STEP.match(parts[1]):
         return None
     path = run_dir / name
-    if not _real_dir(run_dir / "checkpoints") or not _real_dir(path):
+    if not _real_dir(run_dir / CHECKPOINTS_DIR) or not _real_dir(path):
         return None
     return path
 

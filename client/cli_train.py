@@ -7,7 +7,6 @@ program (`python -m trainer run`) for every job.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def train(
 ) -> None:
     """Train a spec here with a live loss display; Ctrl-C checkpoints, and running again resumes."""
     # The trainer is imported here, not at module level: the rest of the CLI needs no trainer code.
-    from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, read_events
+    from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, SPEC_FILE, read_events, trainer_argv
     from trainer.spec import JobSpec, describe_errors
 
     try:
@@ -40,22 +39,9 @@ def train(
         raise typer.Exit(2) from None
     run_dir = run_dir or Path("runs") / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(spec.model_dump_json())
+    (run_dir / SPEC_FILE).write_text(spec.model_dump_json())
     offset = (run_dir / EVENTS_FILE).stat().st_size if (run_dir / EVENTS_FILE).exists() else 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer",
-        "run",
-        "--spec",
-        str(run_dir / "spec.json"),
-        "--run-dir",
-        str(run_dir),
-        "--data-root",
-        str(data_root),
-        "--model-root",
-        str(model_root),
-    ]
+    cmd = trainer_argv(run_dir, model_root=model_root, data_root=data_root)
     proc = subprocess.Popen(cmd)
     end = None
     with FollowView(console, {"id": spec.name, "name": spec.name, "state": "running"}) as view:

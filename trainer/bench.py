@@ -11,12 +11,11 @@ import argparse
 import json
 import random
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer.events import read_events
+from trainer.events import SPEC_FILE, read_events, trainer_argv
 from trainer.launch import visible_gpus
 
 # A fixed vocabulary of common English and code words: realistic token lengths for the tokenizer.
@@ -117,9 +116,8 @@ def run_one(args: argparse.Namespace, batch: int, gpus: int, work: Path) -> dict
         "gradient_checkpointing": args.gradient_checkpointing,
         "deepspeed": ds,
     }
-    (run_dir / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "trainer", "run", "--no-save", "--spec", str(run_dir / "spec.json"),
-           "--run-dir", str(run_dir), "--data-root", str(run_dir), "--model-root", args.model_root]
+    (run_dir / SPEC_FILE).write_text(json.dumps(spec))
+    cmd = trainer_argv(run_dir, model_root=args.model_root, data_root=run_dir, save=False)
     subprocess.run(cmd, check=False)
     return {"batch_size": batch, **summarize(read_events(run_dir), args.warmup)}
 

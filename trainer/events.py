@@ -1,11 +1,15 @@
-"""events.jsonl: the trainer's only channel to the outside (the worker tails it; people read it)."""
+"""The run contract between the trainer and everything around it, in one place: the run directory's
+file names, the trainer's command line, its exit codes, its events' fields and its error types.
+events.jsonl is the trainer's only channel to the outside (the worker tails it; people read it)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +18,59 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on SIGTERM, run again to resume
 
+# The run directory.
+SPEC_FILE = "spec.json"  # the validated JobSpec the trainer runs
 EVENTS_FILE = "events.jsonl"
-LOG_FILE = "train.log"
+LOG_FILE = "train.log"  # every rank's output, with [rank N] prefixes
+LAUNCHER_LOG = "launcher.log"  # the worker's own lines about the launch (a trainer that never started)
 ERRORS_DIR = "errors"
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step-N, complete ones only (trainer/checkpoint.py)
 MODEL_DIR = "model"  # the final model, Hugging Face format
 
-# error.type of a failed run, in the `end` event and the job's error (the worker adds `lost`, `timeout`).
-ERROR_INVALID = "invalid"  # exit EXIT_INVALID
-ERROR_LAUNCH = "launch_error"
-ERROR_TRAIN = "train_error"
-ERROR_OOM = "oom"
-ERROR_DISK = "disk"  # a checkpoint would not fit on the run dir's filesystem, or a write ran out of space
+# The fields of a `step` event (trainer/loop.py writes them; "time" is added by EventWriter), and the
+# ones the job_metrics table keeps for each step (core/models.py JobMetric; a test keeps them in step).
+STEP_FIELDS = (
+    "step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "loss_scale",
+    "skipped", "step_time_s", "tokens", "trained_tokens_per_s", "trained_tokens", "time",
+)  # fmt: skip
+STEP_METRIC_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
+# The fields of an `eval` event.
+EVAL_FIELDS = ("step", "eval_loss", "perplexity", "tokens", "seconds", "time")
+
+
+class ErrorType(StrEnum):
+    """error.type of a failed run: in the `end` event and the job's error."""
+
+    INVALID = "invalid"  # exit EXIT_INVALID: the spec, paths or data were refused
+    LAUNCH_ERROR = "launch_error"
+    TRAIN_ERROR = "train_error"
+    OOM = "oom"
+    DISK = "disk"  # a checkpoint would not fit on the run dir's filesystem, or a write ran out of space
+    LOST = "lost"  # the worker's: its worker was lost (or preempted) on the last attempt
+    TIMEOUT = "timeout"  # the worker's: max_runtime_s passed
+
+
+ERROR_INVALID = ErrorType.INVALID
+ERROR_LAUNCH = ErrorType.LAUNCH_ERROR
+ERROR_TRAIN = ErrorType.TRAIN_ERROR
+ERROR_OOM = ErrorType.OOM
+ERROR_DISK = ErrorType.DISK
 TRAINER_ERROR_TYPES = frozenset({ERROR_INVALID, ERROR_LAUNCH, ERROR_TRAIN, ERROR_OOM, ERROR_DISK})
+
+
+def trainer_argv(
+    run_dir: Path, *, model_root: Path | str, data_root: Path | str, save: bool = True, python: str | None = None
+) -> list[str]:
+    """The trainer's command line: `python -m trainer run` on the run dir's spec.json (docs/TRAINER.md)."""
+    argv = [python or sys.executable, "-m", "trainer", "run"]
+    if not save:
+        argv.append("--no-save")
+    return argv + [
+        "--spec", str(Path(run_dir) / SPEC_FILE),
+        "--run-dir", str(run_dir),
+        "--model-root", str(model_root),
+        "--data-root", str(data_root),
+    ]  # fmt: skip
 
 
 def _clean(value: Any) -> Any:

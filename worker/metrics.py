@@ -11,9 +11,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.models import Job, JobMetric
+from trainer.events import STEP_METRIC_FIELDS
 
 LATEST_FIELDS = ("step", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "epoch")
-METRIC_FIELDS = ("epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb")
+# The step fields a job_metrics row keeps besides its key (step) and time.
+METRIC_FIELDS = tuple(f for f in STEP_METRIC_FIELDS if f not in ("step", "time"))
 
 
 def metric_row(job_id: str, attempt: int, event: dict[str, Any]) -> dict[str, Any]:

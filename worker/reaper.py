@@ -22,6 +22,7 @@ from core.db import session_scope
 from core.models import Job, utcnow
 from core.settings import get_settings
 from core.states import JobState
+from trainer.events import ErrorType
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,6 @@ def _reap_one(job_id: str, attempt: int, state: JobState, max_attempts: int, rea
         if attempt < max_attempts:
             return lifecycle.requeue(session, job_id, attempt=attempt, from_states=[state], reason=reason)
         message = f"its worker was lost on the last attempt ({attempt} of {max_attempts})"
-        error = {"type": "lost", "message": message, "log_tail": ""}
+        error = {"type": ErrorType.LOST, "message": message, "log_tail": ""}
         return lifecycle.finish(session, job_id, attempt=attempt, to=JobState.FAILED, error=error,
                                 from_states=[state], reason=reason)  # fmt: skip

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from core import events as job_events
 from core.disk import tree_bytes
+from trainer.events import EVENTS_FILE, LAUNCHER_LOG, LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Relay:
         sink: MetricSink,
         stream_cap: int = 10_000,
         flush_s: float = 1.0,
-        log_files: tuple[str, ...] = ("train.log", "launcher.log"),
+        log_files: tuple[str, ...] = (LOG_FILE, LAUNCHER_LOG),
         offsets_key: str | None = None,
     ) -> None:
         self.run_dir = run_dir
@@ -86,9 +87,9 @@ class Relay:
         self.stream_cap = stream_cap
         self.flush_s = flush_s
         self.offsets_key = offsets_key
-        self.tails = {name: FileTail.from_end(run_dir / name) for name in ("events.jsonl", *log_files)}
+        self.tails = {name: FileTail.from_end(run_dir / name) for name in (EVENTS_FILE, *log_files)}
         self._resume_from_stored_offsets()
-        self.events = self.tails["events.jsonl"]
+        self.events = self.tails[EVENTS_FILE]
         self.logs = [self.tails[name] for name in log_files]
         self.pending_metrics: list[dict[str, Any]] = []
         self.pending_fields: dict[str, Any] = {}

@@ -27,6 +27,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import schedule
 from core.settings import get_settings
 from core.states import JobState
+from trainer.events import ErrorType
 from worker.gpucheck import requeue_if_busy
 from worker.metrics import backfill_metrics, store_metrics
 from worker.relay import Relay
@@ -172,7 +173,10 @@ def finish(job_id: str, attempt: int, outcome: Outcome) -> dict[str, Any] | None
                 # The worker is going away: back to the queue; the next attempt resumes from the checkpoint.
                 event = lifecycle.requeue(session, job_id, attempt=attempt, from_states=[JobState.RUNNING])
                 return _fenced(event, job_id, attempt, JobState.QUEUED)
-            error = {"type": "lost", "message": f"preempted on its last attempt ({attempt} of {job.max_attempts})"}
+            error = {
+                "type": ErrorType.LOST,
+                "message": f"preempted on its last attempt ({attempt} of {job.max_attempts})",
+            }
         event = lifecycle.finish(
             session, job_id, attempt=attempt, to=to, error=error if to is JobState.FAILED else None
         )
@@ -229,7 +233,7 @@ def run_attempt(job_id: str, attempt: int) -> str:
     except Exception as exc:
         # Nothing may leave a job `running` forever: a failure of the worker itself fails the job.
         log.exception("job %s attempt %s: supervisor error", job_id, attempt)
-        error = {"type": "launch_error", "message": f"worker error: {exc!r}", "log_tail": ""}
+        error = {"type": ErrorType.LAUNCH_ERROR, "message": f"worker error: {exc!r}", "log_tail": ""}
         outcome = Outcome("failed", None, error)
     relay.measure_disk()  # the attempt's last word on the job's size, stored with the final flush
     relay.pump(final=True)

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +23,22 @@ from typing import Any
 
 import psutil
 
-from trainer.events import ERROR_INVALID, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED, TRAINER_ERROR_TYPES
+from trainer.events import (
+    ERROR_INVALID,
+    EVENTS_FILE,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    LAUNCHER_LOG,
+    LOG_FILE,
+    SPEC_FILE,
+    TRAINER_ERROR_TYPES,
+    ErrorType,
+    trainer_argv,
+)
 from worker.ops import describe_locks, remove_stale_locks
 
 LOG_TAIL_LINES = 40
-LAUNCHER_LOG = "launcher.log"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -78,13 +88,7 @@ def trainer_command(launch: Launch) -> list[str]:
     """The trainer's command line (docs/TRAINER.md, Launch)."""
     if launch.command:
         return list(launch.command)
-    return [
-        sys.executable, "-m", "trainer", "run",
-        "--spec", str(launch.run_dir / "spec.json"),
-        "--run-dir", str(launch.run_dir),
-        "--model-root", str(launch.model_root),
-        "--data-root", str(launch.data_root),
-    ]  # fmt: skip
+    return trainer_argv(launch.run_dir, model_root=launch.model_root, data_root=launch.data_root)
 
 
 def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -196,7 +200,7 @@ def last_end_event(events_path: Path, offset: int = 0) -> dict[str, Any] | None:
 
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
     """What a failed job shows: the end of train.log, or of the launcher's own output if that is all."""
-    tail = read_tail(run_dir / "train.log", lines)
+    tail = read_tail(run_dir / LOG_FILE, lines)
     launcher = read_tail(run_dir / LAUNCHER_LOG, lines)
     if launcher and len(tail) < lines:
         tail = launcher[-(lines - len(tail)) :] + tail
@@ -249,7 +253,7 @@ def classify(
     """Map the trainer's exit code, its `end` event and the supervisor's stop reason to an outcome
     (`no_start`: the message of a job stopped because it never started)."""
 
-    def failed(kind: str, message: str) -> Outcome:
+    def failed(kind: ErrorType, message: str) -> Outcome:
         # The failing rank's exit code when the trainer names one (a killed rank: -9), else the trainer's.
         code = ((end or {}).get("error") or {}).get("exit_code", exit_code)
         error = {"type": kind, "message": message, "log_tail": log_tail(run_dir), "exit_code": code}
@@ -263,22 +267,23 @@ def classify(
     if stop is Stop.CANCEL:
         return Outcome("cancelled", exit_code, None, end, stop)
     if stop is Stop.NO_START:
-        return failed("launch_error", no_start)
+        return failed(ErrorType.LAUNCH_ERROR, no_start)
     if stop is Stop.TIMEOUT:
         step = (end or {}).get("step")
         where = f" at step {step}" if step is not None else ""
-        return failed("timeout", f"max_runtime_s passed; stopped{where} after a checkpoint")
+        return failed(ErrorType.TIMEOUT, f"max_runtime_s passed; stopped{where} after a checkpoint")
     if exit_code == EXIT_PREEMPTED or stop is Stop.SHUTDOWN:
         return Outcome("preempted", exit_code, None, end, stop)
     end_error = (end or {}).get("error") or {}
     if exit_code == EXIT_INVALID:
-        return failed("invalid", end_error.get("message") or "the trainer refused the spec, paths or data")
-    kind = end_error.get("type") if end_error.get("type") in TRAINER_ERROR_TYPES - {ERROR_INVALID} else None
+        return failed(ErrorType.INVALID, end_error.get("message") or "the trainer refused the spec, paths or data")
+    given = end_error.get("type")
+    kind = ErrorType(given) if given in TRAINER_ERROR_TYPES - {ERROR_INVALID} else None
     if exit_code is not None and exit_code < 0:
         message = f"the trainer was killed by signal {signal.Signals(-exit_code).name}"
     else:
         message = end_error.get("message") or f"the trainer exited with code {exit_code}"
-    return failed(kind or "train_error", message)
+    return failed(kind or ErrorType.TRAIN_ERROR, message)
 
 
 def supervise(
@@ -291,8 +296,8 @@ def supervise(
     """Run the trainer to its end (or stop it), make sure nothing of it survives, return the outcome."""
     run_dir = launch.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(json.dumps(launch.spec, indent=2))
-    events_path = run_dir / "events.jsonl"
+    (run_dir / SPEC_FILE).write_text(json.dumps(launch.spec, indent=2))
+    events_path = run_dir / EVENTS_FILE
     events_offset = events_path.stat().st_size if events_path.exists() else 0
     if launch.extensions_dir is not None:
         remove_stale_locks(launch.extensions_dir)  # a job killed while it held one (each removal is logged)
@@ -309,7 +314,7 @@ def supervise(
                 preexec_fn=_die_with_parent,
             )
     except OSError as exc:
-        error = {"type": "launch_error", "message": f"could not start the trainer: {exc}", "log_tail": ""}
+        error = {"type": ErrorType.LAUNCH_ERROR, "message": f"could not start the trainer: {exc}", "log_tail": ""}
         return Outcome("failed", None, error)
 
     started_at = now()

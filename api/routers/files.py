@@ -11,6 +11,7 @@ from api.artifacts import TarStream, artifact_path, checkpoint_dir, list_artifac
 from api.deps import JobDep, SettingsDep
 from api.errors import NotFound, documented
 from api.schemas import Artifacts
+from trainer.events import LOG_FILE
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["files"], responses=documented(404))
 
@@ -22,7 +23,7 @@ def job_logs(
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="only the last N lines")] = None,
 ) -> PlainTextResponse:
     """The training log (every rank's output); empty until the job has started."""
-    path = settings.run_dir(job.id) / "train.log"
+    path = settings.run_dir(job.id) / LOG_FILE
     if not path.is_file():
         return PlainTextResponse("")
     if tail is None:
