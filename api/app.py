@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from api import errors
 from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
@@ -23,7 +22,6 @@ from api.hardening import AuthFirst, RequestLimits, SecurityHeaders
 from api.observability import MetricsMiddleware, make_registry
 from api.routers import admin, datasets, events, files, jobs, system, tokens, users
 from core import events as job_events
-from core import keys
 from core.db import make_engine, make_sessionmaker
 from core.lifecycle import announcing
 from core.scheduler import Dispatch
@@ -74,7 +72,6 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.sync_redis = sync_redis
     app.state.publish = job_events.publisher(sync_redis, maxlen=settings.stream_maxlen)
     app.state.dispatch = announcing(dispatch, app.state.publish)
-    app.state.notify_cancel = _cancel_notifier(sync_redis)
     registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
     app.state.admission = Admission(settings)
@@ -111,18 +108,6 @@ def async_redis(settings: Settings) -> Redis | None:
         max_connections=redis_pool_size(settings),
         client_name="trainbox-api",
     )
-
-
-def _cancel_notifier(redis: SyncRedis | None) -> Any:
-    def notify(job_id: str) -> None:
-        if redis is None:
-            return
-        try:
-            redis.publish(keys.job_cancel(job_id), "cancel")
-        except RedisError as e:
-            log.warning("could not notify cancel of job %s: %s", job_id, e)
-
-    return notify
 
 
 _app: FastAPI | None = None

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 # Celery task names (the worker registers its tasks under these names; the API sends by name).
 RUN_JOB_TASK = "worker.tasks.run_job"
-SWEEP_TASK = "worker.tasks.sweep"
-
-# Queue for work any box may do (the periodic sweep); each box also has its own queue.
-CONTROL_QUEUE = "trainbox.control"
 
 
 def box_queue(box: str) -> str:
@@ -24,11 +20,6 @@ def job_relay_offsets(job_id: str) -> str:
     """Hash: how far the worker's relay has read each file of the job's run dir (a later attempt
     resumes there: nothing lost, nothing repeated)."""
     return f"job:{job_id}:relay"
-
-
-def job_cancel(job_id: str) -> str:
-    """Pub/sub channel the API publishes on when a cancel is requested (the DB flag stays the truth)."""
-    return f"job:{job_id}:cancel"
 
 
 def submit_rate(user: str, window: int) -> str:

@@ -33,10 +33,6 @@ class JobState(StrEnum):
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATES
 
-    def is_active(self) -> bool:
-        """Holds (or is about to hold) GPUs."""
-        return self in ACTIVE_STATES
-
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING, JobState.CANCELLING})
@@ -59,10 +55,6 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 
 class InvalidTransition(ValueError):
     """A transition the table does not allow (a programming error, not a lost race)."""
-
-
-class TransitionLost(RuntimeError):
-    """The compare-and-set changed no row: another writer moved the job first, or the attempt is stale."""
 
 
 def can_transition(src: JobState | str, dst: JobState | str) -> bool:
@@ -124,12 +116,6 @@ def transition(
     if won:
         expire_job(session, job_id)
     return won
-
-
-def require_transition(session: Session, job_id: str, **kwargs: Any) -> None:
-    """`transition`, raising TransitionLost instead of returning False."""
-    if not transition(session, job_id, **kwargs):
-        raise TransitionLost(f"job {job_id}: transition to {kwargs.get('to')} lost (state or attempt changed)")
 
 
 def expire_job(session: Session, job_id: str) -> None:

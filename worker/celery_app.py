@@ -38,7 +38,6 @@ def make_app() -> Celery:
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
-        task_default_queue=keys.CONTROL_QUEUE,
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"socket_keepalive": True},

@@ -94,8 +94,6 @@ class Relay:
         self.pending_metrics: list[dict[str, Any]] = []
         self.pending_fields: dict[str, Any] = {}
         self.last_flush = time.monotonic()
-        self.end_event: dict[str, Any] | None = None
-        self.published = 0
         self._backlog: list[dict[str, Any]] = []
 
     def _resume_from_stored_offsets(self) -> None:
@@ -127,7 +125,6 @@ class Relay:
             # Training goes on without Redis; the stream catches up when it is back.
             log.warning("relay: Redis unavailable (%s); %d events held", exc, len(self._backlog))
             return
-        self.published += len(self._backlog)
         self._backlog = []
 
     def drain(self, timeout_s: float = 30.0, interval_s: float = 0.5) -> bool:
@@ -137,10 +134,6 @@ class Relay:
             time.sleep(interval_s)
             self.publish([])
         return not self._backlog
-
-    def state(self, state: str, **extra: Any) -> None:
-        """Publish a `state` event (the worker's transitions, interleaved in order with the trainer's)."""
-        self.publish([{"type": "state", "state": state, "time": time.time(), **extra}])
 
     def pump(self, *, final: bool = False) -> int:
         """Relay whatever is new; flush metrics when due (or now if `final`). Returns events relayed."""
@@ -161,8 +154,6 @@ class Relay:
                 self.pending_metrics.append(event)
             elif event["type"] == "start" and isinstance(event.get("total_steps"), int):
                 self.pending_fields["total_steps"] = event["total_steps"]
-            elif event["type"] == "end":
-                self.end_event = event
             elif event["type"] == "checkpoint":
                 checkpointed = True
         if checkpointed:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from core import keys
-from core.settings import get_settings
-from worker.box import sweep
 from worker.celery_app import app
 from worker.runner import run_attempt
 
@@ -13,9 +11,3 @@ from worker.runner import run_attempt
 def run_job(job_id: str, attempt: int) -> str:
     """Run one attempt of a job on this box (a duplicate or stale delivery does nothing)."""
     return run_attempt(job_id, attempt)
-
-
-@app.task(name=keys.SWEEP_TASK, ignore_result=True)
-def sweep_box() -> None:
-    """One sweep of this box (the worker also sweeps on a timer; this lets beat or an operator ask)."""
-    sweep(get_settings().box_name)

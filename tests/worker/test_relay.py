@@ -28,7 +28,7 @@ def test_relay_publishes_events_logs_and_metrics_in_order(tmp_path, redis):
     stored: list[tuple[list, dict]] = []
     relay = Relay(run_dir=tmp_path, job_id="r1", redis=redis,
                   sink=lambda rows, fields: stored.append((rows, fields)), flush_s=3600)  # fmt: skip
-    relay.state("running", attempt=1)
+    relay.publish([{"type": "state", "state": "running", "attempt": 1}])
     with (tmp_path / "events.jsonl").open("a") as f:
         f.write(json.dumps({"type": "start", "total_steps": 3, "time": 1.0}) + "\n")
         for step in (1, 2):
@@ -46,7 +46,7 @@ def test_relay_publishes_events_logs_and_metrics_in_order(tmp_path, redis):
     relay.pump(final=True)
     got = _stream(redis, "job:r1:events")
     assert [e.get("step") for e in got if e["type"] == "step"] == [1, 2, 3]
-    assert got[-1]["type"] == "end" and relay.end_event["status"] == "succeeded"
+    assert got[-1]["type"] == "end" and got[-1]["status"] == "succeeded"
     ((rows, fields),) = stored
     assert [r["step"] for r in rows] == [1, 2, 3] and fields == {"total_steps": 3}
 
@@ -56,10 +56,10 @@ def test_relay_holds_events_while_redis_is_away(tmp_path, redis):
 
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     relay = Relay(run_dir=tmp_path, job_id="r2", redis=dead, sink=lambda *a: None)
-    relay.state("running")
-    assert relay.published == 0 and len(relay._backlog) == 1
+    relay.publish([{"type": "state", "state": "running"}])
+    assert len(relay._backlog) == 1
     relay.redis = redis
-    relay.state("succeeded")
+    relay.publish([{"type": "state", "state": "succeeded"}])
     assert [e["state"] for e in _stream(redis, "job:r2:events")] == ["running", "succeeded"]
 
 
@@ -104,7 +104,7 @@ def test_drain_gives_up_after_its_timeout(tmp_path, redis):
 
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.1)
     relay = Relay(run_dir=tmp_path, job_id="r5", redis=dead, sink=lambda *a: None)
-    relay.state("succeeded")
+    relay.publish([{"type": "state", "state": "succeeded"}])
     assert relay.drain(timeout_s=0.3, interval_s=0.1) is False
     relay.redis = redis
     assert relay.drain(timeout_s=1, interval_s=0.05) is True
