@@ -166,10 +166,12 @@ def save(
     *,
     needed: int | None = None,
     device: Any = None,
+    also_keep: int | None = None,
 ) -> tuple[Path, float]:
     """Collective: every rank writes its shards, then rank 0 seals the directory and prunes old ones.
 
-    `needed`: bytes that must be free first (estimate_bytes), else DiskFull on every rank; None: no check."""
+    `needed`: bytes that must be free first (estimate_bytes), else DiskFull on every rank; None: no check.
+    `also_keep`: a step kept out of the rotation (the best checkpoint, keep_best)."""
     t0 = time.perf_counter()
     root = run_dir / CKPT_DIR
     root.mkdir(exist_ok=True)
@@ -192,8 +194,9 @@ def save(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for _, old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old_step, old in complete_checkpoints(run_dir)[:-keep]:
+            if old_step != also_keep:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final, time.perf_counter() - t0
 

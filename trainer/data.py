@@ -11,75 +11,265 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from trainer.batch import BatchPlan
+from trainer.formats import Format, Render, Segments, TemplateError, record_text, segments
 from trainer.paths import DatasetInfo, SpecError
 
 EncodeBatch = Callable[[list[str]], list[list[int]]]
 CHUNK = 2048  # texts per tokenizer call: large enough for the fast tokenizer's parallelism
 
+# One byte per token says what it is: padding (no input, no label), context (input only: prompts,
+# user turns, role tags) or trained (its label is itself: the loss is computed on predicting it).
+PAD, CONTEXT, TRAINED = 0, 1, 2
+IGNORE = -100  # the label of a position the loss skips (PyTorch's cross_entropy ignore_index)
 
-def read_texts(info: DatasetInfo, text_field: str) -> Iterator[str]:
-    """Each record's text: one JSON object per line, or for plain text each non-blank line."""
+
+@dataclass
+class Encoder:
+    """What tokenizing needs from a tokenizer: batch encode, EOS, the chat template, BOS for prompts."""
+
+    encode: EncodeBatch
+    eos_id: int
+    render: Render | None = None
+    prefix: tuple[int, ...] = ()  # what the tokenizer puts before a prompt at inference (BOS), if anything
+
+
+@dataclass
+class DataStats:
+    """What preparing one data set found, for the start event and POST /jobs/validate."""
+
+    format: str
+    records: int = 0
+    examples: int = 0  # records that made it into the blocks
+    dropped: int = 0  # longer than seq_len, overlong=drop
+    truncated: int = 0  # longer than seq_len, overlong=truncate
+    tokens: int = 0  # real (non-pad) tokens in the blocks
+    trained_tokens: int = 0  # of which trained on
+    blocks: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_items(info: DatasetInfo, text_field: str) -> Iterator[Any]:
+    """Each record as `formats.segments` takes it: a text, a prompt and completion, or messages."""
     with info.path.open(encoding="utf-8") as f:
         for line in f:
             line = line.strip()
-            if not line:
+            if line:
+                yield record_text(json.loads(line) if info.format == "jsonl" else line, info.data_format, text_field)
+
+
+def read_texts(info: DatasetInfo, text_field: str) -> Iterator[str]:
+    """Each text record's text: one JSON object per line, or for plain text each non-blank line."""
+    yield from read_items(info, text_field)
+
+
+def split(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held out): round(fraction x records) records, at least one, chosen by the seed alone."""
+    if fraction <= 0:
+        return items, []
+    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    held = np.zeros(len(items), dtype=bool)
+    held[np.random.default_rng([seed, 0x5A11]).permutation(len(items))[:n_val]] = True
+    return [x for x, h in zip(items, held, strict=True) if not h], [x for x, h in zip(items, held, strict=True) if h]
+
+
+def encode_examples(
+    items: Iterable[Any], fmt: Format, enc: Encoder, *, train_all: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, mask) per example, each ending with EOS. Pieces are tokenized separately, as a prompt is
+    at inference (the answer follows the prompt's own tokens); EOS is trained when the example's end is."""
+    chunk: list[Segments] = []
+
+    def flush() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        flat = [text for segs in chunk for text, _ in segs]
+        encoded = iter(enc.encode(flat)) if flat else iter(())
+        for segs in chunk:
+            ids: list[int] = list(enc.prefix) if fmt == "prompt_completion" else []
+            mask: list[int] = [CONTEXT] * len(ids)
+            for (_, trained), piece in zip(segs, encoded, strict=False):
+                ids += piece
+                mask += [TRAINED if trained else CONTEXT] * len(piece)
+            if not ids or ids[-1] != enc.eos_id:  # a template may end the turn with EOS itself
+                ids.append(enc.eos_id)
+                mask.append(TRAINED if (segs and segs[-1][1]) else CONTEXT)
+            yield np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8)
+        chunk.clear()
+
+    for item in items:
+        chunk.append([(t, tr) for t, tr in segments(item, fmt, train_all=train_all, render=enc.render) if t])
+        if len(chunk) >= CHUNK:
+            yield from flush()
+    if chunk:
+        yield from flush()
+
+
+def pack(
+    examples: Iterable[tuple[np.ndarray, np.ndarray]],
+    seq_len: int,
+    stats: DataStats,
+    *,
+    stream: bool,
+    overlong: str = "drop",
+    pad_id: int = 0,
+    pad_tail: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Examples into blocks of seq_len tokens, each example keeping its mask.
+
+    stream (text): documents are joined and cut anywhere, so every position is a real token (the tail
+    is dropped, or padded with `pad_tail`). Otherwise (chat, prompt_completion) an example is never
+    cut: it goes whole into the current block or starts a new one, the rest of the block is padding
+    (input EOS, no label); an example longer than seq_len is dropped or truncated (`overlong`)."""
+    toks: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    used = 0  # tokens in the current block (not stream)
+    for ids, mask in examples:
+        if not stream and len(ids) > seq_len:
+            if overlong == "drop":
+                stats.dropped += 1
                 continue
-            yield json.loads(line)[text_field] if info.format == "jsonl" else line
+            ids, mask = ids[:seq_len], mask[:seq_len]
+            stats.truncated += 1
+        if not stream and used + len(ids) > seq_len:
+            toks.append(np.full(seq_len - used, pad_id, dtype=np.uint32))
+            masks.append(np.zeros(seq_len - used, dtype=np.uint8))
+            used = 0
+        toks.append(ids)
+        masks.append(mask)
+        used += len(ids)
+        stats.examples += 1
+    tokens = np.concatenate(toks) if toks else np.zeros(0, dtype=np.uint32)
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+    rest = len(tokens) % seq_len
+    if rest and (pad_tail or not stream):
+        tokens = np.concatenate([tokens, np.full(seq_len - rest, pad_id, dtype=np.uint32)])
+        mask = np.concatenate([mask, np.zeros(seq_len - rest, dtype=np.uint8)])
+    elif rest:
+        tokens, mask = tokens[: len(tokens) - rest], mask[: len(mask) - rest]
+    stats.blocks = len(tokens) // seq_len
+    stats.tokens = int(np.count_nonzero(mask))
+    stats.trained_tokens = int(np.count_nonzero(mask.reshape(-1, seq_len)[:, 1:] == TRAINED)) if len(mask) else 0
+    return tokens, mask
 
 
 def tokenize(texts: Iterator[str], encode: EncodeBatch, eos_id: int) -> np.ndarray:
     """All texts as one token stream, each document followed by EOS so the model learns to stop."""
-    parts: list[np.ndarray] = []
-    chunk: list[str] = []
-
-    def flush() -> None:
-        for ids in encode(chunk):
-            parts.append(np.asarray([*ids, eos_id], dtype=np.uint32))
-        chunk.clear()
-
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) >= CHUNK:
-            flush()
-    if chunk:
-        flush()
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    pieces = [ids for ids, _ in encode_examples(texts, "text", Encoder(encode, eos_id), train_all=True)]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
 
 
-def token_cache_path(info: DatasetInfo, text_field: str, tokenizer_id: str, cache_dir: Path) -> Path:
-    """Where the tokenized corpus is cached: keyed by the file's identity and the tokenizer."""
+@dataclass(frozen=True)
+class DataOptions:
+    """Everything the prepared blocks depend on besides the files' contents: part of the cache key."""
+
+    format: Format
+    text_field: str
+    val_text_field: str
+    train_all: bool
+    overlong: str
+    seq_len: int
+    split: float
+    seed: int
+    tokenizer: str
+    template: str
+
+
+@dataclass
+class Prepared:
+    train: tuple[np.ndarray, np.ndarray]  # tokens, mask (memory-mapped)
+    val: tuple[np.ndarray, np.ndarray] | None
+    stats: dict[str, Any]
+
+
+def _identity(info: DatasetInfo) -> str:
     st = info.path.stat()
-    raw = f"{info.path}|{st.st_size}|{st.st_mtime_ns}|{info.format}|{text_field}|{tokenizer_id}"
-    return cache_dir / f"tokens-{hashlib.sha256(raw.encode()).hexdigest()[:16]}.npy"
+    return f"{info.path}|{st.st_size}|{st.st_mtime_ns}|{info.format}"
 
 
-def ensure_tokens(info: DatasetInfo, text_field: str, encode: EncodeBatch, eos_id: int, path: Path) -> None:
-    """Tokenize into `path` once, atomically; a resumed run reuses the file."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokens = tokenize(read_texts(info, text_field), encode, eos_id)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, path)
+def cache_key(train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions) -> str:
+    """The files' identity and every option that changes the blocks."""
+    raw = json.dumps([_identity(train), _identity(val) if val else None, asdict(opts)], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def prepare(
+    train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions, enc: Encoder, cache_dir: Path, *, build: bool
+) -> Prepared:
+    """Tokenize and pack once into cache_dir (`build`: rank 0; the others read what it wrote).
+
+    Files are written under temporary names and renamed; the stats file, renamed last, marks a
+    complete entry, so a resumed run reuses it and a crash mid-way leaves nothing half-read."""
+    try:
+        return _prepare(train, val, opts, enc, cache_dir, build=build)
+    except TemplateError as e:  # the job's data cannot be masked with this tokenizer: `invalid`
+        raise SpecError(str(e), "dataset") from None
+
+
+def _prepare(
+    train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions, enc: Encoder, cache_dir: Path, *, build: bool
+) -> Prepared:
+    key = cache_key(train, val, opts)
+    base = cache_dir / f"data-{key}"
+    names = {part: Path(f"{base}.{part}.npy") for part in ("train", "train-mask", "val", "val-mask")}
+    stats_file = Path(f"{base}.json")
+    if build and not stats_file.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        items = list(read_items(train, opts.text_field))
+        stats_t = DataStats(opts.format, records=len(items))
+        if val is not None:
+            held = list(read_items(val, opts.val_text_field))
+        else:
+            items, held = split(items, opts.split, opts.seed)
+            stats_t.records = len(items)
+        stream = opts.format == "text"
+        arrays = dict(zip(("train", "train-mask"), pack(
+            encode_examples(items, opts.format, enc, train_all=opts.train_all), opts.seq_len, stats_t,
+            stream=stream, overlong=opts.overlong, pad_id=enc.eos_id,
+        ), strict=True))  # fmt: skip
+        stats: dict[str, Any] = {"train": stats_t.as_dict(), "validation": None}
+        if held:
+            stats_v = DataStats(opts.format, records=len(held))
+            arrays |= dict(zip(("val", "val-mask"), pack(
+                encode_examples(held, opts.format, enc, train_all=opts.train_all), opts.seq_len, stats_v,
+                stream=stream, overlong=opts.overlong, pad_id=enc.eos_id, pad_tail=True,
+            ), strict=True))  # fmt: skip
+            stats["validation"] = stats_v.as_dict() | {"source": "file" if val is not None else "split"}
+        for part, arr in arrays.items():
+            tmp = names[part].with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, names[part])
+        tmp_stats = stats_file.with_suffix(f".tmp{os.getpid()}")
+        tmp_stats.write_text(json.dumps(stats))
+        os.replace(tmp_stats, stats_file)
+    stats = json.loads(stats_file.read_text())
+
+    def load(part: str) -> np.ndarray:
+        return np.load(names[part], mmap_mode="r")
+
+    has_val = stats["validation"] is not None
+    return Prepared((load("train"), load("train-mask")), (load("val"), load("val-mask")) if has_val else None, stats)
 
 
 @dataclass
 class PackedBatches:
-    """Deterministic global batches of packed blocks; rank r takes its slice of each micro-step."""
+    """Deterministic global batches of packed blocks; rank r takes its slice of each micro-step.
+
+    `mask` (one byte per token: PAD, CONTEXT, TRAINED) gives the labels; without it every token is trained."""
 
     tokens: np.ndarray
     seq_len: int
     plan: BatchPlan
     rank: int
     seed: int
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.n_blocks = len(self.tokens) // self.seq_len
@@ -102,10 +292,34 @@ class PackedBatches:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    def _blocks(self, step: int, first: int, count: int) -> np.ndarray:
+        order = self._order_for(self.epoch_of(step))
+        base = (step % self.steps_per_epoch) * self.plan.train + first
+        return order[base : base + count]
+
+    def _rows(self, array: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        return np.stack([array[b * self.seq_len : (b + 1) * self.seq_len] for b in blocks])
+
+    def _mine(self, step: int, micro_step: int) -> np.ndarray:
+        p = self.plan
+        return self._blocks(step, micro_step * p.gpus * p.micro + self.rank * p.micro, p.micro)
+
     def micro_batch(self, step: int, micro_step: int) -> np.ndarray:
         """Token ids [micro, seq_len] for this rank at optimizer step `step`, micro-step `micro_step`."""
-        p = self.plan
-        order = self._order_for(self.epoch_of(step))
-        base = (step % self.steps_per_epoch) * p.train + micro_step * p.gpus * p.micro + self.rank * p.micro
-        blocks = order[base : base + p.micro]
-        return np.stack([self.tokens[b * self.seq_len : (b + 1) * self.seq_len] for b in blocks]).astype(np.int64)
+        return self._rows(self.tokens, self._mine(step, micro_step)).astype(np.int64)
+
+    def micro_labels(self, step: int, micro_step: int) -> np.ndarray:
+        """Labels [micro, seq_len] for the same blocks: the token where it is trained, else IGNORE."""
+        ids = self.micro_batch(step, micro_step)
+        if self.mask is None:
+            return ids
+        return np.where(self._rows(self.mask, self._mine(step, micro_step)) == TRAINED, ids, IGNORE)
+
+    def step_tokens(self, step: int) -> tuple[int, int]:
+        """(real tokens, trained targets) of the whole global batch of `step`, all ranks together: every
+        rank knows them without communication, so each can weight its loss by the global count."""
+        blocks = self._blocks(step, 0, self.plan.train)
+        if self.mask is None:
+            return len(blocks) * self.seq_len, len(blocks) * (self.seq_len - 1)
+        rows = self._rows(self.mask, blocks)
+        return int(np.count_nonzero(rows)), int(np.count_nonzero(rows[:, 1:] == TRAINED))

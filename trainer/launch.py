@@ -47,7 +47,7 @@ from trainer.events import (
     read_events,
     remove_error_reserves,
 )
-from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
+from trainer.paths import SpecError, inspect_data, resolve_model
 from trainer.spec import JobSpec, describe_errors
 
 PR_SET_PDEATHSIG = 1
@@ -176,7 +176,7 @@ class Launcher:
         """Spec and paths checked before any rank starts: a bad job fails in milliseconds."""
         spec = JobSpec.model_validate_json(Path(self.args.spec).read_text())
         resolve_model(spec.model, Path(self.args.model_root))
-        inspect_dataset(resolve_dataset(spec.dataset, Path(self.args.data_root)), spec.dataset, max_records=1000)
+        inspect_data(spec, Path(self.args.data_root), max_records=1000)
         return spec
 
     def _env(self, world: int, gpus: int) -> dict[str, str]:

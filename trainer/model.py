@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from trainer.data import Encoder
+from trainer.formats import DEFAULT_CHAT_TEMPLATE
 from trainer.paths import ModelSource, SpecError
 from trainer.presets import PRESETS
 
@@ -89,3 +91,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def count_params(model: torch.nn.Module) -> int:
     """Parameters, also when ZeRO-3 has partitioned them (ds_numel is the full size)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def encoder(tokenizer: Any, data_format: str) -> Encoder:
+    """Tokenizing for a data format. Chat data is rendered with the tokenizer's own chat template; one
+    without a template gets DEFAULT_CHAT_TEMPLATE, set on the tokenizer so the exported model keeps it."""
+    render = None
+    if data_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+        def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+            return str(tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            ))  # fmt: skip
+
+    eos = tokenizer.eos_token_id
+    prefix = tuple(i for i in tokenizer("", add_special_tokens=True)["input_ids"] if i != eos)  # BOS, if added
+    return Encoder(
+        encode=lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"],
+        eos_id=eos,
+        render=render,
+        prefix=prefix,
+    )
+
+
+def template_id(tokenizer: Any) -> str:
+    """The chat template's text, for the data cache key (a different template renders other tokens)."""
+    return str(getattr(tokenizer, "chat_template", None) or "")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trainer.spec import DatasetRef, check_relative_path
+from trainer.formats import Format, RecordError, check_record, resolve_format
+from trainer.spec import DatasetRef, JobSpec, ValidationRef, check_relative_path
 
 UPLOADS_DIR = "uploads"
 
@@ -37,6 +38,7 @@ class DatasetInfo:
     format: Literal["jsonl", "text"]
     records: int
     bytes: int
+    data_format: Format = "text"  # trainer.formats: text, prompt_completion or chat
 
 
 def resolve_under(root: Path, rel: str, what: str) -> Path:
@@ -76,21 +78,22 @@ def uploaded_dataset_path(data_root: Path, dataset_id: str) -> Path:
     return data_root / UPLOADS_DIR / dataset_id
 
 
-def resolve_dataset(ref: DatasetRef, data_root: Path) -> Path:
+def resolve_dataset(ref: DatasetRef | ValidationRef, data_root: Path, what: str = "dataset") -> Path:
     """The dataset file a spec names; raises SpecError if it is not a readable file under the root."""
     if ref.id is not None:
         path = uploaded_dataset_path(data_root.resolve(), ref.id)
         if not path.is_file():
-            raise SpecError(f"no uploaded dataset with id {ref.id!r}", "dataset.id")
+            prefix = "" if what == "dataset" else f"{what}: "
+            raise SpecError(f"{prefix}no uploaded dataset with id {ref.id!r}", f"{what}.id")
         return path
     assert ref.path is not None
-    path = resolve_under(data_root, ref.path, "dataset.path")
+    path = resolve_under(data_root, ref.path, f"{what}.path")
     if path.is_relative_to(data_root.resolve() / UPLOADS_DIR):
         # Uploads belong to their uploader; the service checks that when a spec names one by id.
-        msg = "dataset.path may not lead into the uploads directory; name an upload by its id"
-        raise SpecError(msg, "dataset.path")
-    if not _is("file", path, "dataset.path", ref.path):
-        raise SpecError(f"dataset file {ref.path!r} not found under the data root", "dataset.path")
+        msg = f"{what}.path may not lead into the uploads directory; name an upload by its id"
+        raise SpecError(msg, f"{what}.path")
+    if not _is("file", path, f"{what}.path", ref.path):
+        raise SpecError(f"{what} file {ref.path!r} not found under the data root", f"{what}.path")
     return path
 
 
@@ -138,16 +141,20 @@ def sniff_format(path: Path) -> Literal["jsonl", "text"]:
     return "text"
 
 
-def inspect_dataset(path: Path, ref: DatasetRef, max_records: int | None = None) -> DatasetInfo:
-    """Check that the file is usable training text; SpecError names the line that is not."""
+def inspect_dataset(
+    path: Path, ref: DatasetRef | ValidationRef, max_records: int | None = None, *, what: str = "dataset"
+) -> DatasetInfo:
+    """Check that the file is usable data of its format; SpecError names the file and the line that is not."""
     try:
-        return _inspect(path, ref, max_records)
+        return _inspect(path, ref, max_records, what)
     except OSError as e:
-        raise SpecError(f"dataset cannot be read: {_reason(e)}", "dataset") from None
+        raise SpecError(f"{what} cannot be read: {_reason(e)}", what) from None
 
 
-def _inspect(path: Path, ref: DatasetRef, max_records: int | None) -> DatasetInfo:
-    fmt = sniff_format(path) if ref.format == "auto" else ref.format
+def _inspect(path: Path, ref: DatasetRef | ValidationRef, max_records: int | None, what: str) -> DatasetInfo:
+    fmt = sniff_format(path) if ref.format in ("auto", "text") else "jsonl"
+    name = f"{what} {ref.path!r}" if ref.path is not None else f"{what} (upload {ref.id})"
+    data_format: Format | None = None
     records = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -156,23 +163,41 @@ def _inspect(path: Path, ref: DatasetRef, max_records: int | None) -> DatasetInf
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
-                raise SpecError(f"dataset line {lineno} is not UTF-8 text", "dataset") from None
+                raise SpecError(f"{name} line {lineno} is not UTF-8 text", what) from None
             if not line:
                 continue
             if fmt == "jsonl":
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SpecError(f"dataset line {lineno} is not valid JSON: {e.msg}", "dataset") from None
-                if not isinstance(obj, dict) or ref.text_field not in obj:
-                    raise SpecError(
-                        f"dataset line {lineno} has no text field {ref.text_field!r} "
-                        f"(set dataset.text_field to the field that holds the text)",
-                        "dataset.text_field",
-                    )
-                if not isinstance(obj[ref.text_field], str):
-                    raise SpecError(f"dataset line {lineno}: field {ref.text_field!r} is not a string", "dataset")
+                    raise SpecError(f"{name} line {lineno} is not valid JSON: {e.msg}", what) from None
+                if data_format is None:
+                    data_format = resolve_format(ref.format, obj, plain_text=False)
+                try:
+                    check_record(obj, data_format, ref.text_field)
+                except RecordError as e:
+                    field = f"{what}.text_field" if "text field" in str(e) else what
+                    raise SpecError(f"{name} line {lineno} {e}", field) from None
             records += 1
     if records == 0:
-        raise SpecError("dataset is empty: no non-blank lines", "dataset")
-    return DatasetInfo(path=path, format=fmt, records=records, bytes=path.stat().st_size)
+        raise SpecError(f"{what} is empty: {name} has no non-blank lines", what)
+    return DatasetInfo(
+        path=path, format=fmt, records=records, bytes=path.stat().st_size, data_format=data_format or "text"
+    )
+
+
+def inspect_data(
+    spec: JobSpec, data_root: Path, max_records: int | None = None
+) -> tuple[DatasetInfo, DatasetInfo | None]:
+    """The training data and the validation file (if any), checked; both must be of one format."""
+    train = inspect_dataset(resolve_dataset(spec.dataset, data_root), spec.dataset, max_records)
+    if spec.validation is None:
+        return train, None
+    ref = spec.validation
+    val = inspect_dataset(resolve_dataset(ref, data_root, "validation"), ref, max_records, what="validation")
+    if val.data_format != train.data_format:
+        raise SpecError(
+            f"validation data is {val.data_format} but the training data is {train.data_format}: "
+            f"both must be of one format", "validation"
+        )
+    return train, val

@@ -29,7 +29,7 @@ from trainer.events import (
     write_rank_error,
 )
 from trainer.loop import Diverged, GiB, Loop, StopFlag, save_final_model
-from trainer.paths import SpecError, inspect_dataset, resolve_dataset, resolve_model
+from trainer.paths import SpecError, inspect_data, resolve_model
 from trainer.spec import JobSpec
 
 
@@ -46,15 +46,15 @@ def _setup_device() -> tuple[Any, bool]:
 
 def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     import deepspeed
-    import numpy as np
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     from trainer import checkpoint
     from trainer import model as models
-    from trainer.data import PackedBatches, ensure_tokens, token_cache_path
+    from trainer.data import DataOptions, PackedBatches, prepare
     from trainer.dsconfig import build_ds_config, optimizer_summary, resolve_precision, total_steps
+    from trainer.evaluate import EvalBlocks
     from trainer.hardware import peak_flops
     from trainer.presets import flops_per_token
 
@@ -68,22 +68,29 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
 
     source = resolve_model(spec.model, Path(args.model_root))
-    info = inspect_dataset(resolve_dataset(spec.dataset, Path(args.data_root)), spec.dataset)
+    # The whole file, every record, before the first step: a bad line fails the job as `invalid`.
+    info, val_info = inspect_data(spec, Path(args.data_root))
     tokenizer = models.load_tokenizer(source)
-    tok_id = models.tokenizer_id(source, tokenizer)
-    token_file = token_cache_path(info, spec.dataset.text_field, tok_id, run_dir / "data")
+    enc = models.encoder(tokenizer, info.data_format)
+    opts = DataOptions(
+        format=info.data_format, text_field=spec.dataset.text_field,
+        val_text_field=spec.validation.text_field if spec.validation else spec.dataset.text_field,
+        train_all=info.data_format == "text" or spec.dataset.train_on == "all", overlong=spec.dataset.overlong,
+        seq_len=spec.seq_len, split=spec.validation_split, seed=spec.seed,
+        tokenizer=models.tokenizer_id(source, tokenizer), template=models.template_id(tokenizer),
+    )  # fmt: skip
     if rank == 0:
         checkpoint.remove_partial(run_dir)
-        ensure_tokens(
-            info,
-            spec.dataset.text_field,
-            lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"],
-            tokenizer.eos_token_id,
-            token_file,
-        )
-    dist.barrier()  # rank 0 tokenized; the others map the same file
-    batches = PackedBatches(np.load(token_file, mmap_mode="r"), spec.seq_len, spec.batch, rank, spec.seed)
+        prepare(info, val_info, opts, enc, run_dir / "data", build=True)
+    dist.barrier()  # rank 0 tokenized; the others map the same files
+    data = prepare(info, val_info, opts, enc, run_dir / "data", build=False)
+    batches = PackedBatches(data.train[0], spec.seq_len, spec.batch, rank, spec.seed, mask=data.train[1])
     steps = total_steps(spec, batches.steps_per_epoch)
+    evals = None
+    if data.val is not None:
+        evals = EvalBlocks(data.val[0], data.val[1], spec.seq_len, spec.batch.micro, rank, world)
+    elif spec.has_validation:
+        raise SpecError("validation data has no usable example (all longer than seq_len?)", "validation")
 
     bf16_ok = bool(get_accelerator().is_bf16_supported())
     precision, notes = resolve_precision(spec, on_gpu=on_gpu, bf16_supported=bf16_ok)
@@ -112,6 +119,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
         precision=precision, save_outputs=not args.no_save,
         # TRAINBOX_DISK_CHECK=off: a filesystem that misreports its free space (some network mounts).
         checkpoint_bytes=None if os.environ.get("TRAINBOX_DISK_CHECK") == "off" else ckpt_bytes,
+        evals=evals, eval_every=(spec.eval_every or max(1, steps // 10)) if evals is not None else 0,
     )
     resumed = loop.resume()
     for note in notes:
@@ -123,6 +131,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
             train_batch_size=plan.train, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
             resumed_from_step=resumed, precision=precision, notes=notes, n_params=n_params,
             device=device_name, seq_len=spec.seq_len, dataset_tokens=int(len(batches.tokens)),
+            data=data.stats, eval_every=loop.eval_every,
             optimizer=opt, deepspeed_config=ds_config, checkpoint_estimate_bytes=ckpt_bytes,
         )
     code = loop.run()
@@ -131,11 +140,12 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
             events.emit("end", status="preempted", step=loop.step, error=None)
         return code
     model_path = None
+    model_step = loop.load_best() or loop.step
     if not args.no_save:
         model_path = save_final_model(engine, tokenizer, run_dir, stage)
     if events is not None:
         events.emit("end", status="succeeded", step=loop.step, error=None,
-                    model_path=str(model_path.relative_to(run_dir)) if model_path else None)
+                    model_path=str(model_path.relative_to(run_dir)) if model_path else None, model_step=model_step)
     return EXIT_OK
 
 

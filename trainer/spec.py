@@ -331,6 +331,9 @@ _ONE_OF_PATH_OR_ID = {
 }
 
 
+DataFormat = Literal["auto", "text", "prompt_completion", "chat", "jsonl"]
+
+
 class DatasetRef(_Strict):
     """Where the training text comes from: a path under the data root, or an uploaded dataset id."""
 
@@ -339,7 +342,15 @@ class DatasetRef(_Strict):
     path: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": PATH_PATTERN})
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     text_field: str = Field("text", min_length=1, max_length=100)
-    format: Literal["auto", "jsonl", "text"] = "auto"
+    # auto: detected from the records (docs/DATA.md); jsonl: text records from JSONL (as `text`, kept
+    # for specs written before the formats); text: a text field in JSONL, or plain text lines.
+    format: DataFormat = "auto"
+    train_on: Literal["completions", "all"] | None = Field(
+        None, description="completions (default for chat and prompt_completion): loss only on answers; all: every token"
+    )
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="a chat or prompt_completion example longer than seq_len is dropped or truncated"
+    )
 
     @model_validator(mode="after")
     def _path_or_id(self) -> DatasetRef:
@@ -347,6 +358,25 @@ class DatasetRef(_Strict):
             raise ValueError("dataset needs exactly one of 'path' (under the data root) or 'id' (an upload)")
         if self.path is not None:
             check_relative_path(self.path, "dataset.path")
+        return self
+
+
+class ValidationRef(_Strict):
+    """Held-out data judged by eval loss: a path under the data root or an upload id, in the training format."""
+
+    model_config = ConfigDict(json_schema_extra=_ONE_OF_PATH_OR_ID)
+
+    path: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": PATH_PATTERN})
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    text_field: str = Field("text", min_length=1, max_length=100)
+    format: DataFormat = "auto"
+
+    @model_validator(mode="after")
+    def _path_or_id(self) -> ValidationRef:
+        if (self.path is None) == (self.id is None):
+            raise ValueError("validation needs exactly one of 'path' (under the data root) or 'id' (an upload)")
+        if self.path is not None:
+            check_relative_path(self.path, "validation.path")
         return self
 
 
@@ -376,6 +406,20 @@ class JobSpec(_Strict):
         int, Field(ge=0, le=MAX_STEPS, description="optimizer steps between checkpoints; 0: only at the end"), _W
     ] = 500
     keep_checkpoints: Annotated[int, Field(ge=1, le=20), _W] = 2
+    validation: ValidationRef | None = None
+    validation_split: Annotated[
+        float,
+        Field(ge=0, le=0.5, description="fraction of the training records held out (by the seed) for eval; "
+              "not with validation (422 validation_conflict)"),
+        _F,
+    ] = 0.0
+    eval_every: Annotated[
+        int, Field(ge=1, le=MAX_STEPS, description="steps between evaluations; left out: about 10 per run"), _W
+    ] | None = None
+    keep_best: Bool = Field(
+        False, description="keep the lowest-eval-loss checkpoint and export it as the model; "
+        "it and eval_every need validation or validation_split (422 validation_conflict)"
+    )
     gradient_checkpointing: Bool = False
     seed: Annotated[int, Field(ge=0, le=MAX_SEED), _W] = 42
     priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY), _W] = 0
@@ -406,6 +450,23 @@ class JobSpec(_Strict):
             return v
         check_relative_path(v, "model", allow_colon=False)
         return v
+
+    @model_validator(mode="after")
+    def _validation(self) -> JobSpec:
+        # A rule across fields (no JSON schema states it): the 422's type is `validation_conflict`.
+        msg = None
+        if self.validation is not None and self.validation_split > 0:
+            msg = "give either validation (a file) or validation_split (a held-out fraction), not both"
+        elif not self.has_validation:
+            msg = next((f"{name} needs validation data: set validation or validation_split"
+                        for name in ("eval_every", "keep_best") if getattr(self, name)), None)  # fmt: skip
+        if msg:
+            raise PydanticCustomError("validation_conflict", "{msg}", {"msg": msg})
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation is not None or self.validation_split > 0
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> JobSpec:

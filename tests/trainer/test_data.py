@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trainer.batch import BatchPlan
-from trainer.data import PackedBatches, ensure_tokens, read_texts, token_cache_path, tokenize
+from trainer.data import PackedBatches, read_texts, tokenize
 from trainer.paths import SpecError, inspect_dataset
 from trainer.spec import DatasetRef
 
@@ -89,15 +89,3 @@ def test_order_depends_only_on_seed_and_step() -> None:
 def test_too_small_dataset_says_how_small() -> None:
     with pytest.raises(SpecError, match=r"50 tokens make 5 blocks of seq_len 10.*needs train_batch_size = 8"):
         batches(0, n_tokens=50)
-
-
-def test_token_cache_is_reused_and_keyed_by_tokenizer(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("abc\n")
-    info = inspect_dataset(tmp_path / "a.txt", DatasetRef(path="a.txt"))
-    path = token_cache_path(info, "text", "tok-a", tmp_path / "cache")
-    ensure_tokens(info, "text", encode, EOS, path)
-    assert np.load(path).tolist() == [97, 98, 99, EOS]
-    mtime = path.stat().st_mtime_ns
-    ensure_tokens(info, "text", encode, EOS, path)
-    assert path.stat().st_mtime_ns == mtime
-    assert token_cache_path(info, "text", "tok-b", tmp_path / "cache") != path
