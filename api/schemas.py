@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from core.models import Job
 from core.progress import LATEST_FIELDS, progress_of
+from core.queue import queue_position, start_eta_s
 
 
 class Progress(BaseModel):
@@ -60,7 +61,8 @@ class JobSummary(BaseModel):
     )
 
     @classmethod
-    def of(cls, job: Job, positions: dict[str, int] | None = None, **extra: Any) -> Any:
+    def of(cls, job: Job, **extra: Any) -> Any:
+        """The job as the API shows it; its queue position and start ETA are the stored ones (core.queue)."""
         latest = job.latest
         return cls(
             id=job.id,
@@ -72,7 +74,8 @@ class JobSummary(BaseModel):
             box=job.box,
             priority=job.priority,
             attempt=job.attempt,
-            queue_position=(positions or {}).get(job.id),
+            queue_position=queue_position(job),
+            start_eta_s=start_eta_s(job),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
@@ -101,12 +104,23 @@ class Artifacts(BaseModel):
     checkpoints: list[Checkpoint] = Field(description="complete DeepSpeed checkpoints, oldest first")
 
 
+class ArtifactsLink(BaseModel):
+    href: str = Field(description="GET it for the listing (the final model's files and the checkpoints)")
+
+
+def artifacts_link(job_id: str) -> ArtifactsLink:
+    """Where a job's artifacts are listed: reading a job never walks its run directory."""
+    return ArtifactsLink(href=f"/jobs/{job_id}/artifacts")
+
+
 class JobRead(JobSummary):
     spec: dict[str, Any]
     max_attempts: int
     cancel_requested: bool
     master_port: int | None
-    artifacts: Artifacts | None = None
+    artifacts: ArtifactsLink | None = Field(
+        None, description="where the artifacts are listed (GET /jobs/{id}/artifacts); disk_bytes gives their size"
+    )
 
 
 class JobPage(BaseModel):

@@ -130,6 +130,8 @@ def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
     if error:
         lines.append(f"  error [red]{escape(str(error.get('type')))}[/]: {escape(str(error.get('message')))}")
     artifacts = job.get("artifacts") or {}
+    if artifacts.get("href") and job.get("state") == "succeeded":
+        lines.append(f"  artifacts: {escape('GET ' + str(artifacts['href']))}")
     if artifacts.get("model"):
         where = escape(f"GET /jobs/{job['id']}/artifacts")
         lines.append(f"  model: {len(artifacts['model'])} files ({where} to download)")

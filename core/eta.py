@@ -5,7 +5,8 @@ no ETA (starting, no rate yet) or the GPU is busy. Queued jobs take, in scheduli
 moment some box has enough slots; no job starts before the one ahead of it (the head blocks the
 queue). A queued job's own run time is not known, so the slots it takes stay taken: the jobs behind
 it that need them get no ETA (None), which is honest rather than optimistic. Per-user GPU caps are
-not modelled.
+not modelled. Jobs after the first without an ETA are left out (they have none either): the replay
+reads the head of the queue only, at most one job per slot plus the ones that fit no box.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from core.models import Box, Gpu, Job, utcnow
 from core.progress import progress_of
-from core.scheduler import queued_order
+from core.scheduler import iter_queued
 from core.settings import get_settings
 
 
@@ -40,8 +41,10 @@ def start_etas(session: Session, now: float | None = None) -> dict[str, float | 
             free_at[gpu.box].append(math.inf if eta is None else float(eta))
     largest = max((len(s) for s in free_at.values()), default=0)
     out: dict[str, float | None] = {}
+    if largest == 0:
+        return out  # no live box: nothing is placed, no job has an ETA
     not_before = 0.0
-    for job in session.scalars(queued_order(select(Job).where(Job.cancel_requested.is_(False)))):
+    for job in iter_queued(session):
         if job.gpus > largest:
             out[job.id] = None  # fits no box: skipped by the scheduler, does not hold the others up
             continue
@@ -52,6 +55,8 @@ def start_etas(session: Session, now: float | None = None) -> dict[str, float | 
                 best = min(best or (t, box), (t, box))
         start = max(not_before, best[0]) if best else math.inf
         out[job.id] = None if math.isinf(start) else round(start, 1)
+        if math.isinf(start):
+            break  # every job behind starts no earlier: none has an ETA (at most one per slot does)
         not_before = start
         if best and not math.isinf(start):
             slots = sorted(free_at[best[1]])

@@ -109,6 +109,10 @@ class Job(Base):
     # Bytes under the run directory, measured by the worker after each checkpoint and at the end of an
     # attempt, and after checkpoints are pruned (NULL: never measured). GET /jobs/{id} reads it, never the disk.
     disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Stored by each scheduling pass (core.queue.refresh), so reads never walk the queue: the 1-based
+    # position of a queued job (NULL otherwise) and when it should start (NULL: not known).
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    start_eta_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -118,6 +122,10 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_priority_created", "state", "priority", "created_at"),
         Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_state_queue_position", "state", "queue_position"),
+        Index("ix_jobs_start_eta_at", "start_eta_at"),
+        Index("ix_jobs_owner_state", "owner", "state"),
+        Index("ix_jobs_owner_created_id", "owner", "created_at", "id"),
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         # A rendezvous port belongs to one live job per box; freeing the GPUs clears the port.
         Index(

@@ -13,12 +13,12 @@ transaction lock, or SQLite's BEGIN IMMEDIATE. The GPU claim is also guarded row
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core import keys, lifecycle
@@ -90,6 +90,9 @@ def schedule(
     begin_locked(session)
     try:
         placements = _place(session, box_ttl_s=box_ttl_s, ports=ports, max_gpus_per_user=max_gpus_per_user)
+        from core.queue import refresh  # core.queue reads the order from this module
+
+        refresh(session, placed=bool(placements))  # stored positions and start ETAs: reads never walk the queue
         session.commit()
     except BaseException:
         session.rollback()
@@ -135,13 +138,15 @@ def _place(
         if gpu.job_id is None and not gpu.busy:  # busy: used outside trainbox (worker.gpucheck)
             free[gpu.box].append(gpu.index)
     largest = max(size.values())
+    if not any(free.values()):
+        return []  # every GPU is held: nothing can be placed, whatever waits
     # One set for every box: boxes may share a host (and its ports), and 500 ports are plenty for all.
     in_use = set(session.scalars(select(Job.master_port).where(Job.master_port.is_not(None))))
     used_ports: dict[str, set[int]] = dict.fromkeys(boxes, in_use)
 
     held, caps = _gpu_budget(session, max_gpus_per_user)
     placements: list[Placement] = []
-    for job in session.scalars(queued_order(select(Job).where(Job.cancel_requested.is_(False)))):
+    for job in iter_queued(session):
         if job.gpus > largest:
             continue  # can never run on the boxes there are; do not block the queue behind it
         cap = caps.get(job.owner, max_gpus_per_user)
@@ -188,6 +193,32 @@ def queued_order(query: Any) -> Any:
     return query.where(Job.state == JobState.QUEUED.value).order_by(
         Job.priority.desc(), Job.created_at.asc(), Job.id.asc()
     )
+
+
+def iter_queued(session: Session, *, first_page: int = 4, max_page: int = 256) -> Iterator[Job]:
+    """Queued jobs not being cancelled, in scheduling order, read a page at a time (keyset; pages double
+    from `first_page`): a pass that stops at a head that does not fit reads a few rows, however long the queue."""
+    after: tuple[int, Any, str] | None = None
+    page = first_page
+    while True:
+        query = queued_order(select(Job).where(Job.cancel_requested.is_(False))).limit(page)
+        if after is not None:
+            priority, created, job_id = after
+            query = query.where(
+                or_(
+                    Job.priority < priority,
+                    and_(
+                        Job.priority == priority,
+                        or_(Job.created_at > created, and_(Job.created_at == created, Job.id > job_id)),
+                    ),
+                )
+            )
+        rows = session.scalars(query).all()
+        yield from rows
+        if len(rows) < page:
+            return
+        after = (rows[-1].priority, rows[-1].created_at, rows[-1].id)
+        page = min(2 * page, max_page)
 
 
 def free_gpus(session: Session, job_id: str) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from core.models import ApiToken, User, utcnow
 from core.settings import Settings
@@ -248,7 +248,8 @@ def authenticate(session: Session, token: str, settings: Settings) -> Principal 
     if match is None:
         return None
     token_id, secret = match.groups()
-    row = session.scalar(select(ApiToken).options(selectinload(ApiToken.user)).where(ApiToken.id == token_id))
+    # One indexed look-up (primary key, the user joined): no cache, so a revocation holds at the next request.
+    row = session.scalar(select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.id == token_id))
     if row is None:
         hmac.compare_digest(hash_secret(secret), "0" * 64)  # the same work as a known id
         return None

@@ -7,15 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.artifacts import list_artifacts
 from api.deps import CurrentUser, DispatchDep, JobDep, SessionDep, SettingsDep
 from api.errors import documented
 from api.limits import check_disk_quota, check_queue_limit, check_submit_rate
-from api.schemas import Artifacts, JobPage, JobRead, JobSummary, MetricPage, ValidateResult
+from api.schemas import JobPage, JobRead, JobSummary, MetricPage, ValidateResult, artifacts_link
 from api.validation import admit, dry_run, schedule_options, with_defaults
 from core import jobs as service
-from core.eta import start_etas
-from core.scheduler import queue_positions, schedule
+from core.scheduler import schedule
 from core.states import JobState
 from trainer.spec import DEFAULT_MAX_RUNTIME_S, JobSpec
 
@@ -23,19 +21,20 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def read_job(request: Request, job_id: str, session: SessionDep) -> JobRead:
+def read_job(request: Request, job_id: str, session: SessionDep, *, fresh: bool = False) -> JobRead:
+    """The job as GET /jobs/{id} shows it: one row (queue position and ETA are stored on it), no disk walk.
+
+    `fresh`: read the row again (after a scheduling pass in this session wrote its position)."""
     job = service.get_job(session, job_id)
-    positions = queue_positions(session) if job.state == JobState.QUEUED else {}
-    run_dir = request.app.state.settings.run_dir(job.id)
+    if fresh:
+        session.refresh(job)
     return JobRead.of(
         job,
-        positions,
-        start_eta_s=start_etas(session).get(job.id) if job.state == JobState.QUEUED else None,
         spec=job.spec,
         max_attempts=job.max_attempts,
         cancel_requested=job.cancel_requested,
         master_port=job.master_port,
-        artifacts=Artifacts.model_validate(list_artifacts(run_dir)),
+        artifacts=artifacts_link(job.id),
     )
 
 
@@ -112,7 +111,7 @@ def submit_job(
             log.exception("scheduling after submit of %s failed", submitted.job.id)
     else:
         response.headers["Idempotent-Replayed"] = "true"
-    return read_job(request, submitted.job.id, session)
+    return read_job(request, submitted.job.id, session, fresh=True)
 
 
 @router.post(
@@ -146,8 +145,7 @@ def list_jobs(
             return JobPage(data=[], next_cursor=None)
         owner = user.name
     page, next_cursor = service.list_jobs(session, states=state, owner=owner, limit=limit, cursor=cursor)
-    positions = queue_positions(session) if any(j.state == JobState.QUEUED for j in page) else {}
-    return JobPage(data=[JobSummary.of(j, positions) for j in page], next_cursor=next_cursor)
+    return JobPage(data=[JobSummary.of(j) for j in page], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobRead, responses=documented(404))

@@ -18,8 +18,8 @@ from api.dashboard import DASHBOARD_HTML
 from api.deps import BearerDep, CurrentUser, SessionDep, current_user
 from api.errors import documented
 from api.schemas import BoxRead, GpuRead, GpuView, QueueEntry, QueueView
-from core.eta import start_etas
 from core.models import Box, Job
+from core.queue import start_eta_s
 from core.scheduler import queued_order
 from core.states import ACTIVE_STATES
 from core.users import Principal
@@ -66,7 +66,6 @@ def queue(session: SessionDep, user: CurrentUser) -> QueueView:
     active = [s.value for s in ACTIVE_STATES]
     running = session.scalars(select(Job).where(Job.state.in_(active)).order_by(Job.started_at, Job.created_at)).all()
     waiting = session.scalars(queued_order(select(Job))).all()
-    etas = start_etas(session) if waiting else {}
     data = []
     for position, job in [(None, j) for j in running] + list(enumerate(waiting, 1)):
         data.append(
@@ -75,7 +74,7 @@ def queue(session: SessionDep, user: CurrentUser) -> QueueView:
                 gpus=job.gpus,
                 priority=job.priority,
                 queue_position=position,
-                start_eta_s=etas.get(job.id),
+                start_eta_s=start_eta_s(job),
                 box=job.box,
                 gpu_ids=job.gpu_ids,
                 created_at=job.created_at,

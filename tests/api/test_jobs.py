@@ -41,7 +41,7 @@ def test_submit_queues_job_without_boxes(client, dispatched):
         "fraction": None,
         "eta_s": None,
     }
-    assert job["artifacts"] == {"model": [], "checkpoints": []}
+    assert job["artifacts"] == {"href": f"/jobs/{job['id']}/artifacts"}
     assert dispatched.calls == []
 
 
