@@ -432,6 +432,7 @@ def run_one(queued: int, args: argparse.Namespace) -> list[tuple[str, list[dict[
                 if spy is not None:
                     spy.wait(60)
                 if label.startswith("POST"):
+                    time.sleep(2)  # requests wrk gave up on at the end may still be committing
                     delete_posted(url)
                 results[label][0].append(b)
                 results[label][1].append(t)
