@@ -117,7 +117,6 @@ class JobRead(JobSummary):
     spec: dict[str, Any]
     max_attempts: int
     cancel_requested: bool
-    master_port: int | None
     artifacts: ArtifactsLink | None = Field(
         None, description="where the artifacts are listed (GET /jobs/{id}/artifacts); disk_bytes gives their size"
     )

@@ -327,4 +327,4 @@ def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal
 
 def schedule_options(settings: Settings) -> dict[str, Any]:
     """The keyword arguments the API passes to core.scheduler.schedule."""
-    return {"ports": settings.ports, "box_ttl_s": settings.box_ttl_s, "max_gpus_per_user": settings.max_gpus_per_user}
+    return {"box_ttl_s": settings.box_ttl_s, "max_gpus_per_user": settings.max_gpus_per_user}

@@ -49,7 +49,6 @@ class Placement:
     box: str
     queue: str
     gpu_ids: list[int]
-    master_port: int
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,6 @@ def schedule(
     dispatch: Dispatch | None,
     *,
     box_ttl_s: float | None = None,
-    ports: range | None = None,
     max_gpus_per_user: int | None | _Unset = _UNSET,
 ) -> list[Placement]:
     """Place what fits, commit, then call dispatch(job_id, attempt, queue) for each placement.
@@ -84,12 +82,11 @@ def schedule(
     owner would hold more GPUs at once waits, without blocking other users' jobs behind it.
     A failing dispatch is logged; the job stays `starting` and the sweep re-sends it.
     """
-    ports = ports or get_settings().ports
     if isinstance(max_gpus_per_user, _Unset):
         max_gpus_per_user = get_settings().max_gpus_per_user
     begin_locked(session)
     try:
-        placements = _place(session, box_ttl_s=box_ttl_s, ports=ports, max_gpus_per_user=max_gpus_per_user)
+        placements = _place(session, box_ttl_s=box_ttl_s, max_gpus_per_user=max_gpus_per_user)
         from core.queue import refresh  # core.queue reads the order from this module
 
         refresh(session, placed=bool(placements))  # stored positions and start ETAs: reads never walk the queue
@@ -122,9 +119,7 @@ def _gpu_budget(session: Session, default: int | None) -> tuple[dict[str, int], 
     return {k: int(v or 0) for k, v in held.items()}, {k: default if v is None else v for k, v in caps.items()}
 
 
-def _place(
-    session: Session, *, box_ttl_s: float | None, ports: range, max_gpus_per_user: int | None
-) -> list[Placement]:
+def _place(session: Session, *, box_ttl_s: float | None, max_gpus_per_user: int | None) -> list[Placement]:
     boxes_q = select(Box).order_by(Box.name)
     if box_ttl_s is not None:
         boxes_q = boxes_q.where(Box.heartbeat_at >= utcnow() - timedelta(seconds=box_ttl_s))
@@ -140,9 +135,6 @@ def _place(
     largest = max(size.values())
     if not any(free.values()):
         return []  # every GPU is held: nothing can be placed, whatever waits
-    # One set for every box: boxes may share a host (and its ports), and 500 ports are plenty for all.
-    in_use = set(session.scalars(select(Job.master_port).where(Job.master_port.is_not(None))))
-    used_ports: dict[str, set[int]] = dict.fromkeys(boxes, in_use)
 
     held, caps = _gpu_budget(session, max_gpus_per_user)
     placements: list[Placement] = []
@@ -156,21 +148,16 @@ def _place(
         if not fitting:
             break  # the head waits for GPUs; everything behind it waits too
         box = min(fitting, key=lambda name: (len(free[name]), name))
-        port = next((p for p in ports if p not in used_ports[box]), None)
-        if port is None:
-            log.warning("box %s has no free rendezvous port in %s; job %s waits", box, ports, job.id)
-            break
         gpu_ids = free[box][: job.gpus]
-        if not _claim(session, job, box, gpu_ids, port):
+        if not _claim(session, job, box, gpu_ids):
             continue
         free[box] = free[box][job.gpus :]
-        used_ports[box].add(port)
         held[job.owner] = held.get(job.owner, 0) + job.gpus
-        placements.append(Placement(job.id, job.attempt, box, boxes[box].queue, gpu_ids, port))
+        placements.append(Placement(job.id, job.attempt, box, boxes[box].queue, gpu_ids))
     return placements
 
 
-def _claim(session: Session, job: Job, box: str, gpu_ids: list[int], port: int) -> bool:
+def _claim(session: Session, job: Job, box: str, gpu_ids: list[int]) -> bool:
     """Take the GPUs and move the job to `starting`, or change nothing (savepoint)."""
     with session.begin_nested() as nested:
         taken = session.execute(
@@ -179,9 +166,7 @@ def _claim(session: Session, job: Job, box: str, gpu_ids: list[int], port: int) 
             .values(job_id=job.id)
             .execution_options(synchronize_session=False)
         ).rowcount
-        if taken != len(gpu_ids) or not lifecycle.place(
-            session, job.id, attempt=job.attempt, box=box, gpu_ids=gpu_ids, master_port=port
-        ):
+        if taken != len(gpu_ids) or not lifecycle.place(session, job.id, attempt=job.attempt, box=box, gpu_ids=gpu_ids):
             nested.rollback()
             log.info("job %s changed while being placed; skipped", job.id)
             return False
@@ -222,14 +207,10 @@ def iter_queued(session: Session, *, first_page: int = 4, max_page: int = 256) -
 
 
 def free_gpus(session: Session, job_id: str) -> int:
-    """Release the job's GPUs and rendezvous port (call only once its processes are gone). Does not commit."""
-    freed = session.execute(
+    """Release the job's GPUs (call only once its processes are gone). Does not commit."""
+    return session.execute(
         update(Gpu).where(Gpu.job_id == job_id).values(job_id=None).execution_options(synchronize_session=False)
     ).rowcount
-    session.execute(
-        update(Job).where(Job.id == job_id).values(master_port=None).execution_options(synchronize_session=False)
-    )
-    return freed
 
 
 def register_box(session: Session, name: str, gpus: Sequence[GpuInfo | dict[str, Any]]) -> Box:

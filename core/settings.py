@@ -42,9 +42,6 @@ class Settings(BaseSettings):
         None, description="DeepSpeed's JIT-built ops (TORCH_EXTENSIONS_DIR); default data_dir/torch_extensions"
     )
 
-    port_base: int = Field(29500, ge=1024, le=65000, description="first rendezvous (master) port")
-    port_count: int = Field(500, ge=1, le=10000, description="rendezvous ports per box")
-
     # Limits per user; each can be overridden per user by an admin (`trainbox-admin users set`).
     max_gpus_per_user: int | None = Field(None, ge=1, description="GPUs one user's jobs hold at once; None: no cap")
     max_queued_per_user: int = Field(50, ge=1, description="jobs one user may have waiting in the queue")
@@ -103,14 +100,7 @@ class Settings(BaseSettings):
                 f"lease_s ({self.lease_s}) must be at least twice heartbeat_s ({self.heartbeat_s}), "
                 "or one late heartbeat would expire a healthy job"
             )
-        if self.port_base + self.port_count > 65536:
-            raise ValueError("port_base + port_count must stay below 65536")
         return self
-
-    @property
-    def ports(self) -> range:
-        """Rendezvous ports the scheduler hands out on each box."""
-        return range(self.port_base, self.port_base + self.port_count)
 
     @property
     def extensions_dir(self) -> Path:

@@ -33,7 +33,6 @@ def read_job(request: Request, job_id: str, session: SessionDep, *, fresh: bool 
         spec=job.spec,
         max_attempts=job.max_attempts,
         cancel_requested=job.cancel_requested,
-        master_port=job.master_port,
         artifacts=artifacts_link(job.id),
     )
 

@@ -68,8 +68,6 @@ def api_env(request, tmp_path_factory, redis) -> Iterator[tuple[Settings, Dispat
             database_url=url,
             redis_url=REDIS_URL,
             sse_block_ms=100,
-            port_base=31000,
-            port_count=50,
             submit_rate_per_minute=10000,  # the rate limit's own test lowers it per user
             max_upload_bytes=256 * 1024,
         )

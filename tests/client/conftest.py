@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +30,4 @@ def user_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["COLUMNS"] = "120"
     env["HOME"] = str(tmp_path / "home")
-    # The one setting: rendezvous ports away from 29500, which other test runs on the machine use.
-    env["TRAINBOX_PORT_BASE"] = str(random.randrange(41000, 49000, 100))
     return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,8 +81,6 @@ def db(request, tmp_path, monkeypatch, redis) -> Iterator[str]:
         monkeypatch.setenv("TRAINBOX_REDIS_URL", RELAY_REDIS_URL)
         monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
         monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
-        # Rendezvous ports away from the usual 29500, which other programs on the machine may hold.
-        monkeypatch.setenv("TRAINBOX_PORT_BASE", str(random.randrange(41000, 49000, 100)))
         get_settings.cache_clear()
         with session_scope() as s:
             register_box(s, BOX, [GpuInfo(0, "cpu-slot"), GpuInfo(1, "cpu-slot")])
@@ -142,7 +139,6 @@ def start_stack(data_dir: Path, redis_url: str, **settings: str) -> Any:
         "TRAINBOX_DATABASE_URL": f"sqlite:///{data_dir / 'trainbox.db'}", "TRAINBOX_BOX_NAME": "e2e-box",
         "TRAINBOX_CPU_SLOTS": "2", "TRAINBOX_SWEEP_INTERVAL_S": "1", "TRAINBOX_HEARTBEAT_S": "1",
         "TRAINBOX_LEASE_S": "10", "TRAINBOX_CANCEL_GRACE_S": "20",
-        "TRAINBOX_PORT_BASE": str(random.randrange(41000, 49000, 100)),
     }  # fmt: skip
     env.update({f"TRAINBOX_{k.upper()}": v for k, v in settings.items()})
     s = Stack(data_dir=data_dir, port=free_port(), redis_url=redis_url, extra_env=env)

@@ -43,7 +43,7 @@ def _starts(run_dir: Path) -> int:
 def test_two_boxes_and_priorities(tmp_path: Path) -> None:
     stack = start_stack(tmp_path, REDIS_URL, box_name=BOX_A, cpu_slots="1", cancel_grace_s="5")
     try:
-        # Same settings but the box: the rendezvous ports of the two boxes share this host's.
+        # Same settings but the box: two boxes on one host.
         stack.extra_env.update(TRAINBOX_BOX_NAME=BOX_B, TRAINBOX_CPU_SLOTS="2")
         stack._spawn("worker-b", [sys.executable, "-m", "worker"], stop_timeout_s=40.0)
         api = Client(stack.url, stack.token())

@@ -20,8 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_training_survives_a_redis_restart(tmp_path) -> None:
-    env = {"TRAINBOX_DATABASE_URL": f"sqlite:///{tmp_path / 'trainbox.db'}", "TRAINBOX_CPU_SLOTS": "2",
-           "TRAINBOX_PORT_BASE": str(free_port())}  # fmt: skip
+    env = {"TRAINBOX_DATABASE_URL": f"sqlite:///{tmp_path / 'trainbox.db'}", "TRAINBOX_CPU_SLOTS": "2"}
     write_corpus(tmp_path / "data" / "corpus.jsonl")
     stack = Stack(data_dir=tmp_path, port=free_port(), extra_env=env)  # its own Redis, as `trainbox up`
     stack.start(on_step=lambda _: None)
