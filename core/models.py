@@ -24,7 +24,6 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
-    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -86,7 +85,6 @@ class Job(Base):
     # Placement, set by the scheduler when the job leaves `queued`.
     box: Mapped[str | None] = mapped_column(String(64))
     gpu_ids: Mapped[list[int] | None] = mapped_column(JsonType)
-    master_port: Mapped[int | None] = mapped_column(Integer)
 
     # Attempts and the lease of the supervisor running the current attempt.
     attempt: Mapped[int] = mapped_column(Integer, default=1)
@@ -127,15 +125,6 @@ class Job(Base):
         Index("ix_jobs_owner_state", "owner", "state"),
         Index("ix_jobs_owner_created_id", "owner", "created_at", "id"),
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
-        # A rendezvous port belongs to one live job per box; freeing the GPUs clears the port.
-        Index(
-            "uq_jobs_box_master_port",
-            "box",
-            "master_port",
-            unique=True,
-            sqlite_where=text("master_port IS NOT NULL"),
-            postgresql_where=text("master_port IS NOT NULL"),
-        ),
     )
 
 

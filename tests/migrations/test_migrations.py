@@ -174,3 +174,40 @@ def test_0004_down_keeps_users_their_tokens_and_uploads(backend, tmp_path):
             upgrade(url)
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0007_drops_master_port_and_its_index_keeping_jobs_and_their_metrics(backend, tmp_path):
+    """The scheduler no longer hands out rendezvous ports: jobs.master_port and its unique index go;
+    on the way down both come back (the column empty) and no row is lost either way."""
+    from sqlalchemy import text
+
+    def port_index(conn) -> list[str]:
+        return [i["name"] for i in inspect(conn).get_indexes("jobs") if "master_port" in i["column_names"]]
+
+    with fresh_database(backend, tmp_path) as url:
+        upgrade(url, "0006")
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(
+                    "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
+                    "cancel_requested, created_at, updated_at, box, master_port) VALUES ('j1', 'old', 'ann', "
+                    "'running', '{}', 1, 0, 1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00', 'b', 29500)"
+                ))  # fmt: skip
+                conn.execute(text("INSERT INTO job_metrics (job_id, attempt, step, time) VALUES ('j1', 1, 1, 1.0)"))
+                assert port_index(conn) == ["uq_jobs_box_master_port"]
+            upgrade(url, "0007")
+            with engine.connect() as conn:
+                assert "master_port" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+                assert port_index(conn) == []
+                assert conn.execute(text("SELECT box FROM jobs")).scalar_one() == "b"
+                assert conn.execute(text("SELECT count(*) FROM job_metrics")).scalar_one() == 1
+            downgrade(url, "0006")
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT master_port FROM jobs")).scalar_one() is None
+                assert port_index(conn) == ["uq_jobs_box_master_port"]
+                assert conn.execute(text("SELECT count(*) FROM job_metrics")).scalar_one() == 1
+            upgrade(url)
+        finally:
+            engine.dispose()
