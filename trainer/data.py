@@ -8,9 +8,11 @@ would have seen, on every rank, without saving any sampler state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,40 +189,108 @@ class Prepared:
     train: tuple[np.ndarray, np.ndarray]  # tokens, mask (memory-mapped)
     val: tuple[np.ndarray, np.ndarray] | None
     stats: dict[str, Any]
+    built: bool = False  # this call tokenized (else the cache had it)
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes: the same data under another name or path shares a cache entry."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _identity(info: DatasetInfo) -> str:
-    st = info.path.stat()
-    return f"{info.path}|{st.st_size}|{st.st_mtime_ns}|{info.format}"
+    return f"{content_hash(info.path)}|{info.format}"
 
 
 def cache_key(train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions) -> str:
-    """The files' identity and every option that changes the blocks."""
+    """The files' contents and every option that changes the blocks (tokenizer, template, masking, seq_len, split)."""
     raw = json.dumps([_identity(train), _identity(val) if val else None, asdict(opts)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+STALE_TMP_S = 86400  # a temp file this old belongs to a build that died
+IN_USE_S = 600  # an entry used this recently may be about to be opened by another job's ranks: kept
+
+
+def evict(cache_dir: Path, max_bytes: int, keep: str) -> list[str]:
+    """Delete the least recently used entries until the cache holds at most max_bytes (never `keep`,
+    the entry just used); returns the keys deleted. An entry's last use is its stats file's mtime
+    (prepare touches it); a job still reading a deleted entry keeps its open memory maps."""
+    entries: dict[str, list[Path]] = {}
+    now = time.time()
+    for f in cache_dir.iterdir() if cache_dir.is_dir() else []:
+        if not f.name.startswith("data-"):
+            continue
+        if ".tmp" in f.name:
+            with contextlib.suppress(OSError):
+                if now - f.stat().st_mtime > STALE_TMP_S:
+                    f.unlink()
+            continue
+        entries.setdefault(f.name.removeprefix("data-").split(".")[0], []).append(f)
+
+    def size(files: list[Path]) -> int:
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    def used(key: str) -> float:
+        stats = cache_dir / f"data-{key}.json"
+        return stats.stat().st_mtime if stats.exists() else 0.0
+
+    total = sum(size(files) for files in entries.values())
+    deleted = []
+    for key in sorted(entries, key=used):
+        if total <= max_bytes:
+            break
+        if key == keep or now - used(key) < IN_USE_S:
+            continue
+        total -= size(entries[key])
+        for f in sorted(entries[key], key=lambda f: not f.name.endswith(".json")):  # stats first: incomplete
+            f.unlink(missing_ok=True)
+        deleted.append(key)
+    return deleted
+
+
 def prepare(
-    train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions, enc: Encoder, cache_dir: Path, *, build: bool
+    train: DatasetInfo,
+    val: DatasetInfo | None,
+    opts: DataOptions,
+    enc: Encoder,
+    cache_dir: Path,
+    *,
+    build: bool,
+    key: str | None = None,
+    max_bytes: int | None = None,
 ) -> Prepared:
     """Tokenize and pack once into cache_dir (`build`: rank 0; the others read what it wrote).
 
     Files are written under temporary names and renamed; the stats file, renamed last, marks a
-    complete entry, so a resumed run reuses it and a crash mid-way leaves nothing half-read."""
+    complete entry, so a resumed run or another job on the same data reuses it, a crash mid-way
+    leaves nothing half-read, and two jobs building one entry at once write the same bytes (the last
+    rename wins). `max_bytes`: the builder then evicts least recently used entries beyond it."""
+    key = key or cache_key(train, val, opts)
     try:
-        return _prepare(train, val, opts, enc, cache_dir, build=build)
+        data = _prepare(train, val, opts, enc, cache_dir, build=build, key=key)
     except TemplateError as e:  # the job's data cannot be masked with this tokenizer: `invalid`
         raise SpecError(str(e), "dataset") from None
+    if build:
+        with contextlib.suppress(OSError):  # another job evicted it meanwhile: this job has it open
+            os.utime(cache_dir / f"data-{key}.json")
+        if max_bytes is not None:
+            evict(cache_dir, max_bytes, keep=key)
+    return data
 
 
 def _prepare(
-    train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions, enc: Encoder, cache_dir: Path, *, build: bool
+    train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions, enc: Encoder, cache_dir: Path, *, build: bool,
+    key: str,
 ) -> Prepared:
-    key = cache_key(train, val, opts)
     base = cache_dir / f"data-{key}"
     names = {part: Path(f"{base}.{part}.npy") for part in ("train", "train-mask", "val", "val-mask")}
     stats_file = Path(f"{base}.json")
-    if build and not stats_file.exists():
+    built = build and not stats_file.exists()
+    if built:
         cache_dir.mkdir(parents=True, exist_ok=True)
         items = list(read_items(train, opts.text_field))
         stats_t = DataStats(opts.format, records=len(items))
@@ -255,7 +325,8 @@ def _prepare(
         return np.load(names[part], mmap_mode="r")
 
     has_val = stats["validation"] is not None
-    return Prepared((load("train"), load("train-mask")), (load("val"), load("val-mask")) if has_val else None, stats)
+    val = (load("val"), load("val-mask")) if has_val else None
+    return Prepared((load("train"), load("train-mask")), val, stats, built)
 
 
 @dataclass

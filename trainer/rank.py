@@ -11,6 +11,7 @@ import re
 import resource
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,27 @@ def _setup_device() -> tuple[Any, bool]:
     return torch.device("cpu"), False
 
 
+TOKEN_CACHE_DIR = ".cache/tokens"  # under the data root: shared by every job on the same data
+DEFAULT_TOKEN_CACHE_BYTES = 50 * 10**9
+
+
+def token_cache(data_root: Path, run_dir: Path) -> tuple[Path, int | None]:
+    """Where tokenized data is cached, and its size bound: under the data root, shared by jobs
+    (TRAINBOX_TOKEN_CACHE_BYTES, default 50 GB, least recently used entries evicted beyond it); in the
+    run dir, unbounded, when the data root is not writable or TRAINBOX_TOKEN_CACHE_BYTES is 0."""
+    limit = int(os.environ.get("TRAINBOX_TOKEN_CACHE_BYTES", DEFAULT_TOKEN_CACHE_BYTES))
+    shared = data_root / TOKEN_CACHE_DIR
+    try:
+        if limit <= 0:
+            raise PermissionError("the shared token cache is off")
+        shared.mkdir(parents=True, exist_ok=True)
+        if not os.access(shared, os.W_OK):
+            raise PermissionError(str(shared))
+    except OSError:
+        return run_dir / "data", None
+    return shared, limit
+
+
 def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     import deepspeed
     import torch
@@ -52,7 +74,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
 
     from trainer import checkpoint
     from trainer import model as models
-    from trainer.data import DataOptions, PackedBatches, prepare
+    from trainer.data import DataOptions, PackedBatches, cache_key, prepare
     from trainer.dsconfig import build_ds_config, optimizer_summary, resolve_precision, total_steps
     from trainer.evaluate import EvalBlocks
     from trainer.hardware import peak_flops
@@ -79,11 +101,15 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
         seq_len=spec.seq_len, split=spec.validation_split, seed=spec.seed,
         tokenizer=models.tokenizer_id(source, tokenizer), template=models.template_id(tokenizer),
     )  # fmt: skip
+    cache_dir, cache_max = token_cache(Path(args.data_root), run_dir)
+    key = cache_key(info, val_info, opts)
     if rank == 0:
         checkpoint.remove_partial(run_dir)
-        prepare(info, val_info, opts, enc, run_dir / "data", build=True)
+        t0 = time.perf_counter()
+        built = prepare(info, val_info, opts, enc, cache_dir, build=True, key=key, max_bytes=cache_max).built
+        print(f"data: {'tokenized' if built else 'cached'} data-{key} in {time.perf_counter() - t0:.2f}s", flush=True)
     dist.barrier()  # rank 0 tokenized; the others map the same files
-    data = prepare(info, val_info, opts, enc, run_dir / "data", build=False)
+    data = prepare(info, val_info, opts, enc, cache_dir, build=False, key=key)
     batches = PackedBatches(data.train[0], spec.seq_len, spec.batch, rank, spec.seed, mask=data.train[1])
     steps = total_steps(spec, batches.steps_per_epoch)
     evals = None
@@ -131,7 +157,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
             train_batch_size=plan.train, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
             resumed_from_step=resumed, precision=precision, notes=notes, n_params=n_params,
             device=device_name, seq_len=spec.seq_len, dataset_tokens=int(len(batches.tokens)),
-            data=data.stats, eval_every=loop.eval_every,
+            data=data.stats | {"cache": str(cache_dir / f"data-{key}")}, eval_every=loop.eval_every,
             optimizer=opt, deepspeed_config=ds_config, checkpoint_estimate_bytes=ckpt_bytes,
         )
     code = loop.run()

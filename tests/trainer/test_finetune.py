@@ -80,8 +80,9 @@ def assert_best_exported(run_dir: Path, evs: list[dict[str, Any]]) -> None:
     best = min(evals, key=evals.__getitem__)
     assert list(evals) == list(range(5, 55, 5)) and best < 50 and evals[50] > evals[best] + 1, evals
     assert evs[-1]["model_step"] == best and (run_dir / "checkpoints" / f"step-{best}").is_dir()
-    ids = torch.from_numpy(np.load(next((run_dir / "data").glob("*.val.npy"))).astype(np.int64)).view(-1, 128)
-    mask = torch.from_numpy(np.load(next((run_dir / "data").glob("*.val-mask.npy")))).view(-1, 128)
+    cache = evs[0]["data"]["cache"]  # the shared token cache under the data root
+    ids = torch.from_numpy(np.load(f"{cache}.val.npy").astype(np.int64)).view(-1, 128)
+    mask = torch.from_numpy(np.load(f"{cache}.val-mask.npy")).view(-1, 128)
     labels = torch.where(mask == 2, ids, -100)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", local_files_only=True)
     with torch.no_grad():

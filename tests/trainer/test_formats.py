@@ -226,10 +226,10 @@ def test_prepared_data_is_cached_and_split_by_the_seed(tmp_path: Path) -> None:
     data = prepare(info, None, opts, ENC, tmp_path / "cache", build=True)
     assert data.stats["train"]["records"] == 15 and data.stats["validation"]["records"] == 5
     assert data.stats["validation"]["source"] == "split" and data.val is not None
-    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")}
     again = prepare(info, None, opts, ENC, tmp_path / "cache", build=True)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == files
-    assert np.array_equal(again.train[0], data.train[0])
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files  # not rebuilt
+    assert np.array_equal(again.train[0], data.train[0]) and data.built and not again.built
     prepare(info, None, DataOptions(**{**opts.__dict__, "train_all": True}), ENC, tmp_path / "cache", build=True)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2  # masking options are part of the key
 
@@ -266,3 +266,50 @@ def test_spec_validation_options(extra: dict[str, Any], expected: str) -> None:
     with pytest.raises(ValidationError, match=expected):
         JobSpec.model_validate({"name": "j", "model": "preset:tiny", "dataset": {"path": "d"}, **extra})
     assert PAD == 0
+
+
+def test_the_cache_key_follows_the_content_not_the_path(tmp_path: Path) -> None:
+    from trainer.data import cache_key
+
+    opts = DataOptions(format="chat", text_field="text", val_text_field="text", train_all=False, overlong="drop",
+                       seq_len=64, split=0.0, seed=1, tokenizer="t", template="x")  # fmt: skip
+    a = inspect_dataset(write_jsonl(tmp_path / "a.jsonl", [CHAT]), DatasetRef(path="a.jsonl"))
+    b = inspect_dataset(write_jsonl(tmp_path / "b.jsonl", [CHAT]), DatasetRef(path="b.jsonl"))
+    assert cache_key(a, None, opts) == cache_key(b, None, opts)
+    write_jsonl(tmp_path / "b.jsonl", [CHAT, CHAT])
+    assert cache_key(a, None, opts) != cache_key(b, None, opts)
+    assert cache_key(a, None, opts) != cache_key(a, None, DataOptions(**{**opts.__dict__, "seq_len": 128}))
+
+
+def test_the_cache_evicts_least_recently_used_entries_beyond_its_bound(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from trainer.data import evict
+
+    now = time.time()
+    for key, age in (("old", 9000), ("older", 9999), ("recent", 60), ("mine", 9999)):
+        for part in ("train.npy", "train-mask.npy", "json"):
+            f = tmp_path / f"data-{key}.{part}"
+            f.write_bytes(b"x" * 100)
+            os.utime(f, (now - age, now - age))
+    stale = tmp_path / "data-dead.train.tmp123.npy"
+    stale.write_bytes(b"x")
+    os.utime(stale, (now - 2 * 86400, now - 2 * 86400))
+    # 1200 bytes held, 650 allowed: the least recently used go first; the entry in use ("mine") and
+    # one used in the last 10 minutes (another job may be opening it) stay.
+    assert evict(tmp_path, 650, keep="mine") == ["older", "old"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(f"data-{k}.{p}" for k in ("recent", "mine") for p in ("train.npy", "train-mask.npy", "json"))
+
+
+def test_the_token_cache_is_shared_under_the_data_root_unless_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.rank import DEFAULT_TOKEN_CACHE_BYTES, token_cache
+
+    monkeypatch.delenv("TRAINBOX_TOKEN_CACHE_BYTES", raising=False)
+    shared = tmp_path / "data/.cache/tokens"
+    assert token_cache(tmp_path / "data", tmp_path / "run") == (shared, DEFAULT_TOKEN_CACHE_BYTES)
+    monkeypatch.setenv("TRAINBOX_TOKEN_CACHE_BYTES", "0")
+    assert token_cache(tmp_path / "data", tmp_path / "run") == (tmp_path / "run/data", None)
