@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from core.models import Job
 from core.progress import LATEST_FIELDS, progress_of
 from core.queue import queue_position, start_eta_s
+from trainer.events import ErrorType
 
 
 class Progress(BaseModel):
@@ -52,8 +53,9 @@ class JobSummary(BaseModel):
     progress: Progress
     latest: Latest | None
     error: dict[str, Any] | None = Field(
-        description="a failed job's {type, message, log_tail, exit_code}; type in invalid, launch_error, "
-        "train_error, oom, disk (a checkpoint did not fit on the runs' disk), lost, timeout"
+        description="a failed job's {type, message, log_tail, exit_code}; type in "
+        + ", ".join(ErrorType)
+        + " (disk: a checkpoint did not fit on the runs' disk)"
     )
     disk_bytes: int | None = Field(
         None, description="bytes its run directory takes, as the worker last measured (after each checkpoint, "

@@ -39,7 +39,6 @@ class FollowView:
         self.last_step: dict[str, Any] | None = None
         self.first_loss: float | None = None
         self.end: dict[str, Any] | None = None
-        self.steps_seen = 0
         total = (job.get("progress") or {}).get("total_steps")
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -71,7 +70,6 @@ class FollowView:
             resumed = data.get("resumed_from_step") or 0
             self.progress.update(self.task, total=data["total_steps"], completed=resumed)
         elif event_type == "step":
-            self.steps_seen += 1
             self.last_step = data
             if self.first_loss is None and isinstance(data.get("loss"), int | float):
                 self.first_loss = float(data["loss"])

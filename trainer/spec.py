@@ -120,7 +120,6 @@ MODEL_DIR_PATTERN = _path_pattern(":")
 PRESET_PATTERN = "^preset:(?:" + "|".join(p.replace(".", "\\.") for p in PRESETS) + ")$"
 MODEL_PATTERN = f"{PRESET_PATTERN}|{MODEL_DIR_PATTERN}"
 _NAME_RE = re.compile(NAME_PATTERN.removeprefix("^").removesuffix("$"))
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class _Strict(BaseModel):
@@ -500,10 +499,6 @@ class JobSpec(_Strict):
             micro=given(ds.train_micro_batch_size_per_gpu),
             accum=given(ds.gradient_accumulation_steps),
         )
-
-    @property
-    def is_hub_id(self) -> bool:
-        return not self.model.startswith("preset:") and bool(_HUB_ID.fullmatch(self.model))
 
 
 _UNION_TAGS = {"bool", "int", "float", "str", "none"}
