@@ -36,7 +36,7 @@ spec = importlib.util.spec_from_file_location("old_launch", sys.argv[1])
 old = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(old)
 args = argparse.Namespace(spec=sys.argv[2], run_dir=sys.argv[3], model_root=sys.argv[4], data_root=sys.argv[4],
-                          master_port=0, die_with_parent=False, no_save=True)
+                          master_port=0, no_save=True)
 sys.exit(old.Launcher(args).run())
 """
 

@@ -24,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     _common(run)
     run.add_argument("--stop-grace", type=float, default=STOP_GRACE_S,
                      help="seconds ranks get to checkpoint and exit after SIGTERM before SIGKILL")  # fmt: skip
-    run.add_argument("--die-with-parent", action="store_true", help="exit when the calling process dies")
     rank = sub.add_parser("rank", help="one rank (started by `run`)")
     _common(rank)
     bench = sub.add_parser("bench", help="throughput and memory over batch sizes, warm-up excluded")

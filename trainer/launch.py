@@ -198,8 +198,6 @@ class Launcher:
 
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.args.die_with_parent:
-            set_pdeathsig(signal.SIGKILL)
         try:
             spec = self._precheck()
         except (ValidationError, SpecError, ValueError) as e:

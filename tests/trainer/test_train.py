@@ -281,7 +281,7 @@ def test_a_stop_before_every_rank_started_starts_no_more(when: str, data_root: P
     spec_file.write_text(json.dumps(tiny_spec(max_steps=2, checkpoint_every=0)))
     run_dir = tmp_path / "run"
     args = argparse.Namespace(spec=str(spec_file), run_dir=str(run_dir), model_root=str(data_root),
-                              data_root=str(data_root), stop_grace=30, die_with_parent=False, no_save=True)  # fmt: skip
+                              data_root=str(data_root), stop_grace=30, no_save=True)  # fmt: skip
 
     def sigterm() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # taken by the launcher's handler, as the worker's would be
