@@ -22,7 +22,7 @@ class TokenCreate(BaseModel):
 
     name: str = Field("default", min_length=1, max_length=100, pattern=f"^{service.TOKEN_NAME.pattern}$")
     expires_in_days: float | None = Field(
-        None, ge=0.001, le=3650, description="none: until revoked; never later than the token making it"
+        None, strict=True, ge=0.001, le=3650, description="none: until revoked; never later than the token making it"
     )
 
     @field_validator("name")

@@ -60,3 +60,12 @@ def test_names_with_a_trailing_newline_are_422(client, name):
     only_error(client.post("/tokens", json={"name": name}, headers=ann), 422)
     only_error(client.patch("/users/ann%0A", json={"max_gpus": 1}), 422)
     assert [t["name"] for t in client.get("/tokens", headers=ann).json()] == ["default"]
+
+
+def test_a_lifetime_is_a_json_number(client):
+    """Strict as the schema says: 90 and 0.5 are days; true and "90" are not (found by schemathesis)."""
+    ann = make_user(client, "ann")
+    assert client.post("/tokens", json={"name": "a", "expires_in_days": 90}, headers=ann).status_code == 201
+    assert client.post("/tokens", json={"name": "b", "expires_in_days": 0.5}, headers=ann).status_code == 201
+    for bad in (True, "90"):
+        only_error(client.post("/tokens", json={"name": "c", "expires_in_days": bad}, headers=ann), 422)

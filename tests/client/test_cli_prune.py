@@ -1,4 +1,4 @@
-"""`trainbox prune` through the SDK against a served API (SQLite), and `users set --max-disk-bytes`."""
+"""`trainbox prune` through the SDK against a served API (SQLite), and `trainbox-admin users set --max-disk-bytes`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from core.models import Job, utcnow
 from core.settings import get_settings
 from tests.client import test_cli_users
 from tests.client.test_cli_users import tb
+from tests.core.test_admin import tb as admin  # trainbox-admin, on the database
 from trainer.spec import JobSpec
 
 data_dir, served = test_cli_users.data_dir, test_cli_users.served  # the fixtures: an API served on SQLite
@@ -37,8 +38,8 @@ def _finished_job_with_checkpoints(days_ago: float) -> str:
 
 @pytest.mark.usefixtures("data_dir")
 def test_prune_dry_run_then_for_real(served):
-    tb("users", "add", "root", "--admin")
-    token = tb("tokens", "create", "root").stdout.strip()
+    admin("users", "add", "root", "--admin")
+    token = admin("tokens", "create", "root").stdout.strip()
     old, recent = _finished_job_with_checkpoints(30), _finished_job_with_checkpoints(1)
     api = ("--url", served, "--token", token)
 
@@ -58,18 +59,18 @@ def test_prune_dry_run_then_for_real(served):
 
     no_age = tb(*api, "prune", ok=False)  # the server has no retention setting
     assert no_age.exit_code == 1 and "TRAINBOX_CHECKPOINT_RETENTION_DAYS" in no_age.stderr
-    tb("users", "add", "ann")
-    ann = tb("tokens", "create", "ann").stdout.strip()
+    admin("users", "add", "ann")
+    ann = admin("tokens", "create", "ann").stdout.strip()
     refused = tb("--url", served, "--token", ann, "prune", "--older-than-days", "0", ok=False)
     assert refused.exit_code == 1 and "only an admin" in refused.stderr
 
 
 @pytest.mark.usefixtures("data_dir")
 def test_users_set_max_disk_bytes_and_whoami_shows_the_disk(served):
-    tb("users", "add", "ann")
-    assert "max_disk_bytes=5000000000" in tb("users", "set", "ann", "--max-disk-bytes", "5000000000").stdout
-    assert "5000000000" in tb("users", "list").stdout
-    token = tb("tokens", "create", "ann").stdout.strip()
+    admin("users", "add", "ann")
+    assert "max_disk_bytes=5000000000" in admin("users", "set", "ann", "--max-disk-bytes", "5000000000").stdout
+    assert "5000000000" in admin("users", "list").stdout
+    token = admin("tokens", "create", "ann").stdout.strip()
     me = tb("--url", served, "--token", token, "whoami").stdout
     assert "max_disk_bytes" in me and "5000000000" in me and "disk in use" in me and "0 bytes" in me
-    assert "max_disk_bytes=-" in tb("users", "set", "ann", "--reset", "max-disk-bytes").stdout
+    assert "max_disk_bytes=-" in admin("users", "set", "ann", "--reset", "max-disk-bytes").stdout
