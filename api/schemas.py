@@ -58,8 +58,9 @@ class JobSummary(BaseModel):
         + " (disk: a checkpoint did not fit on the runs' disk)"
     )
     disk_bytes: int | None = Field(
-        None, description="bytes its run directory takes, as the worker last measured (after each checkpoint, "
-        "at the end of each attempt, after a prune); null until measured"
+        None,
+        description="bytes its run directory takes, as the worker last measured (after each checkpoint, "
+        "at the end of each attempt, after a prune); null until measured",
     )
 
     @classmethod

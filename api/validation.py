@@ -163,8 +163,9 @@ def capacity(spec: JobSpec, session: Session, settings: Settings) -> Capacity:
     )
 
 
-def _variant(spec: JobSpec, *, ds: dict[str, Any] | None = None, zero: dict[str, Any] | None = None,
-             **top: Any) -> JobSpec:
+def _variant(
+    spec: JobSpec, *, ds: dict[str, Any] | None = None, zero: dict[str, Any] | None = None, **top: Any
+) -> JobSpec:
     """A copy of the spec with some settings changed (no re-validation: for estimates only)."""
     deepspeed = spec.deepspeed
     if zero:
@@ -191,11 +192,19 @@ def nearest_fits(spec: JobSpec, cfg: dict[str, Any], precision: str, limit_gb: f
             accum = per_rank // m
             if m >= plan.micro or accum > MAX_GRAD_ACCUM:
                 continue
-            s = _variant(base, ds={"train_batch_size": plan.train, "train_micro_batch_size_per_gpu": m,
-                                   "gradient_accumulation_steps": accum})
+            s = _variant(
+                base,
+                ds={
+                    "train_batch_size": plan.train,
+                    "train_micro_batch_size_per_gpu": m,
+                    "gradient_accumulation_steps": accum,
+                },
+            )
             if gb(s) <= limit_gb:
-                out.append(f"{extra}train_micro_batch_size_per_gpu {m} with gradient_accumulation_steps {accum} "
-                           f"(same train_batch_size {plan.train}): ~{gb(s):.1f} GB")
+                out.append(
+                    f"{extra}train_micro_batch_size_per_gpu {m} with gradient_accumulation_steps {accum} "
+                    f"(same train_batch_size {plan.train}): ~{gb(s):.1f} GB"
+                )
                 return True
         return False
 
@@ -222,14 +231,18 @@ def nearest_fits(spec: JobSpec, cfg: dict[str, Any], precision: str, limit_gb: f
             out.append(f"zero_optimization.stage {stage} with offload_optimizer.device cpu: ~{gb(s):.1f} GB")
     if not out:
         # Shorter sequences, at micro batch 1 with checkpointing: the last resort before a bigger box.
-        base = _variant(spec, gradient_checkpointing=True,
-                        ds={"train_batch_size": None, "train_micro_batch_size_per_gpu": 1,
-                            "gradient_accumulation_steps": None})
+        base = _variant(
+            spec,
+            gradient_checkpointing=True,
+            ds={"train_batch_size": None, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": None},
+        )
         seq = spec.seq_len // 2
         while seq >= 8:
             if gb(_variant(base, seq_len=seq)) <= limit_gb:
-                out.append(f"seq_len {seq} with micro batch 1 and gradient_checkpointing true: "
-                           f"~{gb(_variant(base, seq_len=seq)):.1f} GB")
+                out.append(
+                    f"seq_len {seq} with micro batch 1 and gradient_checkpointing true: "
+                    f"~{gb(_variant(base, seq_len=seq)):.1f} GB"
+                )
                 break
             seq //= 2
     return out[:4]
@@ -258,13 +271,16 @@ def check_memory(spec: JobSpec, source: ModelSource, session: Session, settings:
     need = estimate["per_gpu_gb"]
     if need is not None and cfg is not None and room.per_rank_gb is not None and need > room.per_rank_gb:
         near = nearest_fits(spec, cfg, precision, room.per_rank_gb)
-        hint = "; settings that fit: " + "; ".join(near) if near else (
-            "; nothing near fits: the model states alone are too large for this box (a box with more "
-            "memory, or more GPUs with ZeRO stage 3)"
+        hint = (
+            "; settings that fit: " + "; ".join(near)
+            if near
+            else (
+                "; nothing near fits: the model states alone are too large for this box (a box with more "
+                "memory, or more GPUs with ZeRO stage 3)"
+            )
         )
         raise Unprocessable(
-            f"estimated memory ~{need:.1f} GB per {'GPU' if room.on_gpu else 'rank'} is more than "
-            f"{room.where}{hint}",
+            f"estimated memory ~{need:.1f} GB per {'GPU' if room.on_gpu else 'rank'} is more than {room.where}{hint}",
             ["body"],
             type_="does_not_fit",
         )

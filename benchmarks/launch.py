@@ -49,18 +49,48 @@ def write_corpus(path: Path) -> None:
 
 
 def spec(gpus: int) -> dict[str, Any]:
-    return {"name": "launch-bench", "model": "preset:tiny", "dataset": {"path": "corpus.jsonl"}, "gpus": gpus,
-            "seq_len": 64, "max_steps": 1, "checkpoint_every": 0,
-            "deepspeed": {"train_batch_size": 4 * gpus, "gradient_accumulation_steps": 1,
-                          "zero_optimization": {"stage": 2}}}  # fmt: skip
+    return {
+        "name": "launch-bench",
+        "model": "preset:tiny",
+        "dataset": {"path": "corpus.jsonl"},
+        "gpus": gpus,
+        "seq_len": 64,
+        "max_steps": 1,
+        "checkpoint_every": 0,
+        "deepspeed": {
+            "train_batch_size": 4 * gpus,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 2},
+        },
+    }
 
 
 def command(kind: str, work: Path, run_dir: Path) -> list[str]:
     if kind == "old":
-        return [sys.executable, "-c", RUN_OLD, str(work / "old_launch.py"), str(work / "spec.json"), str(run_dir),
-                str(work)]  # fmt: skip
-    return [sys.executable, "-m", "trainer", "run", "--spec", str(work / "spec.json"), "--run-dir", str(run_dir),
-            "--model-root", str(work), "--data-root", str(work), "--no-save"]  # fmt: skip
+        return [
+            sys.executable,
+            "-c",
+            RUN_OLD,
+            str(work / "old_launch.py"),
+            str(work / "spec.json"),
+            str(run_dir),
+            str(work),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "trainer",
+        "run",
+        "--spec",
+        str(work / "spec.json"),
+        "--run-dir",
+        str(run_dir),
+        "--model-root",
+        str(work),
+        "--data-root",
+        str(work),
+        "--no-save",
+    ]
 
 
 def start_event(run_dir: Path) -> dict[str, Any] | None:
@@ -77,8 +107,14 @@ def one_run(kind: str, work: Path, run_dir: Path, world: int) -> dict[str, float
 
     env = os.environ | {"PYTHONPATH": str(REPO)}
     launched = time.time()
-    p = subprocess.Popen(command(kind, work, run_dir), cwd=REPO, env=env, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    p = subprocess.Popen(
+        command(kind, work, run_dir),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     ranks_up = None
     while p.poll() is None and ranks_up is None:
         try:
@@ -103,8 +139,13 @@ def main() -> None:
     a = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="launch-bench-") as tmp:
         work = Path(tmp)
-        old = subprocess.run(["git", "show", f"{OLD_LAUNCHER_REV}:trainer/launch.py"], cwd=REPO,
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        old = subprocess.run(
+            ["git", "show", f"{OLD_LAUNCHER_REV}:trainer/launch.py"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         (work / "old_launch.py").write_text(old.stdout)
         write_corpus(work / "corpus.jsonl")
         (work / "spec.json").write_text(json.dumps(spec(a.gpus)))
@@ -118,8 +159,10 @@ def main() -> None:
     import torch
 
     device = "cpu" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not torch.cuda.is_available() else "cuda"
-    print(f"{a.gpus} ranks on {device}, preset:tiny, {a.repeats} alternating repeats, {platform.machine()} "
-          f"{os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{a.gpus} ranks on {device}, preset:tiny, {a.repeats} alternating repeats, {platform.machine()} "
+        f"{os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}"
+    )
     print(f"{'launcher':<26}{'ranks up':>18}{'rank start-up':>20}{'start':>20}   (median / min, s)")
     names = {"old": f"hand-written ({OLD_LAUNCHER_REV})", "new": "torch elastic (now)"}
     for kind, runs in results.items():
@@ -127,8 +170,12 @@ def main() -> None:
         columns = [up, [s - u for s, u in zip(start, up, strict=True)], start]
         print(f"{names[kind]:<26}" + "".join(f"{statistics.median(c):>11.3f} / {min(c):<6.3f}" for c in columns))
     for kind, runs in results.items():
-        print(f"{kind} per repeat: ranks up " + " ".join(f"{r['ranks_up']:.3f}" for r in runs)
-              + " | start " + " ".join(f"{r['start']:.3f}" for r in runs))  # fmt: skip
+        print(
+            f"{kind} per repeat: ranks up "
+            + " ".join(f"{r['ranks_up']:.3f}" for r in runs)
+            + " | start "
+            + " ".join(f"{r['start']:.3f}" for r in runs)
+        )
     old_st = statistics.median(r["start"] for r in results["old"])
     new_st = statistics.median(r["start"] for r in results["new"])
     old_up = statistics.median(r["ranks_up"] for r in results["old"])

@@ -89,12 +89,16 @@ def main() -> None:
 
     if dist.get_rank() == 0:
         samples = config["train_batch_size"] * args.steps
-        Path(args.out).write_text(json.dumps({
-            "tokens_per_s": measured_tokens / measured_time,
-            "samples_per_s": samples / measured_time,
-            "pad_fraction": 1 - measured_tokens / (samples * args.seq_len),
-            "precision": dtype_note,
-        }))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "tokens_per_s": measured_tokens / measured_time,
+                    "samples_per_s": samples / measured_time,
+                    "pad_fraction": 1 - measured_tokens / (samples * args.seq_len),
+                    "precision": dtype_note,
+                }
+            )
+        )
     dist.barrier()
 
 

@@ -30,8 +30,13 @@ from trainer.launch import visible_gpus  # noqa: E402
 from trainer.presets import DEEPSEEK_1_3B, TINY  # noqa: E402
 
 # Big enough that compute, not Python overhead, dominates a CPU step; small enough for 2 cores.
-SMALL = TINY | {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 4}
+SMALL = TINY | {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 SHAPES = {"tiny": TINY, "small": SMALL, "deepseek-1.3b": DEEPSEEK_1_3B}
 
 
@@ -68,8 +73,9 @@ def free_port() -> int:
 
 
 def rank_env(world: int, on_gpu: bool) -> dict[str, str]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world), PYTHONUNBUFFERED="1"
+    )
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // world)))
@@ -77,16 +83,41 @@ def rank_env(world: int, on_gpu: bool) -> dict[str, str]:
 
 
 def run_plain(a: argparse.Namespace, work: Path, ds: dict[str, Any], on_gpu: bool, i: int) -> dict[str, Any]:
-    cfg = dict(ds, optimizer={"type": "AdamW", "params": {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                          "weight_decay": 0.01}})
+    cfg = dict(
+        ds,
+        optimizer={"type": "AdamW", "params": {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}},
+    )
     (work / "plain.json").write_text(json.dumps(cfg))
     out = work / f"plain-{i}.out.json"
     env = rank_env(a.gpus, on_gpu)
-    cmd = [sys.executable, str(REPO / "benchmarks" / "plain_loop.py"), "--model-dir", str(work / "models" / "bench"),
-           "--corpus", str(work / "docs.jsonl"), "--config", str(work / "plain.json"), "--seq-len", str(a.seq_len),
-           "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out)]
-    procs = [subprocess.Popen(cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(a.gpus)]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "plain_loop.py"),
+        "--model-dir",
+        str(work / "models" / "bench"),
+        "--corpus",
+        str(work / "docs.jsonl"),
+        "--config",
+        str(work / "plain.json"),
+        "--seq-len",
+        str(a.seq_len),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--out",
+        str(out),
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(a.gpus)
+    ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
@@ -97,13 +128,38 @@ def run_plain(a: argparse.Namespace, work: Path, ds: dict[str, Any], on_gpu: boo
 def run_trainer(a: argparse.Namespace, work: Path, ds: dict[str, Any], i: int) -> dict[str, Any]:
     run_dir = work / f"trainer-{i}"
     run_dir.mkdir()
-    spec = {"name": "bench", "model": "bench", "dataset": {"path": "docs.jsonl"}, "gpus": a.gpus,
-            "seq_len": a.seq_len, "max_steps": a.warmup + a.steps, "checkpoint_every": 0, "seed": 42,
-            "deepspeed": dict(ds, optimizer={"type": "AdamW", "params": {"lr": 5e-5, "weight_decay": 0.01}})}
+    spec = {
+        "name": "bench",
+        "model": "bench",
+        "dataset": {"path": "docs.jsonl"},
+        "gpus": a.gpus,
+        "seq_len": a.seq_len,
+        "max_steps": a.warmup + a.steps,
+        "checkpoint_every": 0,
+        "seed": 42,
+        "deepspeed": dict(ds, optimizer={"type": "AdamW", "params": {"lr": 5e-5, "weight_decay": 0.01}}),
+    }
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "trainer", "run", "--no-save", "--spec", str(run_dir / "spec.json"),
-                    "--run-dir", str(run_dir), "--data-root", str(work), "--model-root", str(work / "models")],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "run",
+            "--no-save",
+            "--spec",
+            str(run_dir / "spec.json"),
+            "--run-dir",
+            str(run_dir),
+            "--data-root",
+            str(work),
+            "--model-root",
+            str(work / "models"),
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return summarize(read_events(run_dir), a.warmup)
 
 
@@ -114,8 +170,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="train_batch_size (sequences per optimizer step)")
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--gpus", type=int, default=0, help="ranks (default: visible GPUs, or 2 on CPU)")
-    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
-                   help="the article's fp16 by default; CPU ranks run bf16 instead (both loops alike)")
+    p.add_argument(
+        "--precision",
+        choices=["fp16", "bf16", "fp32"],
+        default="fp16",
+        help="the article's fp16 by default; CPU ranks run bf16 instead (both loops alike)",
+    )
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
@@ -125,8 +185,11 @@ def main() -> None:
     on_gpu = visible_gpus() > 0
     a.gpus = a.gpus or visible_gpus() or 2
     precision = a.precision if on_gpu or a.precision != "fp16" else "bf16"
-    ds: dict[str, Any] = {"train_batch_size": a.batch, "gradient_accumulation_steps": a.accum,
-                          "zero_optimization": {"stage": a.zero}}
+    ds: dict[str, Any] = {
+        "train_batch_size": a.batch,
+        "gradient_accumulation_steps": a.accum,
+        "zero_optimization": {"stage": a.zero},
+    }
     if precision != "fp32":
         ds[precision] = {"enabled": True}
 
@@ -144,11 +207,15 @@ def main() -> None:
 
     pt, tt = mean(plain, "tokens_per_s"), mean(ours, "tokens_per_s")
     device = ours[0].get("device")
-    print(f"model {a.shape}, {a.gpus} ranks on {device}, seq {a.seq_len}, batch {a.batch} (accum {a.accum}), "
-          f"{precision}, ZeRO-{a.zero}, {a.steps} steps after {a.warmup} warm-up, {a.repeats} alternating repeats")
+    print(
+        f"model {a.shape}, {a.gpus} ranks on {device}, seq {a.seq_len}, batch {a.batch} (accum {a.accum}), "
+        f"{precision}, ZeRO-{a.zero}, {a.steps} steps after {a.warmup} warm-up, {a.repeats} alternating repeats"
+    )
     print(f"{'loop':<28} {'real tokens/s':>14} {'samples/s':>10} {'pad share':>10}")
-    print(f"{'plain (padded, article)':<28} {pt:>14,.0f} {mean(plain, 'samples_per_s'):>10.2f} "
-          f"{mean(plain, 'pad_fraction'):>10.1%}")
+    print(
+        f"{'plain (padded, article)':<28} {pt:>14,.0f} {mean(plain, 'samples_per_s'):>10.2f} "
+        f"{mean(plain, 'pad_fraction'):>10.1%}"
+    )
     print(f"{'trainbox trainer (packed)':<28} {tt:>14,.0f} {mean(ours, 'samples_per_s'):>10.2f} {0:>10.1%}")
     mfu = ours[0].get("mfu")
     if mfu is not None:

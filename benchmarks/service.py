@@ -37,10 +37,19 @@ WORDS = "the quick brown fox jumps over the lazy dog and then runs back home to 
 
 def spec(name: str, steps: int, seq_len: int = 128, batch: int = 16) -> dict[str, Any]:
     return {
-        "name": name, "model": "preset:tiny", "dataset": {"path": "bench.jsonl"}, "gpus": 2,
-        "seq_len": seq_len, "max_steps": steps, "checkpoint_every": 0, "max_runtime_s": 3600,
-        "deepspeed": {"train_batch_size": batch, "gradient_accumulation_steps": 1,
-                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+        "name": name,
+        "model": "preset:tiny",
+        "dataset": {"path": "bench.jsonl"},
+        "gpus": 2,
+        "seq_len": seq_len,
+        "max_steps": steps,
+        "checkpoint_every": 0,
+        "max_runtime_s": 3600,
+        "deepspeed": {
+            "train_batch_size": batch,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        },
     }
 
 
@@ -53,9 +62,26 @@ def run_plain(data_dir: Path, s: dict[str, Any], i: int, warmup: int) -> dict[st
     run_dir.mkdir(parents=True)
     (run_dir / "spec.json").write_text(json.dumps(s))
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "trainer", "run", "--spec", str(run_dir / "spec.json"), "--run-dir",
-                    str(run_dir), "--data-root", str(data_dir / "data"), "--model-root", str(data_dir / "models")],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={"CUDA_VISIBLE_DEVICES": "", **_env()})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "run",
+            "--spec",
+            str(run_dir / "spec.json"),
+            "--run-dir",
+            str(run_dir),
+            "--data-root",
+            str(data_dir / "data"),
+            "--model-root",
+            str(data_dir / "models"),
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={"CUDA_VISIBLE_DEVICES": "", **_env()},
+    )
     evs = read_events(run_dir)
     return {"to_first_step_s": first_step_after(evs, t0), **summarize(evs, warmup)}
 
@@ -113,8 +139,9 @@ def main() -> None:
         with (data_dir / "data" / "bench.jsonl").open("w") as f:
             for i in range(3000):
                 f.write(json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40))}) + "\n")
-        stack = Stack(data_dir=data_dir, port=free_port(), extra_env={"CUDA_VISIBLE_DEVICES": "",
-                                                                       "TRAINBOX_CPU_SLOTS": "2"})
+        stack = Stack(
+            data_dir=data_dir, port=free_port(), extra_env={"CUDA_VISIBLE_DEVICES": "", "TRAINBOX_CPU_SLOTS": "2"}
+        )
         stack.start(on_step=lambda _msg: None)
         try:
             token_file = data_dir / "token"
@@ -133,15 +160,19 @@ def main() -> None:
 
     pt, st = mean(plain, "tokens_per_s"), mean(service, "tokens_per_s")
     pf, sf = mean(plain, "to_first_step_s"), mean(service, "to_first_step_s")
-    print(f"tiny preset, 2 CPU ranks, seq 128, batch 16, {a.steps} steps after {a.warmup} warm-up, "
-          f"{a.repeats} alternating repeats")
+    print(
+        f"tiny preset, 2 CPU ranks, seq 128, batch 16, {a.steps} steps after {a.warmup} warm-up, "
+        f"{a.repeats} alternating repeats"
+    )
     print(f"{'':<10} {'tokens/s':>10} {'to first step':>14}")
     print(f"{'plain':<10} {pt:>10,.0f} {pf:>13.2f}s")
     print(f"{'service':<10} {st:>10,.0f} {sf:>13.2f}s")
     print(f"throughput ratio service / plain: {st / pt:.3f} (goal >= 0.97)")
     print(f"extra time from submit to first step: {sf - pf:+.2f}s (goal <= 1.5 s)")
-    print(f"stream latency over {len(lat)} step events: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms, "
-          f"max {max(lat):.1f} ms (goal p95 <= 100 ms)")
+    print(
+        f"stream latency over {len(lat)} step events: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms, "
+        f"max {max(lat):.1f} ms (goal p95 <= 100 ms)"
+    )
 
 
 if __name__ == "__main__":

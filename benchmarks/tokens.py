@@ -35,13 +35,18 @@ def write_data(path: Path, mb: int, fmt: str) -> int:
     n = 0
     with path.open("w") as f:
         while f.tell() < mb * 10**6:
+
             def words(k: int) -> str:
                 return " ".join(rng.choice(WORDS) for _ in range(k))
 
             if fmt == "chat":
-                rec = {"messages": [{"role": "system", "content": "Be brief."},
-                                    {"role": "user", "content": words(40)},
-                                    {"role": "assistant", "content": words(120)}]}  # fmt: skip
+                rec = {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": words(40)},
+                        {"role": "assistant", "content": words(120)},
+                    ]
+                }
             else:
                 rec = {"text": words(160)}
             f.write(json.dumps(rec) + "\n")
@@ -58,8 +63,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         records = write_data(root / "train.jsonl", args.mb, args.format)
-        spec = JobSpec(name="b", model="preset:tiny", dataset={"path": "train.jsonl"}, seq_len=args.seq_len,
-                       validation_split=0.01)  # fmt: skip
+        spec = JobSpec(
+            name="b", model="preset:tiny", dataset={"path": "train.jsonl"}, seq_len=args.seq_len, validation_split=0.01
+        )
         tok = models.load_tokenizer(ModelSource("preset", "tiny"))
         rows = []
         for run in ("cold", "warm"):
@@ -67,20 +73,32 @@ def main() -> None:
             info, val = inspect_data(spec, root)
             t1 = time.perf_counter()
             enc = models.encoder(tok, info.data_format)
-            opts = DataOptions(format=info.data_format, text_field="text", val_text_field="text",
-                               train_all=info.data_format == "text", overlong="drop", seq_len=args.seq_len,
-                               split=spec.validation_split, seed=spec.seed, tokenizer="preset:tiny",
-                               template=models.template_id(tok))  # fmt: skip
+            opts = DataOptions(
+                format=info.data_format,
+                text_field="text",
+                val_text_field="text",
+                train_all=info.data_format == "text",
+                overlong="drop",
+                seq_len=args.seq_len,
+                split=spec.validation_split,
+                seed=spec.seed,
+                tokenizer="preset:tiny",
+                template=models.template_id(tok),
+            )
             key = cache_key(info, val, opts)
             t2 = time.perf_counter()
             data = prepare(info, val, opts, enc, root / ".cache", build=True, key=key)
             t3 = time.perf_counter()
             rows.append((run, t1 - t0, t2 - t1, t3 - t2, t3 - t0, data.built))
         stats = data.stats["train"]
-    print(f"{args.mb} MB of {args.format} JSONL ({records} records), seq_len {args.seq_len}, preset tokenizer, "
-          f"{platform.processor() or platform.machine()}, 1 process")  # fmt: skip
-    print(f"train: {stats['tokens']:,} tokens in {stats['blocks']:,} blocks, {stats['trained_tokens']:,} trained, "
-          f"{stats['dropped']} dropped")  # fmt: skip
+    print(
+        f"{args.mb} MB of {args.format} JSONL ({records} records), seq_len {args.seq_len}, preset tokenizer, "
+        f"{platform.processor() or platform.machine()}, 1 process"
+    )
+    print(
+        f"train: {stats['tokens']:,} tokens in {stats['blocks']:,} blocks, {stats['trained_tokens']:,} trained, "
+        f"{stats['dropped']} dropped"
+    )
     print(f"{'run':<5} {'check s':>8} {'hash s':>7} {'prepare s':>10} {'total s':>8}  tokenized")
     for run, check, hashing, prep, total, built in rows:
         print(f"{run:<5} {check:>8.2f} {hashing:>7.2f} {prep:>10.2f} {total:>8.2f}  {built}")

@@ -20,9 +20,12 @@ def human_bytes(n: float) -> str:
 
 def prune(
     older_than_days: float = typer.Option(
-        None, "--older-than-days", min=0, help="jobs finished at least N days ago (0: all finished jobs) "
+        None,
+        "--older-than-days",
+        min=0,
+        help="jobs finished at least N days ago (0: all finished jobs) "
         "[default: the server's TRAINBOX_CHECKPOINT_RETENTION_DAYS]",
-    ),  # fmt: skip
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would be deleted, delete nothing"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -34,16 +37,23 @@ def prune(
         return
     table = Table("job", "owner", "finished", "checkpoints", "bytes")
     for j in result["jobs"]:
-        table.add_row(text(j["id"]), text(j["owner"]), text(str(j["finished_at"] or "")[:19].replace("T", " ")),
-                      text(", ".join(c.removeprefix("checkpoints/") for c in j["checkpoints"]) or "-"),
-                      text(human_bytes(j["bytes"])))  # fmt: skip
+        table.add_row(
+            text(j["id"]),
+            text(j["owner"]),
+            text(str(j["finished_at"] or "")[:19].replace("T", " ")),
+            text(", ".join(c.removeprefix("checkpoints/") for c in j["checkpoints"]) or "-"),
+            text(human_bytes(j["bytes"])),
+        )
     if result["jobs"]:
         console.print(table)
     verb = "would free" if result["dry_run"] else "freed"
-    console.print(f"{len(result['jobs'])} finished jobs (at least {result['older_than_days']:g} days ago): "
-                  f"{verb} {human_bytes(result['bytes_freed'])} ({result['bytes_freed']} bytes)"
-                  + (" (dry run: nothing deleted)" if result["dry_run"] else ""),
-                  markup=False, highlight=False)  # fmt: skip
+    console.print(
+        f"{len(result['jobs'])} finished jobs (at least {result['older_than_days']:g} days ago): "
+        f"{verb} {human_bytes(result['bytes_freed'])} ({result['bytes_freed']} bytes)"
+        + (" (dry run: nothing deleted)" if result["dry_run"] else ""),
+        markup=False,
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

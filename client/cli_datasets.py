@@ -21,8 +21,10 @@ def upload(
     """Upload a dataset; prints the id to name in a spec: dataset: {id: <id>}."""
     with api_errors():
         ds = make_client().upload_dataset(file, text_field=text_field)
-    console.print(f"uploaded [bold]{text(ds['id'])}[/] ({text(ds['format'])}, {ds['records']} records, "
-                  f"{ds['bytes']} bytes); in a spec: dataset: {{id: {text(ds['id'])}}}")  # fmt: skip
+    console.print(
+        f"uploaded [bold]{text(ds['id'])}[/] ({text(ds['format'])}, {ds['records']} records, "
+        f"{ds['bytes']} bytes); in a spec: dataset: {{id: {text(ds['id'])}}}"
+    )
 
 
 @datasets_app.command("list")
@@ -35,8 +37,14 @@ def list_datasets(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     table = Table("id", "file", "format", "records", "bytes", "uploaded")
     for d in body["data"]:
-        table.add_row(text(d["id"]), text(d["filename"]), text(d["format"]), text(d["records"]), text(d["bytes"]),
-                      text(str(d["created_at"])[:19].replace("T", " ")))  # fmt: skip
+        table.add_row(
+            text(d["id"]),
+            text(d["filename"]),
+            text(d["format"]),
+            text(d["records"]),
+            text(d["bytes"]),
+            text(str(d["created_at"])[:19].replace("T", " ")),
+        )
     console.print(table)
 
 
@@ -57,8 +65,15 @@ def queue(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     table = Table("#", "name", "owner", "state", "gpus", "prio", "id")
     for j in body["data"]:
-        table.add_row(text(j["queue_position"] or ""), text(j["name"]), text(j["owner"]), text(j["state"]),
-                      text(j["gpus"]), text(j["priority"]), text(j["id"]))  # fmt: skip
+        table.add_row(
+            text(j["queue_position"] or ""),
+            text(j["name"]),
+            text(j["owner"]),
+            text(j["state"]),
+            text(j["gpus"]),
+            text(j["priority"]),
+            text(j["id"]),
+        )
     console.print(table)
 
 
@@ -71,8 +86,12 @@ def whoami() -> None:
         console.print(f"  {key:<24} {'no cap' if value is None else value}", markup=False, highlight=False)
     disk = me.get("disk")
     if disk:
-        console.print(f"  {'disk in use':<24} {disk['total_bytes']} bytes ({disk['jobs_bytes']} in run directories, "
-                      f"{disk['uploads_bytes']} in uploads)", markup=False, highlight=False)  # fmt: skip
+        console.print(
+            f"  {'disk in use':<24} {disk['total_bytes']} bytes ({disk['jobs_bytes']} in run directories, "
+            f"{disk['uploads_bytes']} in uploads)",
+            markup=False,
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -64,10 +64,15 @@ def list_jobs(
     for job in page["data"]:
         loss = (job.get("latest") or {}).get("loss")
         table.add_row(
-            text(job["id"]), text(job.get("name")), text(job.get("owner")), text(job["state"]),
+            text(job["id"]),
+            text(job.get("name")),
+            text(job.get("owner")),
+            text(job["state"]),
             text(",".join(str(g) for g in job.get("gpu_ids") or []) or str(job.get("gpus") or "")),
-            text(_progress(job)), f"{loss:.4f}" if isinstance(loss, int | float) else "", text(_age(job)),
-        )  # fmt: skip
+            text(_progress(job)),
+            f"{loss:.4f}" if isinstance(loss, int | float) else "",
+            text(_age(job)),
+        )
     console.print(table)
     if page.get("next_cursor"):
         console.print(f"[dim]more: --cursor {text(page['next_cursor'])}[/]")
@@ -139,11 +144,14 @@ def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
         for gpu in box.get("gpus", []):
             mem, job = gpu.get("memory_mb"), gpu.get("job") or {}
             table.add_row(
-                text(box.get("name")), text(gpu.get("index")), text(gpu.get("name")),
+                text(box.get("name")),
+                text(gpu.get("index")),
+                text(gpu.get("name")),
                 f"{mem / 1024:.0f} GiB" if isinstance(mem, int | float) and mem else "",
                 text(job.get("id") or job.get("name") or "free"),  # others' jobs show by name only
-                text(job.get("owner")), text(job.get("state")),
-            )  # fmt: skip
+                text(job.get("owner")),
+                text(job.get("state")),
+            )
     console.print(table)
     if "total" in body:
         console.print(f"{body.get('in_use', 0)} of {body['total']} in use", markup=False)

@@ -80,18 +80,36 @@ def units(*, layout: str, user: str, data_dir: Path, env_file: Path, host: str, 
     if layout == "embedded":
         start = f"{_trainbox()} up --data-dir {data_dir} --host {host} --port {port}"
         # SIGTERM: `up` stops the worker first (its jobs checkpoint), then the API and Redis.
-        text = _service("trainbox (embedded: API, worker, Redis, SQLite)", user, env_file, data_dir, start,
-                        TimeoutStopSec=str(STOP_TIMEOUT_S + 30), KillMode="mixed")  # fmt: skip
+        text = _service(
+            "trainbox (embedded: API, worker, Redis, SQLite)",
+            user,
+            env_file,
+            data_dir,
+            start,
+            TimeoutStopSec=str(STOP_TIMEOUT_S + 30),
+            KillMode="mixed",
+        )
         return [Unit("trainbox.service", text)]
     api = _service(
-        "trainbox API", user, env_file, data_dir,
+        "trainbox API",
+        user,
+        env_file,
+        data_dir,
         f"{_python()} -m uvicorn api.app:app --host {host} --port {port}",
-        ExecStartPre=f'{_python()} -c "{MIGRATE}"', TimeoutStopSec="30",
-    )  # fmt: skip
+        ExecStartPre=f'{_python()} -c "{MIGRATE}"',
+        TimeoutStopSec="30",
+    )
     # KillMode=mixed: SIGTERM to the worker alone, which checkpoints and requeues its jobs and stops
     # their ranks itself; whatever is left after the timeout gets SIGKILL.
-    worker = _service("trainbox worker (this box's GPUs)", user, env_file, data_dir, f"{_python()} -m worker",
-                      TimeoutStopSec=str(STOP_TIMEOUT_S), KillMode="mixed")  # fmt: skip
+    worker = _service(
+        "trainbox worker (this box's GPUs)",
+        user,
+        env_file,
+        data_dir,
+        f"{_python()} -m worker",
+        TimeoutStopSec=str(STOP_TIMEOUT_S),
+        KillMode="mixed",
+    )
     return [Unit("trainbox-api.service", api), Unit("trainbox-worker.service", worker)]
 
 

@@ -183,8 +183,21 @@ class Stack:
             on_step(f"redis      {self.redis_url.split('@')[-1]} (embedded, password in {self._redis_conf})")
         on_step("database   migrating; local admin token")
         self._run_migrations()
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", self.host,
-                            "--port", str(self.port), "--log-level", "warning"])  # fmt: skip
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:app",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+        )
         # The worker's jobs checkpoint on SIGTERM before it exits: give it the cancel grace and more.
         grace = float(self.env().get("TRAINBOX_CANCEL_GRACE_S", "30"))
         self._spawn("worker", [sys.executable, "-m", "worker"], stop_timeout_s=grace + 30.0)
@@ -205,10 +218,17 @@ class Stack:
         port, password = free_port(), secrets.token_urlsafe(24)
         folder = self._redis_conf.parent
         folder.mkdir(mode=0o700, exist_ok=True)
-        conf = "\n".join([
-            "bind 127.0.0.1", f"port {port}", f"requirepass {password}", 'save ""', "appendonly no",
-            f"dir {folder}", "protected-mode yes",
-        ])  # fmt: skip
+        conf = "\n".join(
+            [
+                "bind 127.0.0.1",
+                f"port {port}",
+                f"requirepass {password}",
+                'save ""',
+                "appendonly no",
+                f"dir {folder}",
+                "protected-mode yes",
+            ]
+        )
         fd = os.open(self._redis_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(conf + "\n")
@@ -281,11 +301,15 @@ class Stack:
             "url": self.url,
             "pid": os.getpid(),
             "children": {
-                c.name: {"pid": c.proc.pid, "restarts": c.restarts, "last_exit_code": c.last_exit_code,
-                         "alive": c.restart_at is None}
+                c.name: {
+                    "pid": c.proc.pid,
+                    "restarts": c.restarts,
+                    "last_exit_code": c.last_exit_code,
+                    "alive": c.restart_at is None,
+                }
                 for c in self.children
             },
-        }  # fmt: skip
+        }
         tmp = self.stack_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self.stack_file)

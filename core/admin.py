@@ -41,10 +41,12 @@ def print_error(message: object) -> None:
     err_console.print(f"[red]error:[/] {escape(str(message))}")
 
 
-users_app = typer.Typer(help="Manage users and their limits (on the server; acts on the database).",
-                        no_args_is_help=True)  # fmt: skip
-tokens_app = typer.Typer(help="Create, list and revoke API tokens (on the server; acts on the database).",
-                         no_args_is_help=True)  # fmt: skip
+users_app = typer.Typer(
+    help="Manage users and their limits (on the server; acts on the database).", no_args_is_help=True
+)
+tokens_app = typer.Typer(
+    help="Create, list and revoke API tokens (on the server; acts on the database).", no_args_is_help=True
+)
 
 
 @contextmanager
@@ -75,8 +77,10 @@ def _require_head(engine: Any) -> None:
         current = MigrationContext.configure(conn).get_current_revision()
     head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
     if current != head:
-        err_console.print(f"[red]error:[/] the database is at revision {current}, not {head}: "
-                          "run `python -m migrations upgrade` first")  # fmt: skip
+        err_console.print(
+            f"[red]error:[/] the database is at revision {current}, not {head}: "
+            "run `python -m migrations upgrade` first"
+        )
         raise typer.Exit(1)
 
 
@@ -92,19 +96,41 @@ def users_add(
     """Add a user (then: trainbox-admin tokens create NAME)."""
     with database() as session:
         user = create_user(session, name=name, is_admin=admin)
-        console.print(f"added {'admin' if user.is_admin else 'user'} [bold]{escape(user.name)}[/]; "
-                      f"give them a token: trainbox-admin tokens create {escape(user.name)}")  # fmt: skip
+        console.print(
+            f"added {'admin' if user.is_admin else 'user'} [bold]{escape(user.name)}[/]; "
+            f"give them a token: trainbox-admin tokens create {escape(user.name)}"
+        )
 
 
 @users_app.command("list")
 def users_list() -> None:
     """Users, whether admin, and their limit overrides (- : the server's setting)."""
     with database() as session:
-        table = Table("name", "admin", "max gpus", "max queued", "max runtime s", "max priority", "submits/min",
-                      "datasets", "dataset bytes", "tokens", "disk bytes")  # fmt: skip
+        table = Table(
+            "name",
+            "admin",
+            "max gpus",
+            "max queued",
+            "max runtime s",
+            "max priority",
+            "submits/min",
+            "datasets",
+            "dataset bytes",
+            "tokens",
+            "disk bytes",
+        )
         for u in list_users(session):
-            limits = (u.max_gpus, u.max_queued, u.max_runtime_s, u.max_priority, u.submit_rate_per_minute,
-                      u.max_datasets, u.max_dataset_bytes, u.max_tokens, u.max_disk_bytes)  # fmt: skip
+            limits = (
+                u.max_gpus,
+                u.max_queued,
+                u.max_runtime_s,
+                u.max_priority,
+                u.submit_rate_per_minute,
+                u.max_datasets,
+                u.max_dataset_bytes,
+                u.max_tokens,
+                u.max_disk_bytes,
+            )
             table.add_row(escape(u.name), "yes" if u.is_admin else "", *(_limit(v) for v in limits))
         console.print(table)
 
@@ -125,10 +151,17 @@ def users_set(
     admin: bool = typer.Option(None, "--admin/--no-admin", help="make or unmake an admin"),
 ) -> None:
     """Override a user's limits (or --reset them to the server's settings)."""
-    given = {"max_gpus": max_gpus, "max_queued": max_queued, "max_runtime_s": max_runtime_s,
-             "max_priority": max_priority, "submit_rate_per_minute": submit_rate, "max_datasets": max_datasets,
-             "max_dataset_bytes": max_dataset_bytes, "max_tokens": max_tokens,
-             "max_disk_bytes": max_disk_bytes}  # fmt: skip
+    given = {
+        "max_gpus": max_gpus,
+        "max_queued": max_queued,
+        "max_runtime_s": max_runtime_s,
+        "max_priority": max_priority,
+        "submit_rate_per_minute": submit_rate,
+        "max_datasets": max_datasets,
+        "max_dataset_bytes": max_dataset_bytes,
+        "max_tokens": max_tokens,
+        "max_disk_bytes": max_disk_bytes,
+    }
     changes: dict[str, int | None] = {k: v for k, v in given.items() if v is not None}
     for field in reset:
         field = field.replace("-", "_")
@@ -142,8 +175,11 @@ def users_set(
         except UserError as exc:
             print_error(exc)
             raise typer.Exit(1) from None
-        console.print(f"{user.name}: " + ", ".join(f"{f}={_limit(getattr(user, f))}" for f in LIMIT_FIELDS),
-                      markup=False, highlight=False)  # fmt: skip
+        console.print(
+            f"{user.name}: " + ", ".join(f"{f}={_limit(getattr(user, f))}" for f in LIMIT_FIELDS),
+            markup=False,
+            highlight=False,
+        )
 
 
 @tokens_app.command("create")
@@ -167,8 +203,14 @@ def tokens_list(user: str = typer.Option(None, "--user", help="only this user's 
     with database() as session:
         table = Table("id", "user", "name", "state", "created", "expires")
         for t in list_tokens(session, user_name=user):
-            table.add_row(t.id, escape(t.user.name), escape(t.name), token_status(t), f"{t.created_at:%Y-%m-%d %H:%M}",
-                          f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "never")  # fmt: skip
+            table.add_row(
+                t.id,
+                escape(t.user.name),
+                escape(t.name),
+                token_status(t),
+                f"{t.created_at:%Y-%m-%d %H:%M}",
+                f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "never",
+            )
         console.print(table)
 
 

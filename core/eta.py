@@ -28,8 +28,10 @@ def start_etas(session: Session, now: float | None = None) -> dict[str, float | 
     now = time.time() if now is None else now
     cutoff = utcnow().timestamp() - get_settings().box_ttl_s
     boxes = [b.name for b in session.scalars(select(Box)) if b.heartbeat_at.timestamp() >= cutoff]
-    holders = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(
-        select(Gpu.job_id).where(Gpu.job_id.is_not(None)))))}  # fmt: skip
+    holders = {
+        j.id: j
+        for j in session.scalars(select(Job).where(Job.id.in_(select(Gpu.job_id).where(Gpu.job_id.is_not(None)))))
+    }
     free_at: dict[str, list[float]] = {b: [] for b in boxes}
     for gpu in session.scalars(select(Gpu).where(Gpu.box.in_(boxes))):
         if gpu.busy:

@@ -118,8 +118,9 @@ def finish(
     return state_event(to, attempt=attempt, **({"error": error} if error else {}), **extra)
 
 
-def cancel(session: Session, job_id: str, *, attempt: int | None = None, stopped: bool = False,
-           **extra: Any) -> Event | None:  # fmt: skip
+def cancel(
+    session: Session, job_id: str, *, attempt: int | None = None, stopped: bool = False, **extra: Any
+) -> Event | None:
     """A cancel: queued -> cancelled at once (it holds nothing); starting | running -> cancelling (its
     worker stops the processes); with `stopped=True` (the processes are gone, or never started):
     cancelling -> cancelled, GPUs freed. None: nothing changed (already cancelling, terminal, or moved)."""
@@ -130,7 +131,6 @@ def cancel(session: Session, job_id: str, *, attempt: int | None = None, stopped
     flag = {"cancel_requested": True}
     if transition(session, job_id, to=S.CANCELLED, from_states=[S.QUEUED], attempt=attempt, values=flag):
         return state_event(S.CANCELLED, attempt=attempt, **extra)
-    if transition(session, job_id, to=S.CANCELLING, from_states=[S.STARTING, S.RUNNING], attempt=attempt,
-                  values=flag):  # fmt: skip
+    if transition(session, job_id, to=S.CANCELLING, from_states=[S.STARTING, S.RUNNING], attempt=attempt, values=flag):
         return state_event(S.CANCELLING, attempt=attempt, **extra)
     return None

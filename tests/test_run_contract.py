@@ -19,9 +19,12 @@ def _emitted(event_type: str) -> list[set[str]]:
     return [
         {k.arg for k in node.keywords if k.arg}
         for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "emit" and node.args
-        and isinstance(node.args[0], ast.Constant) and node.args[0].value == event_type
-    ]  # fmt: skip
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", None) == "emit"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and node.args[0].value == event_type
+    ]
 
 
 def test_step_and_eval_events_carry_only_contract_fields_and_every_stored_one():

@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="train: start one process per rank and supervise them")
     _common(run)
-    run.add_argument("--stop-grace", type=float, default=STOP_GRACE_S,
-                     help="seconds ranks get to checkpoint and exit after SIGTERM before SIGKILL")  # fmt: skip
+    run.add_argument(
+        "--stop-grace",
+        type=float,
+        default=STOP_GRACE_S,
+        help="seconds ranks get to checkpoint and exit after SIGTERM before SIGKILL",
+    )
     rank = sub.add_parser("rank", help="one rank (started by `run`)")
     _common(rank)
     bench = sub.add_parser("bench", help="throughput and memory over batch sizes, warm-up excluded")

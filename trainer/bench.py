@@ -20,11 +20,63 @@ from trainer.launch import visible_gpus
 
 # A fixed vocabulary of common English and code words: realistic token lengths for the tokenizer.
 _WORDS = [
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "was", "on", "be", "by", "this",
-    "are", "from", "at", "or", "an", "have", "not", "which", "def", "return", "self", "import", "class",
-    "if", "else", "while", "for", "in", "range", "print", "value", "data", "model", "train", "loss", "step",
-    "batch", "token", "layer", "weight", "gradient", "optimizer", "learning", "rate", "memory", "device",
-    "tensor", "shape", "output", "input", "error",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "with",
+    "as",
+    "was",
+    "on",
+    "be",
+    "by",
+    "this",
+    "are",
+    "from",
+    "at",
+    "or",
+    "an",
+    "have",
+    "not",
+    "which",
+    "def",
+    "return",
+    "self",
+    "import",
+    "class",
+    "if",
+    "else",
+    "while",
+    "for",
+    "in",
+    "range",
+    "print",
+    "value",
+    "data",
+    "model",
+    "train",
+    "loss",
+    "step",
+    "batch",
+    "token",
+    "layer",
+    "weight",
+    "gradient",
+    "optimizer",
+    "learning",
+    "rate",
+    "memory",
+    "device",
+    "tensor",
+    "shape",
+    "output",
+    "input",
+    "error",
 ]
 
 
@@ -128,8 +180,10 @@ def format_row(r: dict[str, Any]) -> str:
         return f"{r['batch_size']:>6}  {r['status']}: {err}"
     mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-    return (f"{r['batch_size']:>6}  {r['micro']:>3}x{r['accum']:<3} {r['samples_per_s']:>10.2f} "
-            f"{r['tokens_per_s']:>12,.0f} {mem:>10} {mfu:>7}")
+    return (
+        f"{r['batch_size']:>6}  {r['micro']:>3}x{r['accum']:<3} {r['samples_per_s']:>10.2f} "
+        f"{r['tokens_per_s']:>12,.0f} {mem:>10} {mfu:>7}"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -140,8 +194,10 @@ def main(args: argparse.Namespace) -> int:
         results = [run_one(args, b, gpus, work) for b in batches]
     device = next((r["device"] for r in results if r.get("device")), "?")
     precision = next((r["precision"] for r in results if r.get("precision")), args.precision)
-    print(f"\n{args.model} on {gpus} x {device}, seq {args.seq_len}, {precision}, ZeRO-{args.zero}, "
-          f"{args.steps} measured steps after {args.warmup} warm-up")
+    print(
+        f"\n{args.model} on {gpus} x {device}, seq {args.seq_len}, {precision}, ZeRO-{args.zero}, "
+        f"{args.steps} measured steps after {args.warmup} warm-up"
+    )
     print(f"{'batch':>6}  {'micro':>3}x{'acc':<3} {'samples/s':>10} {'tokens/s':>12} {'mem GB/GPU':>10} {'MFU':>7}")
     for r in results:
         print(format_row(r))

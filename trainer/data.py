@@ -283,7 +283,13 @@ def prepare(
 
 
 def _prepare(
-    train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions, enc: Encoder, cache_dir: Path, *, build: bool,
+    train: DatasetInfo,
+    val: DatasetInfo | None,
+    opts: DataOptions,
+    enc: Encoder,
+    cache_dir: Path,
+    *,
+    build: bool,
     key: str,
 ) -> Prepared:
     base = cache_dir / f"data-{key}"
@@ -300,17 +306,38 @@ def _prepare(
             items, held = split(items, opts.split, opts.seed)
             stats_t.records = len(items)
         stream = opts.format == "text"
-        arrays = dict(zip(("train", "train-mask"), pack(
-            encode_examples(items, opts.format, enc, train_all=opts.train_all), opts.seq_len, stats_t,
-            stream=stream, overlong=opts.overlong, pad_id=enc.eos_id,
-        ), strict=True))  # fmt: skip
+        arrays = dict(
+            zip(
+                ("train", "train-mask"),
+                pack(
+                    encode_examples(items, opts.format, enc, train_all=opts.train_all),
+                    opts.seq_len,
+                    stats_t,
+                    stream=stream,
+                    overlong=opts.overlong,
+                    pad_id=enc.eos_id,
+                ),
+                strict=True,
+            )
+        )
         stats: dict[str, Any] = {"train": stats_t.as_dict(), "validation": None}
         if held:
             stats_v = DataStats(opts.format, records=len(held))
-            arrays |= dict(zip(("val", "val-mask"), pack(
-                encode_examples(held, opts.format, enc, train_all=opts.train_all), opts.seq_len, stats_v,
-                stream=stream, overlong=opts.overlong, pad_id=enc.eos_id, pad_tail=True,
-            ), strict=True))  # fmt: skip
+            arrays |= dict(
+                zip(
+                    ("val", "val-mask"),
+                    pack(
+                        encode_examples(held, opts.format, enc, train_all=opts.train_all),
+                        opts.seq_len,
+                        stats_v,
+                        stream=stream,
+                        overlong=opts.overlong,
+                        pad_id=enc.eos_id,
+                        pad_tail=True,
+                    ),
+                    strict=True,
+                )
+            )
             stats["validation"] = stats_v.as_dict() | {"source": "file" if val is not None else "split"}
         for part, arr in arrays.items():
             tmp = names[part].with_suffix(f".tmp{os.getpid()}.npy")

@@ -30,9 +30,22 @@ MODEL_DIR = "model"  # the final model, Hugging Face format
 # The fields of a `step` event (trainer/loop.py writes them; "time" is added by EventWriter), and the
 # ones the job_metrics table keeps for each step (core/models.py JobMetric; a test keeps them in step).
 STEP_FIELDS = (
-    "step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "loss_scale",
-    "skipped", "step_time_s", "tokens", "trained_tokens_per_s", "trained_tokens", "time",
-)  # fmt: skip
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "samples_per_s",
+    "tokens_per_s",
+    "mfu",
+    "gpu_mem_gb",
+    "loss_scale",
+    "skipped",
+    "step_time_s",
+    "tokens",
+    "trained_tokens_per_s",
+    "trained_tokens",
+    "time",
+)
 STEP_METRIC_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
 # The fields of an `eval` event.
 EVAL_FIELDS = ("step", "eval_loss", "perplexity", "tokens", "seconds", "time")
@@ -66,11 +79,15 @@ def trainer_argv(
     if not save:
         argv.append("--no-save")
     return argv + [
-        "--spec", str(Path(run_dir) / SPEC_FILE),
-        "--run-dir", str(run_dir),
-        "--model-root", str(model_root),
-        "--data-root", str(data_root),
-    ]  # fmt: skip
+        "--spec",
+        str(Path(run_dir) / SPEC_FILE),
+        "--run-dir",
+        str(run_dir),
+        "--model-root",
+        str(model_root),
+        "--data-root",
+        str(data_root),
+    ]
 
 
 def _clean(value: Any) -> Any:

@@ -94,7 +94,7 @@ def _check_chat(obj: dict[str, Any]) -> None:
         raise RecordError(f"uses {', '.join(bad)}: tools and function calls are not supported yet")
     messages = obj.get("messages")
     if not isinstance(messages, list):
-        raise RecordError("has no 'messages' list (chat records are {\"messages\": [{\"role\", \"content\"}, ...]})")
+        raise RecordError('has no \'messages\' list (chat records are {"messages": [{"role", "content"}, ...]})')
     if not messages:
         raise RecordError("has an empty 'messages' list")
     for i, m in enumerate(messages):

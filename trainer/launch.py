@@ -117,10 +117,13 @@ def _rank_handler_class() -> type:
             self.signalled = False  # a signal from the launcher (elastic), not from outside
             launcher = self.launcher
             self.proc = subprocess.Popen(
-                args, env=env | launcher.rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                args,
+                env=env | launcher.rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 process_group=0,  # its own group (elastic signals the group), in the launcher's session
                 preexec_fn=lambda: set_pdeathsig(signal.SIGKILL, launcher.pid),
-            )  # fmt: skip
+            )
             launcher.ranks.append(self)
             self.copier = threading.Thread(
                 target=_copy_output, args=(self.proc.stdout, self.rank, launcher.log, launcher.log_lock), daemon=True
@@ -144,8 +147,11 @@ def _logs_specs() -> Any:
     class NoFiles(LogsSpecs):  # type: ignore[misc]
         def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
             ranks = range(len(envs))
-            return LogsDest(stdouts=dict.fromkeys(ranks, ""), stderrs=dict.fromkeys(ranks, ""),
-                            error_files=dict.fromkeys(ranks, os.devnull))  # fmt: skip
+            return LogsDest(
+                stdouts=dict.fromkeys(ranks, ""),
+                stderrs=dict.fromkeys(ranks, ""),
+                error_files=dict.fromkeys(ranks, os.devnull),
+            )
 
         @property
         def root_log_dir(self) -> str:
@@ -238,13 +244,30 @@ class Launcher:
         rank_class = _rank_handler_class()
         rank_class.launcher = self
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=self.world, run_id=f"trainbox-{uuid.uuid4().hex[:12]}",
-            rdzv_backend="c10d", rdzv_endpoint="localhost:0", local_addr="127.0.0.1",
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=self.world,
+            run_id=f"trainbox-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            local_addr="127.0.0.1",
             max_restarts=0,  # a failed run is the worker's to retry, from its checkpoint
-            logs_specs=_logs_specs(), shutdown_timeout=int(self.args.stop_grace),
-        )  # fmt: skip
-        args = ["-m", "trainer", "rank", "--spec", str(self.args.spec), "--run-dir", str(self.run_dir),
-                "--model-root", str(self.args.model_root), "--data-root", str(self.args.data_root)]  # fmt: skip
+            logs_specs=_logs_specs(),
+            shutdown_timeout=int(self.args.stop_grace),
+        )
+        args = [
+            "-m",
+            "trainer",
+            "rank",
+            "--spec",
+            str(self.args.spec),
+            "--run-dir",
+            str(self.run_dir),
+            "--model-root",
+            str(self.args.model_root),
+            "--data-root",
+            str(self.args.data_root),
+        ]
         if self.args.no_save:
             args.append("--no-save")
         order: list[int] = []
@@ -296,8 +319,11 @@ class Launcher:
     def _failures(self, order: list[int]) -> list[tuple[int, int]]:
         """(rank, exit code) of the ranks that failed, in the order elastic saw them, then by rank."""
         codes = {r.rank: r.proc.returncode for r in self.ranks}
-        return [(r, codes[r]) for r in dict.fromkeys([*order, *sorted(codes)])
-                if codes.get(r) is not None and not self._stopped(codes[r])]  # fmt: skip
+        return [
+            (r, codes[r])
+            for r in dict.fromkeys([*order, *sorted(codes)])
+            if codes.get(r) is not None and not self._stopped(codes[r])
+        ]
 
     def _cause(self, failures: list[tuple[int, int]], killed_by_us: set[int]) -> tuple[int, int] | None:
         """The failure worth reporting: a rank killed by a signal the launcher did not send, else one

@@ -176,12 +176,21 @@ class Loop:
             )
 
     def _checkpoint(self) -> None:
-        state = {"tokens": self.tokens, "trained_tokens": self.trained_tokens,
-                 "epoch": self.batches.epoch_of(max(self.step - 1, 0))}  # fmt: skip
+        state = {
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
+        }
         path, seconds = checkpoint.save(
-            self.engine, self.run_dir, self.step, state, self.spec.keep_checkpoints,
-            needed=self.checkpoint_bytes, device=self.device, also_keep=self.best["step"] if self.best else None,
-        )  # fmt: skip
+            self.engine,
+            self.run_dir,
+            self.step,
+            state,
+            self.spec.keep_checkpoints,
+            needed=self.checkpoint_bytes,
+            device=self.device,
+            also_keep=self.best["step"] if self.best else None,
+        )
         if self.events is not None:
             rel = str(path.relative_to(self.run_dir))
             self.events.emit("checkpoint", step=self.step, path=rel, seconds=round(seconds, 3))
@@ -193,9 +202,14 @@ class Loop:
         t0 = time.perf_counter()
         loss, count = evaluate(self.engine, self.evals, self.device)
         if self.events is not None:
-            self.events.emit("eval", step=self.step, eval_loss=round(loss, 5) if math.isfinite(loss) else loss,
-                             perplexity=perplexity(loss), tokens=count,
-                             seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+            self.events.emit(
+                "eval",
+                step=self.step,
+                eval_loss=round(loss, 5) if math.isfinite(loss) else loss,
+                perplexity=perplexity(loss),
+                tokens=count,
+                seconds=round(time.perf_counter() - t0, 3),
+            )
         self.say(f"eval at step {self.step}: loss {loss:.4f} over {count} tokens")
         if not (self.spec.keep_best and math.isfinite(loss)):
             return False

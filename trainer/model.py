@@ -24,9 +24,7 @@ EOS = "<|endoftext|>"
 def load_tokenizer(source: ModelSource) -> Any:
     """The model's own tokenizer, or for presets the byte-level BPE shipped in trainer/assets."""
     if source.kind == "preset":
-        return PreTrainedTokenizerFast(
-            tokenizer_file=str(TOKENIZER_FILE), eos_token=EOS, pad_token=EOS, bos_token=None
-        )
+        return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), eos_token=EOS, pad_token=EOS, bos_token=None)
     tok = AutoTokenizer.from_pretrained(source.name, local_files_only=True, trust_remote_code=False)
     if tok.eos_token_id is None:
         raise SpecError(f"the tokenizer of {source.name!r} has no EOS token to separate documents", "model")
@@ -102,9 +100,9 @@ def encoder(tokenizer: Any, data_format: str) -> Encoder:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
         def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-            return str(tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            ))  # fmt: skip
+            return str(
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            )
 
     eos = tokenizer.eos_token_id
     prefix = tuple(i for i in tokenizer("", add_special_tokens=True)["input_ids"] if i != eos)  # BOS, if added

@@ -198,6 +198,7 @@ def inspect_data(
     if val.data_format != train.data_format:
         raise SpecError(
             f"validation data is {val.data_format} but the training data is {train.data_format}: "
-            f"both must be of one format", "validation"
+            f"both must be of one format",
+            "validation",
         )
     return train, val

@@ -95,12 +95,17 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     tokenizer = models.load_tokenizer(source)
     enc = models.encoder(tokenizer, info.data_format)
     opts = DataOptions(
-        format=info.data_format, text_field=spec.dataset.text_field,
+        format=info.data_format,
+        text_field=spec.dataset.text_field,
         val_text_field=spec.validation.text_field if spec.validation else spec.dataset.text_field,
-        train_all=info.data_format == "text" or spec.dataset.train_on == "all", overlong=spec.dataset.overlong,
-        seq_len=spec.seq_len, split=spec.validation_split, seed=spec.seed,
-        tokenizer=models.tokenizer_id(source, tokenizer), template=models.template_id(tokenizer),
-    )  # fmt: skip
+        train_all=info.data_format == "text" or spec.dataset.train_on == "all",
+        overlong=spec.dataset.overlong,
+        seq_len=spec.seq_len,
+        split=spec.validation_split,
+        seed=spec.seed,
+        tokenizer=models.tokenizer_id(source, tokenizer),
+        template=models.template_id(tokenizer),
+    )
     cache_dir, cache_max = token_cache(Path(args.data_root), run_dir)
     key = cache_key(info, val_info, opts)
     if rank == 0:
@@ -126,7 +131,9 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     optimizer_cls = torch.optim.AdamW if opt["type"] == "AdamW" else torch.optim.Adam
     optimizer = optimizer_cls(
         models.param_groups(model, opt["weight_decay"]),
-        lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+        lr=opt["lr"],
+        betas=tuple(opt["betas"]),
+        eps=opt["eps"],
         fused=on_gpu or None,  # one kernel for all parameters on GPU
     )
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -140,12 +147,22 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     stage = ds_config["zero_optimization"]["stage"]
     ckpt_bytes = checkpoint.estimate_bytes(n_params, precision, stage, world)
     loop = Loop(
-        spec=spec, run_dir=run_dir, engine=engine, batches=batches, device=device, events=events, stop=stop,
-        total_steps=steps, flops_per_token=fpt, peak_flops=peak_flops(device_name) if on_gpu else None,
-        precision=precision, save_outputs=not args.no_save,
+        spec=spec,
+        run_dir=run_dir,
+        engine=engine,
+        batches=batches,
+        device=device,
+        events=events,
+        stop=stop,
+        total_steps=steps,
+        flops_per_token=fpt,
+        peak_flops=peak_flops(device_name) if on_gpu else None,
+        precision=precision,
+        save_outputs=not args.no_save,
         # TRAINBOX_DISK_CHECK=off: a filesystem that misreports its free space (some network mounts).
         checkpoint_bytes=None if os.environ.get("TRAINBOX_DISK_CHECK") == "off" else ckpt_bytes,
-        evals=evals, eval_every=(spec.eval_every or max(1, steps // 10)) if evals is not None else 0,
+        evals=evals,
+        eval_every=(spec.eval_every or max(1, steps // 10)) if evals is not None else 0,
     )
     resumed = loop.resume()
     for note in notes:
@@ -153,12 +170,25 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     if events is not None:
         plan = spec.batch
         events.emit(
-            "start", world_size=world, micro_batch=plan.micro, grad_accum=plan.accum,
-            train_batch_size=plan.train, total_steps=steps, steps_per_epoch=batches.steps_per_epoch,
-            resumed_from_step=resumed, precision=precision, notes=notes, n_params=n_params,
-            device=device_name, seq_len=spec.seq_len, dataset_tokens=int(len(batches.tokens)),
-            data=data.stats | {"cache": str(cache_dir / f"data-{key}")}, eval_every=loop.eval_every,
-            optimizer=opt, deepspeed_config=ds_config, checkpoint_estimate_bytes=ckpt_bytes,
+            "start",
+            world_size=world,
+            micro_batch=plan.micro,
+            grad_accum=plan.accum,
+            train_batch_size=plan.train,
+            total_steps=steps,
+            steps_per_epoch=batches.steps_per_epoch,
+            resumed_from_step=resumed,
+            precision=precision,
+            notes=notes,
+            n_params=n_params,
+            device=device_name,
+            seq_len=spec.seq_len,
+            dataset_tokens=int(len(batches.tokens)),
+            data=data.stats | {"cache": str(cache_dir / f"data-{key}")},
+            eval_every=loop.eval_every,
+            optimizer=opt,
+            deepspeed_config=ds_config,
+            checkpoint_estimate_bytes=ckpt_bytes,
         )
     code = loop.run()
     if code != EXIT_OK:
@@ -170,8 +200,14 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
     if not args.no_save:
         model_path = save_final_model(engine, tokenizer, run_dir, stage)
     if events is not None:
-        events.emit("end", status="succeeded", step=loop.step, error=None,
-                    model_path=str(model_path.relative_to(run_dir)) if model_path else None, model_step=model_step)
+        events.emit(
+            "end",
+            status="succeeded",
+            step=loop.step,
+            error=None,
+            model_path=str(model_path.relative_to(run_dir)) if model_path else None,
+            model_step=model_step,
+        )
     return EXIT_OK
 
 

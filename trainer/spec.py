@@ -217,9 +217,7 @@ class OffloadParamConfig(_Strict):
         if isinstance(data, dict):
             bad = sorted(REFUSED_OFFLOAD_KEYS & data.keys())
             if bad or data.get("device") == "nvme":
-                raise ValueError(
-                    "NVMe offload is refused: it writes swap files to a path; use device 'cpu' or 'none'"
-                )
+                raise ValueError("NVMe offload is refused: it writes swap files to a path; use device 'cpu' or 'none'")
         return data
 
 
@@ -408,16 +406,24 @@ class JobSpec(_Strict):
     validation: ValidationRef | None = None
     validation_split: Annotated[
         float,
-        Field(ge=0, le=0.5, description="fraction of the training records held out (by the seed) for eval; "
-              "not with validation (422 validation_conflict)"),
+        Field(
+            ge=0,
+            le=0.5,
+            description="fraction of the training records held out (by the seed) for eval; "
+            "not with validation (422 validation_conflict)",
+        ),
         _F,
     ] = 0.0
-    eval_every: Annotated[
-        int, Field(ge=1, le=MAX_STEPS, description="steps between evaluations; left out: about 10 per run"), _W
-    ] | None = None
+    eval_every: (
+        Annotated[
+            int, Field(ge=1, le=MAX_STEPS, description="steps between evaluations; left out: about 10 per run"), _W
+        ]
+        | None
+    ) = None
     keep_best: Bool = Field(
-        False, description="keep the lowest-eval-loss checkpoint and export it as the model; "
-        "it and eval_every need validation or validation_split (422 validation_conflict)"
+        False,
+        description="keep the lowest-eval-loss checkpoint and export it as the model; "
+        "it and eval_every need validation or validation_split (422 validation_conflict)",
     )
     gradient_checkpointing: Bool = False
     seed: Annotated[int, Field(ge=0, le=MAX_SEED), _W] = 42
@@ -457,8 +463,14 @@ class JobSpec(_Strict):
         if self.validation is not None and self.validation_split > 0:
             msg = "give either validation (a file) or validation_split (a held-out fraction), not both"
         elif not self.has_validation:
-            msg = next((f"{name} needs validation data: set validation or validation_split"
-                        for name in ("eval_every", "keep_best") if getattr(self, name)), None)  # fmt: skip
+            msg = next(
+                (
+                    f"{name} needs validation data: set validation or validation_split"
+                    for name in ("eval_every", "keep_best")
+                    if getattr(self, name)
+                ),
+                None,
+            )
         if msg:
             raise PydanticCustomError("validation_conflict", "{msg}", {"msg": msg})
         return self
@@ -508,9 +520,7 @@ def clean_loc(loc: Any) -> list[str | int]:
     """An error's location as field names only: without the tags pydantic adds for each member of a
     union (`function-before[...]`, `literal['auto']`, `bool`), which no spec field is named like."""
     return [
-        p
-        for p in loc
-        if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS or p.startswith("constrained-")))
+        p for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS or p.startswith("constrained-")))
     ]
 
 

@@ -45,15 +45,21 @@ def main(argv: list[str] | None = None) -> None:
         app.worker_main(
             [
                 "worker",
-                "--queues", keys.box_queue(box),
-                "--pool", "threads",
+                "--queues",
+                keys.box_queue(box),
+                "--pool",
+                "threads",
                 # One slot per device, plus one so a duplicate delivery never waits behind a run.
-                "--concurrency", str(len(devices) + 1),
-                "--hostname", f"trainbox@{box}",
-                "--loglevel", args.loglevel.upper(),
-                "--without-gossip", "--without-mingle",
+                "--concurrency",
+                str(len(devices) + 1),
+                "--hostname",
+                f"trainbox@{box}",
+                "--loglevel",
+                args.loglevel.upper(),
+                "--without-gossip",
+                "--without-mingle",
             ]
-        )  # fmt: skip
+        )
     finally:
         sweeper.stop()
 

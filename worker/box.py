@@ -118,9 +118,11 @@ def sweep(box: str) -> None:
         heartbeat_box(session, box)
         for index, mb in used.items():
             session.execute(
-                update(Gpu).where(Gpu.box == box, Gpu.index == index).values(memory_used_mb=mb)
+                update(Gpu)
+                .where(Gpu.box == box, Gpu.index == index)
+                .values(memory_used_mb=mb)
                 .execution_options(synchronize_session=False)
-            )  # fmt: skip
+            )
     refresh_busy(box)
     resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None

@@ -38,8 +38,10 @@ def nvml_processes() -> dict[int, list[int]] | None:
         out: dict[int, list[int]] = {}
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            procs = [*pynvml.nvmlDeviceGetComputeRunningProcesses(handle),
-                     *pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)]  # fmt: skip
+            procs = [
+                *pynvml.nvmlDeviceGetComputeRunningProcesses(handle),
+                *pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle),
+            ]
             out[index] = sorted({int(p.pid) for p in procs})
         return out
     finally:
@@ -80,11 +82,14 @@ def requeue_if_busy(job_id: str, attempt: int, processes: Processes | None = Non
         if event is None:
             return []
         session.execute(
-            update(Gpu).where(Gpu.box == row.box, Gpu.index.in_(busy)).values(busy=True)
+            update(Gpu)
+            .where(Gpu.box == row.box, Gpu.index.in_(busy))
+            .values(busy=True)
             .execution_options(synchronize_session=False)
-        )  # fmt: skip
-    log.warning("job %s attempt %s: GPUs %s of box %s are used by other processes; requeued",
-                job_id, attempt, busy, row.box)  # fmt: skip
+        )
+    log.warning(
+        "job %s attempt %s: GPUs %s of box %s are used by other processes; requeued", job_id, attempt, busy, row.box
+    )
     settings_publisher()(job_id, event)
     return busy
 
@@ -101,6 +106,8 @@ def refresh_busy(box: str, processes: Processes | None = None) -> None:
         busy = set(busy_indices(free, procs, own_pids=[os.getpid()]))
         for index in free:
             session.execute(
-                update(Gpu).where(Gpu.box == box, Gpu.index == index, Gpu.job_id.is_(None))
-                .values(busy=index in busy).execution_options(synchronize_session=False)
-            )  # fmt: skip
+                update(Gpu)
+                .where(Gpu.box == box, Gpu.index == index, Gpu.job_id.is_(None))
+                .values(busy=index in busy)
+                .execution_options(synchronize_session=False)
+            )

@@ -99,14 +99,23 @@ def prepare_ops(*, accelerator: str, root: Path, timeout_s: float, env: dict[str
     if not names:
         log.info("DeepSpeed ops: %s ranks compile none; cache %s", accelerator, root)
         return 0.0
-    log.info("DeepSpeed ops: building %s for %s ranks in %s (compiled once: a minute or two; then seconds)",
-             ", ".join(names), accelerator, root)  # fmt: skip
+    log.info(
+        "DeepSpeed ops: building %s for %s ranks in %s (compiled once: a minute or two; then seconds)",
+        ", ".join(names),
+        accelerator,
+        root,
+    )
     t0 = time.monotonic()
     env = env | {"TORCH_EXTENSIONS_DIR": str(root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.ops", "--accelerator", accelerator], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "trainer.ops", "--accelerator", accelerator],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

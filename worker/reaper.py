@@ -88,5 +88,6 @@ def _reap_one(job_id: str, attempt: int, state: JobState, max_attempts: int, rea
             return lifecycle.requeue(session, job_id, attempt=attempt, from_states=[state], reason=reason)
         message = f"its worker was lost on the last attempt ({attempt} of {max_attempts})"
         error = {"type": ErrorType.LOST, "message": message, "log_tail": ""}
-        return lifecycle.finish(session, job_id, attempt=attempt, to=JobState.FAILED, error=error,
-                                from_states=[state], reason=reason)  # fmt: skip
+        return lifecycle.finish(
+            session, job_id, attempt=attempt, to=JobState.FAILED, error=error, from_states=[state], reason=reason
+        )

@@ -42,6 +42,10 @@ def prune(days: float) -> int:
         pruned = prune_checkpoints(session, runs_root=settings.runs_root, older_than_days=days)
     freed = sum(p.bytes for p in pruned)
     if pruned:
-        log.info("retention (%s days): pruned the checkpoints of %d finished jobs, %s freed",
-                 days, len(pruned), human_bytes(freed))  # fmt: skip
+        log.info(
+            "retention (%s days): pruned the checkpoints of %d finished jobs, %s freed",
+            days,
+            len(pruned),
+            human_bytes(freed),
+        )
     return freed

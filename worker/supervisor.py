@@ -94,9 +94,12 @@ def trainer_command(launch: Launch) -> list[str]:
 def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: only the assigned devices visible, no trainbox settings or secrets."""
     return child_env(
-        launch.accelerator, launch.devices, cpu_threads=launch.cpu_threads, extensions_dir=launch.extensions_dir,
+        launch.accelerator,
+        launch.devices,
+        cpu_threads=launch.cpu_threads,
+        extensions_dir=launch.extensions_dir,
         base=base,
-    )  # fmt: skip
+    )
 
 
 def child_env(
@@ -329,9 +332,12 @@ def supervise(
             if reason is None and deadline is not None and now() >= deadline:
                 reason = Stop.TIMEOUT
             if (
-                reason is None and launch.start_timeout_s is not None and stop is None
-                and now() - started_at >= launch.start_timeout_s and not start_watch.poll()
-            ):  # fmt: skip
+                reason is None
+                and launch.start_timeout_s is not None
+                and stop is None
+                and now() - started_at >= launch.start_timeout_s
+                and not start_watch.poll()
+            ):
                 # Ranks that hang before training (a build lock, a rendezvous) would sit `running` forever.
                 reason = Stop.NO_START
                 no_start = no_start_message(launch.start_timeout_s, run_dir, launch.extensions_dir)

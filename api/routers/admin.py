@@ -20,10 +20,13 @@ class PruneRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON numbers and booleans, not `false` or "7"
 
     older_than_days: float | None = Field(
-        None, ge=0, le=36500, allow_inf_nan=False,
+        None,
+        ge=0,
+        le=36500,
+        allow_inf_nan=False,
         description="jobs that finished at least this many days ago (0: every finished job); "
         "default: TRAINBOX_CHECKPOINT_RETENTION_DAYS",
-    )  # fmt: skip
+    )
     dry_run: bool = Field(False, description="report what would be deleted, delete nothing")
 
 

@@ -28,9 +28,14 @@ def _slow_upload(url: str, token_headers: dict[str, str]) -> socket.socket:
 
 def test_caps_answer_fast_with_retry_after_and_release(client, settings, sessions):
     small = settings.model_copy(
-        update={"api_max_inflight": 2, "api_max_inflight_per_user": 1, "api_admission_wait_s": 0.3,
-                "api_max_streams_per_user": 1, "api_max_streams": 2}
-    )  # fmt: skip
+        update={
+            "api_max_inflight": 2,
+            "api_max_inflight_per_user": 1,
+            "api_admission_wait_s": 0.3,
+            "api_max_streams_per_user": 1,
+            "api_max_streams": 2,
+        }
+    )
     ann, bob, cyd = make_user(client, "ann"), make_user(client, "bob"), make_user(client, "cyd")
     app = create_app(small, dispatch=None)
     admission = app.state.admission

@@ -163,11 +163,19 @@ def test_users_me_and_admin_limits(client):
     assert me == {
         "name": "ann",
         "is_admin": False,
-        "limits": {"max_gpus": None, "max_queued": 50, "max_runtime_s": 604800, "max_priority": 0,
-                   "submit_rate_per_minute": 10000, "max_datasets": 100, "max_dataset_bytes": 10 << 30,
-                   "max_tokens": 20, "max_disk_bytes": None},
+        "limits": {
+            "max_gpus": None,
+            "max_queued": 50,
+            "max_runtime_s": 604800,
+            "max_priority": 0,
+            "submit_rate_per_minute": 10000,
+            "max_datasets": 100,
+            "max_dataset_bytes": 10 << 30,
+            "max_tokens": 20,
+            "max_disk_bytes": None,
+        },
         "disk": {"jobs_bytes": 0, "uploads_bytes": 0, "total_bytes": 0},
-    }  # fmt: skip
+    }
     [err] = only_error(client.patch("/users/ann", json={"max_gpus": 1}, headers=a), 403)
     assert err["msg"] == "only an admin may do this"
     only_error(client.get("/users", headers=a), 403)

@@ -53,9 +53,7 @@ def test_users_me_adds_up_the_callers_jobs_and_uploads(client, sessions):
     assert everyone["ann"] == disk and everyone["local"]["total_bytes"] == 0
 
 
-def test_a_user_at_their_disk_quota_cannot_submit_until_an_override_or_a_prune(
-    client, sessions, settings, monkeypatch
-):
+def test_a_user_at_their_disk_quota_cannot_submit_until_an_override_or_a_prune(client, sessions, settings, monkeypatch):
     ann = make_user(client, "ann")
     assert client.get("/users/me", headers=ann).json()["limits"]["max_disk_bytes"] is None  # default: no cap
     job_id = _submit(client, ann)
@@ -66,10 +64,16 @@ def test_a_user_at_their_disk_quota_cannot_submit_until_an_override_or_a_prune(
     [err] = only_error(client.post("/jobs", json=spec(), headers=ann), 403)
     assert err["type"] == "limit_exceeded" and err["loc"] == ["body"]
     msg = err["msg"]
-    for fragment in ("you use 6.0 KB (6000 bytes) of disk", "6000 bytes in your jobs' run directories",
-                     "quota of 6.0 KB (6000 bytes)", "max_disk_bytes", "TRAINBOX_MAX_DISK_BYTES_PER_USER",
-                     "trainbox-admin users set NAME --max-disk-bytes N", "trainbox prune",
-                     "trainbox datasets delete"):  # fmt: skip
+    for fragment in (
+        "you use 6.0 KB (6000 bytes) of disk",
+        "6000 bytes in your jobs' run directories",
+        "quota of 6.0 KB (6000 bytes)",
+        "max_disk_bytes",
+        "TRAINBOX_MAX_DISK_BYTES_PER_USER",
+        "trainbox-admin users set NAME --max-disk-bytes N",
+        "trainbox prune",
+        "trainbox datasets delete",
+    ):
         assert fragment in msg, msg
     assert client.post("/jobs", json=spec()).status_code == 201, "others (the admin `local`) still submit"
 
@@ -124,7 +128,13 @@ def test_prune_is_for_admins_and_needs_an_age(client):
     [err] = only_error(client.post("/admin/prune", json={}), 422)  # no setting, no age: nothing assumed
     assert err["loc"] == ["body", "older_than_days"] and "TRAINBOX_CHECKPOINT_RETENTION_DAYS" in err["msg"]
     assert err["type"] == "retention_not_set"  # documented on the operation: no JSON schema can say it
-    bad_bodies = ({"older_than_days": -1}, {"older_than_days": False}, {"older_than_days": "7"}, {"dry_run": "yes"},
-                  {"dry_run": 1}, {"older_than_days": 1, "force": True})  # fmt: skip
+    bad_bodies = (
+        {"older_than_days": -1},
+        {"older_than_days": False},
+        {"older_than_days": "7"},
+        {"dry_run": "yes"},
+        {"dry_run": 1},
+        {"older_than_days": 1, "force": True},
+    )
     for bad in bad_bodies:
         assert client.post("/admin/prune", json=bad).status_code == 422, bad

@@ -99,8 +99,12 @@ def test_last_event_id_resumes_without_gaps_or_repeats(client, sessions, redis):
     # A client that has the history (the dashboard) starts at 0-0 with its last step: only newer steps.
     with client.stream("GET", f"/jobs/{job_id}/events", params={"after": "0-0:7"}) as r:
         assert [(e[1], e[2].get("step")) for e in parse(r.iter_lines())] == [
-            ("state", None), ("step", 8), ("step", 9), ("step", 10), ("end", None)
-        ]  # fmt: skip
+            ("state", None),
+            ("step", 8),
+            ("step", 9),
+            ("step", 10),
+            ("end", None),
+        ]
 
 
 def test_cancelled_queued_job_stream_ends(client):
@@ -189,8 +193,15 @@ def test_steps_redis_lost_come_from_the_db(client, sessions, redis):
 
     got = read_all(client, job_id, **{"Last-Event-ID": f"{ids[3]}:4"})
     assert [(e[1], e[2].get("step")) for e in got] == [
-        ("step", 5), ("step", 6), ("step", 7), ("state", None), ("step", 8), ("step", 9), ("step", 10), ("end", None),
-    ]  # fmt: skip
+        ("step", 5),
+        ("step", 6),
+        ("step", 7),
+        ("state", None),
+        ("step", 8),
+        ("step", 9),
+        ("step", 10),
+        ("end", None),
+    ]
     assert got[0][2]["loss"] == pytest.approx(0.2) and len({e[0] for e in got[:-1]}) == 7
     # A client that drops in the middle of the DB part resumes from a DB id; a new one gets it all.
     again = read_all(client, job_id, **{"Last-Event-ID": got[0][0]})

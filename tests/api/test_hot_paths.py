@@ -52,7 +52,7 @@ def _fill_queue(sessions, n: int, owner: str) -> None:
                 cancel_requested=False,
                 created_at=now,
                 updated_at=now,
-            )  # fmt: skip
+            )
             for i in range(n)
         )
         s.commit()
@@ -93,7 +93,7 @@ def test_reads_and_submits_issue_the_same_statements_at_5_and_at_200_queued(clie
                 cancel_requested=False,
                 created_at=now,
                 updated_at=now,
-            )  # fmt: skip
+            )
             for i in range(60)
         )
         s.commit()

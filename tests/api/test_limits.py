@@ -26,14 +26,22 @@ def limits(client, name, **values):
 @pytest.mark.parametrize(
     ("override", "body", "loc", "fragments"),
     [
-        ({"max_gpus": 1}, spec(gpus=2, deepspeed={"train_batch_size": 8}), ["body", "gpus"],
-         ["gpus 2 is more than your 1 GPUs in use at once", "max_gpus", "TRAINBOX_MAX_GPUS_PER_USER"]),
-        ({"max_runtime_s": 3600}, spec(max_runtime_s=7200), ["body", "max_runtime_s"],
-         ["max_runtime_s 7200 is over your cap of 3600 s", "TRAINBOX_MAX_RUNTIME_S"]),
+        (
+            {"max_gpus": 1},
+            spec(gpus=2, deepspeed={"train_batch_size": 8}),
+            ["body", "gpus"],
+            ["gpus 2 is more than your 1 GPUs in use at once", "max_gpus", "TRAINBOX_MAX_GPUS_PER_USER"],
+        ),
+        (
+            {"max_runtime_s": 3600},
+            spec(max_runtime_s=7200),
+            ["body", "max_runtime_s"],
+            ["max_runtime_s 7200 is over your cap of 3600 s", "TRAINBOX_MAX_RUNTIME_S"],
+        ),
         ({}, spec(priority=5), ["body", "priority"], ["priority 5 is above your ceiling of 0", "max_priority"]),
         ({"max_priority": 3}, spec(priority=4), ["body", "priority"], ["ceiling of 3", "--max-priority"]),
     ],
-)  # fmt: skip
+)
 def test_spec_over_a_limit_is_403_naming_it(client, sessions, dispatched, override, body, loc, fragments):
     add_box(sessions)
     ann = make_user(client, "ann")

@@ -66,9 +66,16 @@ def stack(request, tmp_path, redis) -> Iterator[Stack]:
         engine = make_engine(url)
         tokens, jobs = {}, {}
         spec = JobSpec.model_validate(
-            {"name": "load", "model": "preset:tiny", "dataset": {"path": "corpus/train.jsonl"}, "gpus": 1,
-             "seq_len": 64, "max_steps": 10, "deepspeed": {"train_batch_size": 8}}
-        )  # fmt: skip
+            {
+                "name": "load",
+                "model": "preset:tiny",
+                "dataset": {"path": "corpus/train.jsonl"},
+                "gpus": 1,
+                "seq_len": 64,
+                "max_steps": 10,
+                "deepspeed": {"train_batch_size": 8},
+            }
+        )
         with make_sessionmaker(engine)() as s:
             crowd = [f"crowd{i}" for i in range(CROWD)]
             for name in ["flood", "other", *crowd, *(f"follower{i}" for i in range(FOLLOWER_USERS))]:

@@ -27,8 +27,15 @@ from api.app import create_app
 SKIP = "/jobs/{job_id}/events"
 EXAMPLES = 60
 # Rules the spec's JSON schema cannot state; POST /jobs and /jobs/validate document them.
-SPEC_RULES = {"batch_arithmetic", "precision_conflict", "deepspeed_conflict", "file_not_usable", "does_not_fit",
-              "too_many_steps", "validation_conflict"}
+SPEC_RULES = {
+    "batch_arithmetic",
+    "precision_conflict",
+    "deepspeed_conflict",
+    "file_not_usable",
+    "does_not_fit",
+    "too_many_steps",
+    "validation_conflict",
+}
 RULED = {"POST /jobs", "POST /jobs/validate"}
 # Other operations' documented rules: prune needs an age when the server sets no retention.
 OTHER_RULES = {"POST /admin/prune": {"retention_not_set"}}

@@ -45,8 +45,12 @@ def test_validate_reports_resolved_config_and_memory(client, sessions):
 def test_validate_says_when_it_is_tight(client, sessions):
     """Within the box but above 95% of it: accepted, with `fits` false as a warning."""
     add_box(sessions, n=3, memory_mb=24564)
-    ds = {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0}, "train_batch_size": 16,
-          "gradient_accumulation_steps": 8}
+    ds = {
+        **DEEPSEEK["deepspeed"],
+        "zero_optimization": {"stage": 0},
+        "train_batch_size": 16,
+        "gradient_accumulation_steps": 8,
+    }
     v = client.post("/jobs/validate", json={**DEEPSEEK, "gpus": 1, "deepspeed": ds}).json()
     assert v["memory"]["fits"] is False and 23.99 * 0.95 < v["memory"]["per_gpu_gb"] < 23.99
 
@@ -68,8 +72,11 @@ def test_validate_errors_match_submit(client):
 
 # --- admission by memory (the estimate the dry run shows decides) ---------------------------------
 
-TOO_BIG = {**DEEPSEEK, "gpus": 1, "deepspeed": {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0},
-                                               "train_batch_size": 16}}
+TOO_BIG = {
+    **DEEPSEEK,
+    "gpus": 1,
+    "deepspeed": {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0}, "train_batch_size": 16},
+}
 
 
 def test_spec_no_box_can_hold_is_refused_with_the_estimate_and_settings_that_fit(client, sessions):

@@ -92,9 +92,11 @@ def test_server_text_with_markup_is_printed_literally(served, tmp_path):
     url, settings = served
     token = _user("ann")
     failed = _job(
-        "ann", "failed", finished_at=utcnow(),
+        "ann",
+        "failed",
+        finished_at=utcnow(),
         error={"type": "train_error", "message": ERROR, "log_tail": LOG},
-    )  # fmt: skip
+    )
     running = _job("ann", "running", gpu_ids=[0], box="box1", started_at=utcnow())
     from core.db import session_scope
 
@@ -147,9 +149,14 @@ def test_list_pages_with_cursor(served, tmp_path):
     with Client(url, token) as client:
         dataset = client.upload_dataset(corpus)["id"]
         body = {
-            "model": "preset:tiny", "dataset": {"id": dataset}, "gpus": 1, "seq_len": 16, "max_steps": 2,
-            "deepspeed": {"train_batch_size": 2}, "max_runtime_s": 600,
-        }  # fmt: skip
+            "model": "preset:tiny",
+            "dataset": {"id": dataset},
+            "gpus": 1,
+            "seq_len": 16,
+            "max_steps": 2,
+            "deepspeed": {"train_batch_size": 2},
+            "max_runtime_s": 600,
+        }
         ids = [client.submit({**body, "name": f"page-{i}"})["id"] for i in range(3)]
     first = tb(url, token, "list", "-n", "2").stdout
     assert "page-2" in first and "page-1" in first and "page-0" not in first

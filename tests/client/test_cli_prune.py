@@ -21,12 +21,22 @@ data_dir, served = test_cli_users.data_dir, test_cli_users.served  # the fixture
 
 
 def _finished_job_with_checkpoints(days_ago: float) -> str:
-    spec = JobSpec.model_validate({"name": "old", "model": "preset:tiny", "dataset": {"path": "x.jsonl"},
-                                   "gpus": 1, "deepspeed": {"train_batch_size": 2}})  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "name": "old",
+            "model": "preset:tiny",
+            "dataset": {"path": "x.jsonl"},
+            "gpus": 1,
+            "deepspeed": {"train_batch_size": 2},
+        }
+    )
     with session_scope() as s:
         job_id = create_job(session=s, owner="admin", spec=spec).job.id
-        s.execute(update(Job).where(Job.id == job_id).values(
-            state="succeeded", finished_at=utcnow() - timedelta(days=days_ago), disk_bytes=12345))  # fmt: skip
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state="succeeded", finished_at=utcnow() - timedelta(days=days_ago), disk_bytes=12345)
+        )
     run_dir = get_settings().run_dir(job_id)
     for step in (10, 20):
         (run_dir / "checkpoints" / f"step-{step}").mkdir(parents=True)

@@ -35,8 +35,14 @@ def _run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) 
 def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, str]) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    up = subprocess.Popen(trainbox_argv() + ["up", "--port", str(port)], env=user_env, cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    up = subprocess.Popen(
+        trainbox_argv() + ["up", "--port", str(port)],
+        env=user_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: _healthy(url) or up.poll() is not None, timeout=120, what="trainbox up ready")
         assert up.poll() is None, up.stdout.read() if up.stdout else ""

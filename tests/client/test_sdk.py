@@ -13,9 +13,19 @@ from client.sdk import TrainboxError, format_detail, parse_sse
 
 def test_parse_sse_follows_the_event_stream_rules():
     lines = [
-        ": ping", "id: 1-0", "event: metric", 'data: {"type": "step",', 'data: "step": 1}', "",
-        "retry: 1000", "", "id: 2-0", "data:plain", "", "data: no dispatch without a blank line",
-    ]  # fmt: skip
+        ": ping",
+        "id: 1-0",
+        "event: metric",
+        'data: {"type": "step",',
+        'data: "step": 1}',
+        "",
+        "retry: 1000",
+        "",
+        "id: 2-0",
+        "data:plain",
+        "",
+        "data: no dispatch without a blank line",
+    ]
     got = list(parse_sse(iter(lines)))
     assert got == [("1-0", "metric", '{"type": "step",\n"step": 1}'), ("2-0", None, "plain")]
     assert json.loads(got[0][2]) == {"type": "step", "step": 1}

@@ -19,9 +19,18 @@ from tests.worker.test_deploy import _check_python_code, _resolve
 
 
 def _install(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = trainbox_argv() + ["service", "install", "--unit-dir", str(tmp_path / "units"),
-                              "--env-file", str(tmp_path / "etc" / "trainbox.env"),
-                              "--data-dir", str(tmp_path / "data"), "--no-create-user", *args]  # fmt: skip
+    argv = trainbox_argv() + [
+        "service",
+        "install",
+        "--unit-dir",
+        str(tmp_path / "units"),
+        "--env-file",
+        str(tmp_path / "etc" / "trainbox.env"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--no-create-user",
+        *args,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -29,10 +38,13 @@ def _parse(path: Path) -> configparser.ConfigParser:
     return _parse_text(path.read_text())
 
 
-@pytest.mark.parametrize(("layout", "names"), [
-    ("embedded", ["trainbox.service"]),
-    ("split", ["trainbox-api.service", "trainbox-worker.service"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("layout", "names"),
+    [
+        ("embedded", ["trainbox.service"]),
+        ("split", ["trainbox-api.service", "trainbox-worker.service"]),
+    ],
+)
 def test_units_are_valid_run_real_commands_and_restart(tmp_path: Path, layout: str, names: list[str]) -> None:
     done = _install(tmp_path, "--layout", layout)
     assert done.returncode == 0, done.stderr
@@ -57,8 +69,9 @@ def test_units_are_valid_run_real_commands_and_restart(tmp_path: Path, layout: s
             # The worker's jobs checkpoint on SIGTERM: systemd sends it to the main process only and waits.
             assert service["KillMode"] == "mixed" and int(service["TimeoutStopSec"]) >= 120
     if shutil.which("systemd-analyze"):
-        verify = subprocess.run(["systemd-analyze", "verify", *[str(tmp_path / "units" / n) for n in names]],
-                                capture_output=True, text=True)  # fmt: skip
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", *[str(tmp_path / "units" / n) for n in names]], capture_output=True, text=True
+        )
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -90,8 +103,10 @@ def test_the_units_and_docker_compose_run_the_same_commands_with_the_same_stop_t
     from client.cli_service import MIGRATE, STOP_TIMEOUT_S, units
     from tests.worker.test_deploy import SERVICES
 
-    split = {u.name: _parse_text(u.text) for u in units(layout="split", user="t", data_dir=Path("/d"),
-                                                        env_file=Path("/e"), host="0.0.0.0", port=8000)}  # fmt: skip
+    split = {
+        u.name: _parse_text(u.text)
+        for u in units(layout="split", user="t", data_dir=Path("/d"), env_file=Path("/e"), host="0.0.0.0", port=8000)
+    }
     api, worker = split["trainbox-api.service"]["Service"], split["trainbox-worker.service"]["Service"]
     assert SERVICES["migrate"]["command"] == ["python", "-c", MIGRATE]
     assert MIGRATE in api["ExecStartPre"]

@@ -91,8 +91,14 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
     env = {**user_env, "PATH": _path_without_redis(tmp_path)}
     data = tmp_path / ".trainbox"
     write_corpus(data / "data" / "corpus.jsonl")
-    up = subprocess.Popen(trainbox_argv() + ["up", "--port", str(port)], env=env, cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    up = subprocess.Popen(
+        trainbox_argv() + ["up", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: _healthy(url) or up.poll() is not None, timeout=180, what="the stack")
         assert up.poll() is None, up.stdout.read() if up.stdout else ""
@@ -110,11 +116,20 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
 
         api = Client(url, (data / "token").read_text().strip())
         spec = {
-            "name": "heal-me", "model": "preset:tiny", "dataset": {"path": "corpus.jsonl"}, "gpus": 2,
-            "seq_len": 64, "max_steps": 60, "checkpoint_every": 10, "max_runtime_s": 1800,
-            "deepspeed": {"train_batch_size": 8, "gradient_accumulation_steps": 1,
-                          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
-        }  # fmt: skip
+            "name": "heal-me",
+            "model": "preset:tiny",
+            "dataset": {"path": "corpus.jsonl"},
+            "gpus": 2,
+            "seq_len": 64,
+            "max_steps": 60,
+            "checkpoint_every": 10,
+            "max_runtime_s": 1800,
+            "deepspeed": {
+                "train_batch_size": 8,
+                "gradient_accumulation_steps": 1,
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            },
+        }
         job = api.submit(spec)
         run_dir = data / "runs" / job["id"]
         wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 14, timeout=180, what="a checkpoint")
@@ -123,8 +138,11 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
 
         # The OOM killer takes the worker: its ranks die with it, `up` starts a new one, which reclaims the job.
         os.kill(children["worker"].pid, signal.SIGKILL)
-        wait_for(lambda: not [p for p in first_ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-                 timeout=30, what="the killed worker's ranks to die with it")  # fmt: skip
+        wait_for(
+            lambda: not [p for p in first_ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+            timeout=30,
+            what="the killed worker's ranks to die with it",
+        )
         wait_for(lambda: api.get(job["id"])["attempt"] == 2, timeout=120, what="attempt 2")
         wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 35, timeout=180, what="attempt 2 trains")
 
@@ -134,8 +152,11 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
         final = wait_for(lambda: (j := api.get(job["id"]))["state"] in ("succeeded", "failed") and j, timeout=300)
         assert final["state"] == "succeeded", final["error"]
         assert final["attempt"] == 2
-        health = wait_for(lambda: (h := httpx.get(f"{url}/healthz", timeout=5).json())["status"] == "ok" and h,
-                          timeout=30, what="Redis back")  # fmt: skip
+        health = wait_for(
+            lambda: (h := httpx.get(f"{url}/healthz", timeout=5).json())["status"] == "ok" and h,
+            timeout=30,
+            what="Redis back",
+        )
         assert health["restarts"] == {"redis": 1, "api": 0, "worker": 1}, health
 
         # Attempt 2 resumed from the newest checkpoint before the kill; every step is in the history once.

@@ -62,6 +62,7 @@ def test_users_and_tokens_on_the_database(data_dir):
 
 
 def test_python_m_core_admin_runs_the_same_commands(data_dir):
-    done = subprocess.run([sys.executable, "-m", "core.admin", "users", "add", "bea"], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "core.admin", "users", "add", "bea"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "added user bea" in done.stdout, done.stderr

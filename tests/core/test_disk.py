@@ -29,8 +29,19 @@ def test_tree_bytes_counts_regular_files_and_follows_no_link(tmp_path: Path) -> 
 
 
 def _upload(session, owner: str, size: int, n: int) -> None:
-    session.add(Dataset(id=f"d{owner}{n}", owner=owner, filename="f", format="jsonl", text_field="text",
-                        records=1, bytes=size, sha256="0" * 64, created_at=utcnow()))  # fmt: skip
+    session.add(
+        Dataset(
+            id=f"d{owner}{n}",
+            owner=owner,
+            filename="f",
+            format="jsonl",
+            text_field="text",
+            records=1,
+            bytes=size,
+            sha256="0" * 64,
+            created_at=utcnow(),
+        )
+    )
     session.commit()
 
 

@@ -17,8 +17,17 @@ NOW = time.time()
 def _running(session, gpu_ids: list[int], *, step: int, total: int, elapsed_s: float):
     """A running job on box1 whose rate so far gives it (total - step) * elapsed / step seconds to go."""
     origin = {"step": 0, "time": NOW - elapsed_s}
-    job = add_job(session, gpus=len(gpu_ids), state="running", box="box1", gpu_ids=gpu_ids, step=step,
-                  total_steps=total, latest={"time": NOW}, rate_origin=origin)  # fmt: skip
+    job = add_job(
+        session,
+        gpus=len(gpu_ids),
+        state="running",
+        box="box1",
+        gpu_ids=gpu_ids,
+        step=step,
+        total_steps=total,
+        latest={"time": NOW},
+        rate_origin=origin,
+    )
     session.execute(update(Gpu).where(Gpu.index.in_(gpu_ids)).values(job_id=job.id))
     session.commit()
     return job

@@ -33,8 +33,10 @@ def _placed(session, gpus: int = 1) -> Job:
 def test_start_then_finish_frees_the_gpus_and_clears_the_lease(session):
     job = _placed(session)
     assert lifecycle.start(session, job.id, attempt=1, lease_owner="me", lease_s=30) == {
-        "type": "state", "state": "running", "attempt": 1,
-    }  # fmt: skip
+        "type": "state",
+        "state": "running",
+        "attempt": 1,
+    }
     assert lifecycle.start(session, job.id, attempt=1, lease_owner="me", lease_s=30) is None  # a duplicate
     error = {"type": "oom", "message": "boom"}
     event = lifecycle.finish(session, job.id, attempt=1, to=S.FAILED, error=error)
@@ -90,8 +92,10 @@ def _state_writes(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Assign | ast.AugAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Attribute) and t.attr == "state" and getattr(t.value, "id", "") == "job"
-                   for t in targets):  # fmt: skip
+            if any(
+                isinstance(t, ast.Attribute) and t.attr == "state" and getattr(t.value, "id", "") == "job"
+                for t in targets
+            ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} job.state = ...")
     return found
 

@@ -58,8 +58,16 @@ def test_start_etas_are_stored_for_the_head_and_cleared_when_they_lapse(session)
     now = time.time()
     register_box(session, "box1", [GpuInfo(0, "RTX 4090")])
     session.commit()
-    running = add_job(session, state="running", box="box1", gpu_ids=[0], step=50, total_steps=100,
-                      latest={"time": now}, rate_origin={"step": 0, "time": now - 100})  # fmt: skip
+    running = add_job(
+        session,
+        state="running",
+        box="box1",
+        gpu_ids=[0],
+        step=50,
+        total_steps=100,
+        latest={"time": now},
+        rate_origin={"step": 0, "time": now - 100},
+    )
     session.execute(update(Gpu).values(job_id=running.id))
     session.commit()
     first, second = add_job(session), add_job(session)

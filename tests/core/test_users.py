@@ -30,8 +30,16 @@ def test_token_is_long_random_shown_once_and_stored_as_its_hash(session, setting
     assert other != token
 
 
-@pytest.mark.parametrize("mangle", [lambda t: t + "x", lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),
-                                    lambda t: t.replace("tbx_", "xyz_"), lambda t: "", lambda t: "tbx_" + "a" * 12])
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t + "x",
+        lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),
+        lambda t: t.replace("tbx_", "xyz_"),
+        lambda t: "",
+        lambda t: "tbx_" + "a" * 12,
+    ],
+)
 def test_malformed_or_wrong_tokens_authenticate_nobody(session, settings, mangle):
     users.create_user(session, name="ann")
     _, token = users.create_token(session, user_name="ann")

@@ -68,11 +68,13 @@ def test_0002_adds_users_tokens_datasets_and_reverts_keeping_jobs(backend, tmp_p
         engine = make_engine(url)
         try:
             with engine.begin() as conn:
-                conn.execute(text(
-                    "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
-                    "cancel_requested, created_at, updated_at) VALUES ('j1', 'old', 'local', 'queued', '{}', 1, 0, "
-                    "1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
-                ))  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
+                        "cancel_requested, created_at, updated_at) VALUES ('j1', 'old', 'local', 'queued', '{}', 1, 0, "
+                        "1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                    )
+                )
             upgrade(url, "0002")
             with engine.connect() as conn:
                 names = set(inspect(conn).get_table_names())
@@ -95,8 +97,12 @@ def test_0003_gpu_busy_up_and_down_keeps_the_rows(backend, tmp_path):
         engine = make_engine(url)
         try:
             with engine.begin() as conn:
-                conn.execute(text("INSERT INTO boxes (name, queue, heartbeat_at, created_at) "
-                                  "VALUES ('b', 'q', '2026-01-01', '2026-01-01')"))  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO boxes (name, queue, heartbeat_at, created_at) "
+                        "VALUES ('b', 'q', '2026-01-01', '2026-01-01')"
+                    )
+                )
                 conn.execute(text("INSERT INTO gpus (box, \"index\", name) VALUES ('b', 0, 'g')"))
             upgrade(url, "0003")
             with engine.connect() as conn:
@@ -121,11 +127,14 @@ def test_0005_disk_up_and_down_keeps_jobs_their_metrics_and_users(backend, tmp_p
         engine = make_engine(url)
         try:
             with engine.begin() as conn:
-                conn.execute(text(
-                    "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
-                    "cancel_requested, created_at, updated_at) VALUES ('j1', 'old', 'ann', 'succeeded', '{}', 1, 0, "
-                    "1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
-                ))  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
+                        "cancel_requested, created_at, updated_at) "
+                        "VALUES ('j1', 'old', 'ann', 'succeeded', '{}', 1, 0, 1, 3, false, "
+                        "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                    )
+                )
                 conn.execute(text("INSERT INTO job_metrics (job_id, attempt, step, time) VALUES ('j1', 1, 1, 1.0)"))
                 conn.execute(text("INSERT INTO users (name, is_admin, created_at) VALUES ('ann', false, '2026-01-01')"))
             upgrade(url, "0005")
@@ -158,14 +167,26 @@ def test_0004_down_keeps_users_their_tokens_and_uploads(backend, tmp_path):
         engine = make_engine(url)
         try:
             with engine.begin() as conn:
-                conn.execute(text("INSERT INTO users (name, is_admin, created_at, max_tokens) "
-                                  "VALUES ('ann', false, '2026-01-01', 5)"))  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO users (name, is_admin, created_at, max_tokens) "
+                        "VALUES ('ann', false, '2026-01-01', 5)"
+                    )
+                )
                 uid = conn.execute(text("SELECT id FROM users")).scalar_one()
-                conn.execute(text("INSERT INTO api_tokens (id, user_id, name, secret_hash, created_at) "
-                                  f"VALUES ('t1', {uid}, 'laptop', '{'0' * 64}', '2026-01-01')"))  # fmt: skip
-                conn.execute(text("INSERT INTO datasets (id, owner, filename, format, text_field, records, bytes, "
-                                  f"sha256, created_at) VALUES ('d1', 'ann', 'a.jsonl', 'jsonl', 'text', 1, 10, "
-                                  f"'{'0' * 64}', '2026-01-01')"))  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO api_tokens (id, user_id, name, secret_hash, created_at) "
+                        f"VALUES ('t1', {uid}, 'laptop', '{'0' * 64}', '2026-01-01')"
+                    )
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO datasets (id, owner, filename, format, text_field, records, bytes, "
+                        f"sha256, created_at) VALUES ('d1', 'ann', 'a.jsonl', 'jsonl', 'text', 1, 10, "
+                        f"'{'0' * 64}', '2026-01-01')"
+                    )
+                )
             downgrade(url, "0003")
             with engine.connect() as conn:
                 assert "max_tokens" not in {c["name"] for c in inspect(conn).get_columns("users")}
@@ -190,11 +211,13 @@ def test_0007_drops_master_port_and_its_index_keeping_jobs_and_their_metrics(bac
         engine = make_engine(url)
         try:
             with engine.begin() as conn:
-                conn.execute(text(
-                    "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
-                    "cancel_requested, created_at, updated_at, box, master_port) VALUES ('j1', 'old', 'ann', "
-                    "'running', '{}', 1, 0, 1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00', 'b', 29500)"
-                ))  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, name, owner, state, spec, gpus, priority, attempt, max_attempts, "
+                        "cancel_requested, created_at, updated_at, box, master_port) VALUES ('j1', 'old', 'ann', "
+                        "'running', '{}', 1, 0, 1, 3, false, '2026-01-01 00:00:00', '2026-01-01 00:00:00', 'b', 29500)"
+                    )
+                )
                 conn.execute(text("INSERT INTO job_metrics (job_id, attempt, step, time) VALUES ('j1', 1, 1, 1.0)"))
                 assert port_index(conn) == ["uq_jobs_box_master_port"]
             upgrade(url, "0007")

@@ -57,12 +57,28 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
 
 
 def trainer_cmd(spec_file: Path, run_dir: Path, data_root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainer", "run", "--spec", str(spec_file), "--run-dir", str(run_dir),
-            "--data-root", str(data_root), "--model-root", str(data_root), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trainer",
+        "run",
+        "--spec",
+        str(spec_file),
+        "--run-dir",
+        str(run_dir),
+        "--data-root",
+        str(data_root),
+        "--model-root",
+        str(data_root),
+        *extra,
+    ]
 
 
 def start_trainer(
-    spec: dict[str, Any], run_dir: Path, data_root: Path, extra_env: dict[str, str] | None = None,
+    spec: dict[str, Any],
+    run_dir: Path,
+    data_root: Path,
+    extra_env: dict[str, str] | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Launch the trainer in its own session, as the worker does (`extra_env`: more variables,
@@ -73,8 +89,12 @@ def start_trainer(
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
     env |= extra_env or {}
     return subprocess.Popen(
-        trainer_cmd(spec_file, run_dir, data_root, *extra_args), cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        trainer_cmd(spec_file, run_dir, data_root, *extra_args),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 

@@ -86,8 +86,9 @@ def test_a_write_that_runs_out_of_space_removes_its_partial_checkpoint(data_root
     """The free-space check passed (here: switched off) but the disk filled during the write."""
     with small_filesystem(tmp_path / "fs", "16m") as fs:  # step-2 (10 MB) fits, step-4 does not
         run_dir = fs / "run"
-        p = start_trainer(tiny_spec(max_steps=6, checkpoint_every=2), run_dir, data_root,
-                          extra_env={"TRAINBOX_DISK_CHECK": "off"})  # fmt: skip
+        p = start_trainer(
+            tiny_spec(max_steps=6, checkpoint_every=2), run_dir, data_root, extra_env={"TRAINBOX_DISK_CHECK": "off"}
+        )
         assert p.wait(timeout=300) == 1, (run_dir / "train.log").read_text()[-3000:]
         error = failed_end(run_dir)
         assert error["type"] == "disk", error

@@ -140,8 +140,10 @@ def test_the_oracle_itself_refuses_what_deepspeed_refuses() -> None:
 
 def test_auto_bucket_sizes_resolve_to_deepspeed_defaults() -> None:
     spec = JobSpec.model_validate(
-        _spec(train_batch_size=4, zero_optimization={"stage": 3, "reduce_bucket_size": "auto",
-                                                     "stage3_prefetch_bucket_size": "auto"})
+        _spec(
+            train_batch_size=4,
+            zero_optimization={"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"},
+        )
     )
     cfg = build_ds_config(spec, precision="bf16", steps=10)
     assert "auto" not in cfg["zero_optimization"].values() and cfg["zero_optimization"]["stage"] == 3

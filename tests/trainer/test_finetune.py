@@ -44,9 +44,12 @@ def test_the_mask_decides_what_is_learned(
 
     write_jsonl(data_root / "masking.jsonl", [{"prompt": prompt(), "completion": ANSWER} for _ in range(400)])
     spec = tiny_spec(
-        dataset={"path": "masking.jsonl", "train_on": train_on}, seq_len=128, max_steps=50, checkpoint_every=0,
+        dataset={"path": "masking.jsonl", "train_on": train_on},
+        seq_len=128,
+        max_steps=50,
+        checkpoint_every=0,
         deepspeed={"train_batch_size": 8, "gradient_accumulation_steps": 1},
-    )  # fmt: skip
+    )
     if train_on == "completions":
         # keep_best, judged by prompts whose answer is another one: the eval loss falls while the model
         # learns the shape of an answer, then rises as it learns this answer; the best is in between.
@@ -103,8 +106,14 @@ def pretrained(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str
     run_dir.mkdir()
     (run_dir / "spec.json").write_text(json.dumps(tiny_spec(max_steps=15, checkpoint_every=0)))
     env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    proc = subprocess.run(trainer_cmd(run_dir / "spec.json", run_dir, data_root), cwd=REPO, env=env, timeout=300,
-                          capture_output=True, executable=None)  # fmt: skip
+    proc = subprocess.run(
+        trainer_cmd(run_dir / "spec.json", run_dir, data_root),
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        executable=None,
+    )
     assert proc.returncode == 0, (run_dir / "train.log").read_text()[-3000:] + proc.stderr.decode()[-2000:]
     assert sys.executable
     return f"{run_dir.name}/model"
@@ -121,9 +130,15 @@ def test_chat_fine_tune_of_a_saved_model_with_a_validation_split(
     rng = random.Random(1)
     write_jsonl(data_root / "chat.jsonl", [{"messages": chat(rng.choice(NAMES))} for _ in range(300)])
     spec = tiny_spec(
-        model=pretrained, dataset={"path": "chat.jsonl"}, validation_split=0.1, eval_every=10, keep_best=True,
-        max_steps=40, checkpoint_every=0, keep_checkpoints=1,
-    )  # fmt: skip
+        model=pretrained,
+        dataset={"path": "chat.jsonl"},
+        validation_split=0.1,
+        eval_every=10,
+        keep_best=True,
+        max_steps=40,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+    )
     code, run_dir = run_trainer(spec, tmp_path)
     assert code == 0, (run_dir / "train.log").read_text()[-3000:]
     evs = events(run_dir)
@@ -147,8 +162,9 @@ def test_chat_fine_tune_of_a_saved_model_with_a_validation_split(
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", local_files_only=True)
     tok = AutoTokenizer.from_pretrained(run_dir / "model", local_files_only=True)
     assert tok.chat_template  # the default template travelled with the model
-    ids = tok.apply_chat_template(chat("eve", reply=False), add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        chat("eve", reply=False), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id)
     reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -46,13 +46,15 @@ def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
 
 
 ENC = Encoder(encode, EOS, render)
-CHAT = {"messages": [
-    {"role": "system", "content": "S"},
-    {"role": "user", "content": "Q1"},
-    {"role": "assistant", "content": "A1"},
-    {"role": "user", "content": "Q2"},
-    {"role": "assistant", "content": "A2", "weight": 0},
-]}  # fmt: skip
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2", "weight": 0},
+    ]
+}
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -221,8 +223,18 @@ def test_every_validation_block_is_evaluated_once_with_equal_passes_per_rank() -
 def test_prepared_data_is_cached_and_split_by_the_seed(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 20)
     info = inspect_dataset(path, DatasetRef(path="d.jsonl"))
-    opts = DataOptions(format="chat", text_field="text", val_text_field="text", train_all=False, overlong="drop",
-                       seq_len=64, split=0.25, seed=1, tokenizer="t", template="x")  # fmt: skip
+    opts = DataOptions(
+        format="chat",
+        text_field="text",
+        val_text_field="text",
+        train_all=False,
+        overlong="drop",
+        seq_len=64,
+        split=0.25,
+        seed=1,
+        tokenizer="t",
+        template="x",
+    )
     data = prepare(info, None, opts, ENC, tmp_path / "cache", build=True)
     assert data.stats["train"]["records"] == 15 and data.stats["validation"]["records"] == 5
     assert data.stats["validation"]["source"] == "split" and data.val is not None
@@ -271,8 +283,18 @@ def test_spec_validation_options(extra: dict[str, Any], expected: str) -> None:
 def test_the_cache_key_follows_the_content_not_the_path(tmp_path: Path) -> None:
     from trainer.data import cache_key
 
-    opts = DataOptions(format="chat", text_field="text", val_text_field="text", train_all=False, overlong="drop",
-                       seq_len=64, split=0.0, seed=1, tokenizer="t", template="x")  # fmt: skip
+    opts = DataOptions(
+        format="chat",
+        text_field="text",
+        val_text_field="text",
+        train_all=False,
+        overlong="drop",
+        seq_len=64,
+        split=0.0,
+        seed=1,
+        tokenizer="t",
+        template="x",
+    )
     a = inspect_dataset(write_jsonl(tmp_path / "a.jsonl", [CHAT]), DatasetRef(path="a.jsonl"))
     b = inspect_dataset(write_jsonl(tmp_path / "b.jsonl", [CHAT]), DatasetRef(path="b.jsonl"))
     assert cache_key(a, None, opts) == cache_key(b, None, opts)

@@ -13,8 +13,19 @@ from trainer.loop import Diverged, Loop
 
 
 def loop(precision: str) -> Loop:
-    return Loop(spec=None, run_dir=Path("."), engine=None, batches=None, device=None, events=None,  # type: ignore[arg-type]
-                stop=None, total_steps=10, flops_per_token=None, peak_flops=None, precision=precision)  # type: ignore[arg-type]
+    return Loop(
+        spec=None,
+        run_dir=Path("."),
+        engine=None,
+        batches=None,
+        device=None,
+        events=None,  # type: ignore[arg-type]
+        stop=None,
+        total_steps=10,
+        flops_per_token=None,
+        peak_flops=None,
+        precision=precision,
+    )  # type: ignore[arg-type]
 
 
 def test_nan_loss_fails_at_once_in_bf16_and_fp32() -> None:

@@ -16,11 +16,19 @@ from trainer.spec import JobSpec
 
 def test_deepseek_preset_has_the_1_3b_shape() -> None:
     with torch.device("meta"):
-        model = build_model(ModelSource("preset", "deepseek-1.3b"), ds_config={"zero_optimization": {"stage": 0}},
-                            gradient_checkpointing=False)
+        model = build_model(
+            ModelSource("preset", "deepseek-1.3b"),
+            ds_config={"zero_optimization": {"stage": 0}},
+            gradient_checkpointing=False,
+        )
     cfg = model.config
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (
-        2048, 5504, 24, 16, 32256)
+        2048,
+        5504,
+        24,
+        16,
+        32256,
+    )
     n = sum(p.numel() for p in model.parameters())
     assert n == llama_param_count(DEEPSEEK_1_3B)
     assert 1.3e9 < n < 1.4e9
@@ -52,8 +60,9 @@ def test_local_directory_round_trip_with_from_pretrained(tmp_path: Path) -> None
 
 
 def test_weight_decay_skips_norms_and_biases() -> None:
-    model = build_model(ModelSource("preset", "tiny"), ds_config={"zero_optimization": {"stage": 0}},
-                        gradient_checkpointing=False)
+    model = build_model(
+        ModelSource("preset", "tiny"), ds_config={"zero_optimization": {"stage": 0}}, gradient_checkpointing=False
+    )
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
@@ -68,19 +77,34 @@ def test_shipped_tokenizer_round_trips_any_text() -> None:
 
 
 def spec(**ds: object) -> JobSpec:
-    return JobSpec.model_validate({"name": "j", "model": "preset:tiny", "dataset": {"path": "c.jsonl"}, "gpus": 2,
-                                   "deepspeed": {"train_batch_size": 16, "gradient_accumulation_steps": 2, **ds}})
+    return JobSpec.model_validate(
+        {
+            "name": "j",
+            "model": "preset:tiny",
+            "dataset": {"path": "c.jsonl"},
+            "gpus": 2,
+            "deepspeed": {"train_batch_size": 16, "gradient_accumulation_steps": 2, **ds},
+        }
+    )
 
 
 def test_resolved_deepspeed_config_fills_batches_precision_and_scheduler() -> None:
-    s = spec(fp16={"enabled": True, "initial_scale_power": 12}, scheduler={"type": "WarmupDecayLR"},
-             optimizer={"type": "AdamW", "params": {"lr": 1e-4}})
+    s = spec(
+        fp16={"enabled": True, "initial_scale_power": 12},
+        scheduler={"type": "WarmupDecayLR"},
+        optimizer={"type": "AdamW", "params": {"lr": 1e-4}},
+    )
     cfg = build_ds_config(s, precision="fp16", steps=500)
     batch = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"])
     assert batch == (16, 4, 2)
     assert cfg["fp16"] == {"enabled": True, "initial_scale_power": 12}
-    assert cfg["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-4, "warmup_num_steps": 50,
-                                          "warmup_type": "linear", "total_num_steps": 500}
+    assert cfg["scheduler"]["params"] == {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 1e-4,
+        "warmup_num_steps": 50,
+        "warmup_type": "linear",
+        "total_num_steps": 500,
+    }
     assert "optimizer" not in cfg and cfg["gradient_clipping"] == 1.0
     assert cfg["zero_optimization"] == {"stage": 0}
 

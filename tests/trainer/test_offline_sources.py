@@ -16,8 +16,9 @@ def test_spec_paths_and_config_modules_do_not_import_torch() -> None:
         "import sys; import trainer.spec, trainer.paths, trainer.dsconfig, trainer.presets, trainer.batch; "
         "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules)))"
     )
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], cwd=REPO, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout) == []
 
 

@@ -80,8 +80,16 @@ def test_three_inconsistent_batch_numbers_are_refused() -> None:
 
 
 def test_auto_batch_values_are_derived() -> None:
-    s = JobSpec.model_validate(spec(gpus=2, deepspeed={"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto",
-                                                        "gradient_accumulation_steps": 2}))
+    s = JobSpec.model_validate(
+        spec(
+            gpus=2,
+            deepspeed={
+                "train_batch_size": 16,
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": 2,
+            },
+        )
+    )
     assert s.batch.micro == 4
 
 
@@ -258,8 +266,29 @@ def test_schema_patterns_agree_with_the_checks() -> None:
     """The patterns the OpenAPI document states are the rules the validators apply, exactly."""
     import re
 
-    for value in ["a", "a/b", "./a", "a/", "...", ".a/..b", "a:b", "~a", "a/~b", "..", "a/../b", "a//b", "/a",
-                  "a\\b", "a\nb", "a\x00", "", ".", "preset:tiny", "preset:huge", "x/" * 10 + "y"]:
+    for value in [
+        "a",
+        "a/b",
+        "./a",
+        "a/",
+        "...",
+        ".a/..b",
+        "a:b",
+        "~a",
+        "a/~b",
+        "..",
+        "a/../b",
+        "a//b",
+        "/a",
+        "a\\b",
+        "a\nb",
+        "a\x00",
+        "",
+        ".",
+        "preset:tiny",
+        "preset:huge",
+        "x/" * 10 + "y",
+    ]:
         for allow_colon, pattern in ((True, PATH_PATTERN), (False, MODEL_DIR_PATTERN)):
             try:
                 check_relative_path(value, "p", allow_colon=allow_colon)

@@ -22,8 +22,21 @@ pytestmark = pytest.mark.slow
 # match to the last printed digit. The tolerance only absorbs the 5-digit rounding of the events.
 RESUME_TOL = 2e-5
 
-STEP_KEYS = {"step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb",
-             "loss_scale", "skipped", "time", "tokens", "step_time_s"}
+STEP_KEYS = {
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "samples_per_s",
+    "tokens_per_s",
+    "mfu",
+    "gpu_mem_gb",
+    "loss_scale",
+    "skipped",
+    "time",
+    "tokens",
+    "step_time_s",
+}
 
 
 def no_process_left(run_dir: Path) -> bool:
@@ -63,7 +76,7 @@ def test_tiny_run_learns_and_writes_complete_outputs(reference_run: Path) -> Non
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     # It learned the corpus: the continuation is words of the training sentence.
-    continuation = tok.decode(out[0, ids.shape[1]:]).split()
+    continuation = tok.decode(out[0, ids.shape[1] :]).split()
     assert continuation and set(continuation[:3]) <= set(WORDS)
 
 
@@ -164,8 +177,9 @@ def test_killed_rank_fails_the_job_with_its_exit_code(data_root: Path, tmp_path:
 def test_ranks_that_do_not_stop_within_the_grace_are_killed_then(data_root: Path, tmp_path: Path) -> None:
     """--stop-grace bounds a stop: rank 1 frozen (SIGSTOP) cannot checkpoint, rank 0 waits on it in the
     next collective; both are SIGKILLed when the grace runs out, and the run fails saying so."""
-    p = start_trainer(tiny_spec(max_steps=10_000, checkpoint_every=0), tmp_path, data_root,
-                      extra_args=("--stop-grace", "3"))  # fmt: skip
+    p = start_trainer(
+        tiny_spec(max_steps=10_000, checkpoint_every=0), tmp_path, data_root, extra_args=("--stop-grace", "3")
+    )
     wait_for(lambda: len(step_losses(events(tmp_path))) >= 2, timeout=240, what="2 steps")
     rank1 = next(c for c in psutil.Process(p.pid).children() if c.environ().get("RANK") == "1")
     rank1.suspend()
@@ -197,16 +211,25 @@ def test_out_of_memory_is_reported_as_oom_with_the_figure(data_root: Path, tmp_p
 
     from tests.trainer.conftest import trainer_cmd
 
-    spec = tiny_spec(model="preset:deepseek-1.3b", gpus=1, max_steps=1, deepspeed={"train_batch_size": 1,
-                     "gradient_accumulation_steps": 1})
+    spec = tiny_spec(
+        model="preset:deepseek-1.3b",
+        gpus=1,
+        max_steps=1,
+        deepspeed={"train_batch_size": 1, "gradient_accumulation_steps": 1},
+    )
     (tmp_path / "spec.json").write_text(json.dumps(spec))
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (5 * 2**30, 5 * 2**30))
 
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(trainer_cmd(tmp_path / "spec.json", tmp_path, data_root), env=env, preexec_fn=limit,
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        trainer_cmd(tmp_path / "spec.json", tmp_path, data_root),
+        env=env,
+        preexec_fn=limit,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     end = events(tmp_path)[-1]
     assert end["status"] == "failed" and end["error"]["type"] == "oom"
@@ -264,8 +287,9 @@ def test_ports_taken_by_other_programs_or_jobs_never_fail_a_run(data_root: Path,
 
 
 @pytest.mark.parametrize("when", ["after the rendezvous", "after the first rank started"])
-def test_a_stop_before_every_rank_started_starts_no_more(when: str, data_root: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_stop_before_every_rank_started_starts_no_more(
+    when: str, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGTERM after the launcher took over its signals but before every rank started (a job cancelled
     right after its launch): no more rank starts, those started are stopped, and the run says
     `preempted`. Such a stop once reached no rank, and the run trained on until the supervisor's
@@ -280,8 +304,14 @@ def test_a_stop_before_every_rank_started_starts_no_more(when: str, data_root: P
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(tiny_spec(max_steps=2, checkpoint_every=0)))
     run_dir = tmp_path / "run"
-    args = argparse.Namespace(spec=str(spec_file), run_dir=str(run_dir), model_root=str(data_root),
-                              data_root=str(data_root), stop_grace=30, no_save=True)  # fmt: skip
+    args = argparse.Namespace(
+        spec=str(spec_file),
+        run_dir=str(run_dir),
+        model_root=str(data_root),
+        data_root=str(data_root),
+        stop_grace=30,
+        no_save=True,
+    )
 
     def sigterm() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # taken by the launcher's handler, as the worker's would be

@@ -31,10 +31,17 @@ def make_launch(tmp_path: Path) -> Callable[..., Launch]:
         run_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(run_dir), *args]
         fields: dict[str, Any] = dict(
-            job_id="j1", attempt=1, spec={"name": "fake", "gpus": 2}, run_dir=run_dir, devices=[0, 1],
-            accelerator="cpu", model_root=tmp_path, data_root=tmp_path,
-            cancel_grace_s=5.0, command=command,
-        )  # fmt: skip
+            job_id="j1",
+            attempt=1,
+            spec={"name": "fake", "gpus": 2},
+            run_dir=run_dir,
+            devices=[0, 1],
+            accelerator="cpu",
+            model_root=tmp_path,
+            data_root=tmp_path,
+            cancel_grace_s=5.0,
+            command=command,
+        )
         fields.update(overrides)
         return Launch(**fields)
 
@@ -115,11 +122,19 @@ def write_corpus(path: Path, records: int = 400, bad_line_at: int | None = None)
 def tiny_spec(name: str, *, gpus: int = 2, steps: int = 20, dataset: str = "corpus.jsonl", **extra: Any) -> dict:
     """A preset:tiny job on CPU ranks."""
     spec = {
-        "name": name, "model": "preset:tiny", "dataset": {"path": dataset}, "gpus": gpus, "seq_len": 64,
-        "max_steps": steps, "checkpoint_every": 0,
-        "deepspeed": {"train_batch_size": 4 * gpus, "gradient_accumulation_steps": 1,
-                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
-    }  # fmt: skip
+        "name": name,
+        "model": "preset:tiny",
+        "dataset": {"path": dataset},
+        "gpus": gpus,
+        "seq_len": 64,
+        "max_steps": steps,
+        "checkpoint_every": 0,
+        "deepspeed": {
+            "train_batch_size": 4 * gpus,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        },
+    }
     spec.update(extra)
     return spec
 
@@ -136,10 +151,14 @@ def start_stack(data_dir: Path, redis_url: str, **settings: str) -> Any:
     r.flushdb()
     r.close()
     env = {
-        "TRAINBOX_DATABASE_URL": f"sqlite:///{data_dir / 'trainbox.db'}", "TRAINBOX_BOX_NAME": "e2e-box",
-        "TRAINBOX_CPU_SLOTS": "2", "TRAINBOX_SWEEP_INTERVAL_S": "1", "TRAINBOX_HEARTBEAT_S": "1",
-        "TRAINBOX_LEASE_S": "10", "TRAINBOX_CANCEL_GRACE_S": "20",
-    }  # fmt: skip
+        "TRAINBOX_DATABASE_URL": f"sqlite:///{data_dir / 'trainbox.db'}",
+        "TRAINBOX_BOX_NAME": "e2e-box",
+        "TRAINBOX_CPU_SLOTS": "2",
+        "TRAINBOX_SWEEP_INTERVAL_S": "1",
+        "TRAINBOX_HEARTBEAT_S": "1",
+        "TRAINBOX_LEASE_S": "10",
+        "TRAINBOX_CANCEL_GRACE_S": "20",
+    }
     env.update({f"TRAINBOX_{k.upper()}": v for k, v in settings.items()})
     s = Stack(data_dir=data_dir, port=free_port(), redis_url=redis_url, extra_env=env)
     write_corpus(data_dir / "data" / "corpus.jsonl")

@@ -53,8 +53,17 @@ def main() -> None:
     emit("start", world_size=2, total_steps=a.steps, resumed_from_step=0)
     for step in range(1, a.steps + 1):
         time.sleep(a.step_s)
-        emit("step", step=step, epoch=0, loss=10.0 / step, lr=1e-3, samples_per_s=100.0, tokens_per_s=6400.0,
-             mfu=None, gpu_mem_gb=None)  # fmt: skip
+        emit(
+            "step",
+            step=step,
+            epoch=0,
+            loss=10.0 / step,
+            lr=1e-3,
+            samples_per_s=100.0,
+            tokens_per_s=6400.0,
+            mfu=None,
+            gpu_mem_gb=None,
+        )
         log.write(f"[rank 0] step {step}/{a.steps}\n")
         if a.checkpoint_every and step % a.checkpoint_every == 0:
             ckpt = a.run_dir / "checkpoints" / f"step-{step}"

@@ -63,8 +63,15 @@ def test_sweep_places_queued_jobs_and_marks_the_box_alive(db, sent):
     from core.jobs import create_job
     from trainer.spec import JobSpec
 
-    spec = JobSpec.model_validate({"name": "q", "model": "preset:tiny", "dataset": {"path": "x.jsonl"}, "gpus": 1,
-                                   "deepspeed": {"train_batch_size": 2}})  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "name": "q",
+            "model": "preset:tiny",
+            "dataset": {"path": "x.jsonl"},
+            "gpus": 1,
+            "deepspeed": {"train_batch_size": 2},
+        }
+    )
     with session_scope() as s:
         queued = create_job(session=s, owner="u", spec=spec).job.id
     box_mod.sweep(BOX)
@@ -81,8 +88,9 @@ def test_a_job_whose_message_was_never_sent_still_runs_once(db, fake, monkeypatc
 
     fake["argv"] = ["--steps", "3"]
     results: list[str] = []
-    monkeypatch.setattr(celery_app, "dispatch", lambda job_id, attempt, _q: results.append(
-        runner.run_attempt(job_id, attempt)))  # fmt: skip
+    monkeypatch.setattr(
+        celery_app, "dispatch", lambda job_id, attempt, _q: results.append(runner.run_attempt(job_id, attempt))
+    )
     job_id, _attempt = _placed_job()  # placed; its message went nowhere
     with session_scope() as s:
         s.get_one(Job, job_id).updated_at = utcnow() - timedelta(hours=1)

@@ -30,8 +30,15 @@ SLOTS = 3
 
 def _spec(i: int) -> JobSpec:
     gpus = 1 + i % 2
-    return JobSpec.model_validate({"name": f"c{i}", "model": "preset:tiny", "dataset": {"path": "x.jsonl"},
-                                   "gpus": gpus, "deepspeed": {"train_batch_size": 2 * gpus}})  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "name": f"c{i}",
+            "model": "preset:tiny",
+            "dataset": {"path": "x.jsonl"},
+            "gpus": gpus,
+            "deepspeed": {"train_batch_size": 2 * gpus},
+        }
+    )
 
 
 def _intervals(log: Path) -> list[tuple[float, float, str, list[int]]]:
@@ -59,9 +66,21 @@ def test_fifty_concurrent_jobs_never_share_a_slot(db, monkeypatch, tmp_path):
     def build(job_id: str, attempt: int) -> Any:
         launch = real_build(job_id, attempt)
         label = f"{job_id}:{','.join(map(str, launch.devices))}"
-        command = [sys.executable, str(FAKE_TRAINER), "--run-dir", str(launch.run_dir), "--steps", "2",
-                   # long enough that runs overlap whatever the dispatch latency (the side-by-side check)
-                   "--step-s", "0.15", "--alloc-log", str(log), "--label", label]  # fmt: skip
+        command = [
+            sys.executable,
+            str(FAKE_TRAINER),
+            "--run-dir",
+            str(launch.run_dir),
+            "--steps",
+            "2",
+            # long enough that runs overlap whatever the dispatch latency (the side-by-side check)
+            "--step-s",
+            "0.15",
+            "--alloc-log",
+            str(log),
+            "--label",
+            label,
+        ]
         return dataclasses.replace(launch, command=command)
 
     pool = ThreadPoolExecutor(max_workers=2 * SLOTS)  # more than the slots: the DB must say no, not the pool

@@ -76,8 +76,9 @@ def test_a_two_rank_job_runs_streams_and_succeeds(api: Client, stack: Any) -> No
     assert final["state"] == "succeeded" and final["error"] is None
     assert final["progress"]["step"] == 40 and final["latest"]["loss"] == events_loss(events, 40)
     history = api.all_metrics(job["id"])
-    assert [(m["step"], m["loss"]) for m in history] == [(e.data["step"], e.data["loss"]) for e in events
-                                                          if e.type == "step"]  # fmt: skip
+    assert [(m["step"], m["loss"]) for m in history] == [
+        (e.data["step"], e.data["loss"]) for e in events if e.type == "step"
+    ]
     assert api.logs(job["id"], tail=5).strip()
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
 

@@ -88,8 +88,12 @@ def _scenario(api: Client, stack: Any) -> None:
     assert final["high"]["gpu_ids"] == [0, 1] and final["low"]["gpu_ids"] == [0], "high on B, low on A"
 
     runs = stack.data_dir / "runs"
-    assert {n: _starts(runs / j["id"]) for n, j in final.items()} == {"two-slots": 1, "one-slot": 1, "high": 1,
-                                                                       "low": 1}  # fmt: skip
+    assert {n: _starts(runs / j["id"]) for n, j in final.items()} == {
+        "two-slots": 1,
+        "one-slot": 1,
+        "high": 1,
+        "low": 1,
+    }
     assert all(j["attempt"] == 1 for j in final.values())
     assert all(_job_processes(str(runs / j["id"])) == [] for j in final.values())
     wait_for(lambda: api.gpus()["in_use"] == 0, timeout=10, what="every slot free")

@@ -41,8 +41,11 @@ def test_training_survives_a_redis_restart(tmp_path) -> None:
         os.kill(redis_child.proc.pid, signal.SIGKILL)
         redis_child.proc.wait()
         step_while_down = api.get(job["id"])["progress"]["step"]
-        wait_for(lambda: api.get(job["id"])["progress"]["step"] > step_while_down + 5, timeout=60,
-                 what="training goes on without Redis")  # fmt: skip
+        wait_for(
+            lambda: api.get(job["id"])["progress"]["step"] > step_while_down + 5,
+            timeout=60,
+            what="training goes on without Redis",
+        )
         # What `trainbox up` does every half second: the dead Redis is started again, same port and password.
         wait_for(lambda: stack.supervise_once() or redis_child.restarts == 1, timeout=30, what="Redis restarted")
         final = wait_for(lambda: (j := api.get(job["id"]))["state"] in ("succeeded", "failed") and j, timeout=180)

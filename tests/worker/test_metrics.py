@@ -23,22 +23,32 @@ def sessions(request, tmp_path_factory) -> Iterator[object]:
 
 
 def _step(step: int, loss: float) -> dict:
-    return {"type": "step", "step": step, "epoch": 0, "loss": loss, "lr": 1e-3, "samples_per_s": 10.0,
-            "tokens_per_s": 640.0, "mfu": None, "gpu_mem_gb": None, "time": 100.0 + step}  # fmt: skip
+    return {
+        "type": "step",
+        "step": step,
+        "epoch": 0,
+        "loss": loss,
+        "lr": 1e-3,
+        "samples_per_s": 10.0,
+        "tokens_per_s": 640.0,
+        "mfu": None,
+        "gpu_mem_gb": None,
+        "time": 100.0 + step,
+    }
 
 
 def test_store_metrics_upserts_and_updates_progress(sessions):
     with sessions() as s:
         s.add(Job(id="jm1", name="m", owner="u", state="running", spec={}, gpus=1, attempt=1))
         s.commit()
-        assert store_metrics(s, job_id="jm1", attempt=1, steps=[_step(1, 3.0), _step(2, 2.5)],
-                             fields={"total_steps": 10})  # fmt: skip
+        assert store_metrics(
+            s, job_id="jm1", attempt=1, steps=[_step(1, 3.0), _step(2, 2.5)], fields={"total_steps": 10}
+        )
         s.commit()
         # A resumed attempt re-trains step 2 (after its checkpoint at 1): the newest row wins.
         s.get(Job, "jm1").attempt = 2
         s.commit()
-        assert store_metrics(s, job_id="jm1", attempt=2, steps=[_step(2, 2.4), _step(2, 2.3), _step(3, 2.0)],
-                             fields={})  # fmt: skip
+        assert store_metrics(s, job_id="jm1", attempt=2, steps=[_step(2, 2.4), _step(2, 2.3), _step(3, 2.0)], fields={})
         s.commit()
         rows = s.scalars(select(JobMetric).where(JobMetric.job_id == "jm1").order_by(JobMetric.step)).all()
         assert [(r.step, r.loss, r.attempt) for r in rows] == [(1, 3.0, 1), (2, 2.3, 2), (3, 2.0, 2)]

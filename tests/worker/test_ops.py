@@ -44,8 +44,11 @@ def _rank_loads_the_op(root: Path, timeout: float) -> float:
     began = time.monotonic()
     subprocess.run(
         [sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None"],
-        env=env, check=True, timeout=timeout, capture_output=True,
-    )  # fmt: skip
+        env=env,
+        check=True,
+        timeout=timeout,
+        capture_output=True,
+    )
     return time.monotonic() - began
 
 
@@ -64,9 +67,14 @@ def test_worker_start_removes_a_killed_builders_lock_and_ranks_load_without_wait
 def test_a_live_builders_lock_is_kept_and_a_build_stuck_behind_it_fails_the_start_naming_it(cache):
     lock = cache / SHM_OP / "lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, "
-         "flush=True); time.sleep(600)", str(lock)], stdout=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline()
         assert remove_stale_locks(cache) == [] and lock.exists()

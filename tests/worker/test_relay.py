@@ -26,8 +26,13 @@ def test_file_tail_keeps_a_partial_line(tmp_path):
 
 def test_relay_publishes_events_logs_and_metrics_in_order(tmp_path, redis):
     stored: list[tuple[list, dict]] = []
-    relay = Relay(run_dir=tmp_path, job_id="r1", redis=redis,
-                  sink=lambda rows, fields: stored.append((rows, fields)), flush_s=3600)  # fmt: skip
+    relay = Relay(
+        run_dir=tmp_path,
+        job_id="r1",
+        redis=redis,
+        sink=lambda rows, fields: stored.append((rows, fields)),
+        flush_s=3600,
+    )
     relay.publish([{"type": "state", "state": "running", "attempt": 1}])
     with (tmp_path / "events.jsonl").open("a") as f:
         f.write(json.dumps({"type": "start", "total_steps": 3, "time": 1.0}) + "\n")
@@ -83,8 +88,7 @@ def test_a_later_relay_resumes_where_the_last_one_published(tmp_path, redis):
     events = tmp_path / "events.jsonl"
 
     def relay() -> Relay:
-        return Relay(run_dir=tmp_path, job_id="r4", redis=redis, sink=lambda *a: None,
-                     offsets_key="job:r4:relay")  # fmt: skip
+        return Relay(run_dir=tmp_path, job_id="r4", redis=redis, sink=lambda *a: None, offsets_key="job:r4:relay")
 
     first = relay()
     events.write_text("".join(json.dumps({"type": "step", "step": s, "time": 1.0}) + "\n" for s in (1, 2)))

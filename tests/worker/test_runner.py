@@ -27,8 +27,15 @@ from worker import runner
 
 
 def _placed_job(gpus: int = 1) -> tuple[str, int]:
-    spec = JobSpec.model_validate({"name": "fake", "model": "preset:tiny", "dataset": {"path": "x.jsonl"},
-                                   "gpus": gpus, "deepspeed": {"train_batch_size": 2 * gpus}})  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "name": "fake",
+            "model": "preset:tiny",
+            "dataset": {"path": "x.jsonl"},
+            "gpus": gpus,
+            "deepspeed": {"train_batch_size": 2 * gpus},
+        }
+    )
     with session_scope() as s:
         job = create_job(session=s, owner="u", spec=spec).job
         sent: list[tuple[str, int, str]] = []
@@ -243,9 +250,14 @@ def test_a_job_whose_ranks_never_start_fails_as_launch_error_and_leaves_nothing(
     lock = ext / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, "
-         "flush=True); time.sleep(600)", str(lock)], stdout=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+    )
     monkeypatch.setenv("TRAINBOX_TORCH_EXTENSIONS_DIR", str(ext))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
     monkeypatch.setenv("TRAINBOX_START_TIMEOUT_S", "20")
@@ -299,8 +311,14 @@ def test_following_a_job_shows_every_state_in_order(db, fake):
             create_user(s, name="u")
             _, token = create_token(s, user_name="u")
         client.headers["Authorization"] = f"Bearer {token}"
-        spec = {"name": "fake", "model": "preset:tiny", "dataset": {"path": "x.jsonl"}, "gpus": 1,
-                "seq_len": 16, "deepspeed": {"train_batch_size": 2}}  # fmt: skip
+        spec = {
+            "name": "fake",
+            "model": "preset:tiny",
+            "dataset": {"path": "x.jsonl"},
+            "gpus": 1,
+            "seq_len": 16,
+            "deepspeed": {"train_batch_size": 2},
+        }
         created = client.post("/jobs", json=spec)
         assert created.status_code == 201, created.text
         [(job_id, attempt, _queue)] = sent

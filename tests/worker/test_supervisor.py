@@ -72,8 +72,9 @@ def test_cancel_sigterms_the_group_and_leaves_nothing(make_launch):
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(make_launch):
-    launch = make_launch("--steps", "100000", "--step-s", "0.05", "--stubborn-child", "--ignore-term",
-                         cancel_grace_s=0.5)  # fmt: skip
+    launch = make_launch(
+        "--steps", "100000", "--step-s", "0.05", "--stubborn-child", "--ignore-term", cancel_grace_s=0.5
+    )
     started = time.monotonic()
     holder: dict[str, int] = {}
 
@@ -124,8 +125,16 @@ def test_env_shows_only_the_assigned_devices_and_no_settings(make_launch):
 
 
 def test_trainer_command_follows_the_contract(tmp_path):
-    launch = Launch(job_id="j", attempt=1, spec={}, run_dir=tmp_path / "r", devices=[0], accelerator="cpu",
-                    model_root=tmp_path / "m", data_root=tmp_path / "d")  # fmt: skip
+    launch = Launch(
+        job_id="j",
+        attempt=1,
+        spec={},
+        run_dir=tmp_path / "r",
+        devices=[0],
+        accelerator="cpu",
+        model_root=tmp_path / "m",
+        data_root=tmp_path / "d",
+    )
     argv = trainer_command(launch)
     assert argv[1:4] == ["-m", "trainer", "run"]
     assert argv[argv.index("--spec") + 1] == str(tmp_path / "r" / "spec.json")
@@ -169,9 +178,14 @@ def test_a_stale_build_lock_is_removed_before_launch_and_a_held_one_is_named(mak
     (ext / "stale_op" / "lock").touch()  # what a SIGKILLed builder leaves
     (ext / "busy_op").mkdir()
     holder = subprocess.Popen(  # a live builder holds its lock open until it removes it
-        [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, "
-         "flush=True); time.sleep(600)", str(ext / "busy_op" / "lock")], stdout=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)",
+            str(ext / "busy_op" / "lock"),
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline()
         with caplog.at_level("WARNING", logger="worker.ops"):
