@@ -1,8 +1,11 @@
-"""Device facts the trainer reports: dense peak FLOP/s for MFU."""
+"""Device facts: dense peak FLOP/s for MFU, and NVML (the GPUs, without importing torch)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 # Dense (no sparsity) peak bf16/fp16 tensor FLOP/s with fp32 accumulation, per GPU.
 PEAK_FLOPS: list[tuple[str, float]] = [
@@ -27,3 +30,21 @@ def peak_flops(device_name: str) -> float | None:
         if key.lower() in device_name.lower():
             return flops
     return None
+
+
+@contextlib.contextmanager
+def nvml() -> Iterator[Any | None]:
+    """NVML, initialized for the block and shut down after it; None where there is none (no driver, no
+    library: a CPU box). The one place the worker and the launcher open it."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()

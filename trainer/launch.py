@@ -47,6 +47,7 @@ from trainer.events import (
     read_events,
     remove_error_reserves,
 )
+from trainer.hardware import nvml
 from trainer.paths import SpecError, inspect_data, resolve_model
 from trainer.spec import JobSpec, describe_errors
 
@@ -77,14 +78,8 @@ def visible_gpus() -> int:
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None and cvd.strip() in ("", "-1"):
         return 0
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = int(pynvml.nvmlDeviceGetCount())
-        pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library: a CPU box
-        return 0
+    with nvml() as pynvml:
+        count = int(pynvml.nvmlDeviceGetCount()) if pynvml else 0  # no NVML: a CPU box
     return min(count, len([d for d in cvd.split(",") if d.strip()])) if cvd else count
 
 

@@ -17,6 +17,7 @@ from core.models import Gpu, Job, utcnow
 from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
 from core.settings import get_settings
 from core.states import JobState
+from trainer.hardware import nvml
 from worker import retention
 from worker.gpucheck import refresh_busy
 from worker.reaper import reap_expired, reap_orphans
@@ -29,15 +30,9 @@ CPU_SLOT_NAME = "cpu-slot"
 
 def detect_gpus() -> list[GpuInfo]:
     """The box's GPUs from NVML; an empty list when there is no driver or no GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
-    try:
+    with nvml() as pynvml:
+        if pynvml is None:
+            return []
         out = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -45,8 +40,6 @@ def detect_gpus() -> list[GpuInfo]:
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             out.append(GpuInfo(index=index, name=str(name), memory_mb=int(memory.total // (1 << 20))))
         return out
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def box_devices() -> list[GpuInfo]:
@@ -92,19 +85,13 @@ def resend_stale_starting(box: str, older_than_s: float) -> int:
 
 def gpu_memory_used() -> dict[int, int]:
     """GPU index -> MB in use (NVML); empty on a box without GPUs."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
-    try:
+    with nvml() as pynvml:
+        if pynvml is None:
+            return {}
         return {
             i: int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used // (1 << 20))
             for i in range(pynvml.nvmlDeviceGetCount())
         }
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def sweep(box: str) -> None:
@@ -133,7 +120,7 @@ def sweep(box: str) -> None:
         if redis is not None:
             redis.close()
     with session_scope() as session:
-        schedule(session, announcing(dispatch, settings_publisher()), box_ttl_s=settings.lease_s * 3)
+        schedule(session, announcing(dispatch, settings_publisher()), box_ttl_s=settings.box_ttl_s)
     try:
         retention.maybe_prune()  # last: a slow disk must not hold up placing jobs
     except Exception:

@@ -7,9 +7,12 @@ workers are handled by the compare-and-set claim, the lease and the sweep.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from celery import Celery
 
-from core import keys
+from core.dispatch import celery_dispatcher
+from core.scheduler import Dispatch
 from core.settings import get_settings
 
 
@@ -51,6 +54,11 @@ def make_app() -> Celery:
 app = make_app()
 
 
+@lru_cache(maxsize=1)
+def _producer() -> Dispatch:
+    return celery_dispatcher(broker_url())
+
+
 def dispatch(job_id: str, attempt: int, queue: str) -> None:
-    """Ring the doorbell: ask the box behind `queue` to run this attempt of the job."""
-    app.send_task(keys.RUN_JOB_TASK, args=[job_id, attempt], queue=queue)
+    """Ring the doorbell: ask the box behind `queue` to run this attempt of the job (the API's producer)."""
+    _producer()(job_id, attempt, queue)

@@ -20,6 +20,7 @@ from core.db import session_scope
 from core.events import settings_publisher
 from core.models import Gpu, Job
 from core.states import JobState
+from trainer.hardware import nvml
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,9 @@ Processes = Mapping[int, Sequence[int]]  # GPU index -> pids of the processes us
 
 def nvml_processes() -> dict[int, list[int]] | None:
     """GPU index -> pids of compute and graphics processes on it; None where there is no NVML (CPU box)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
+    with nvml() as pynvml:
+        if pynvml is None:
+            return None
         out: dict[int, list[int]] = {}
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -44,8 +41,6 @@ def nvml_processes() -> dict[int, list[int]] | None:
             ]
             out[index] = sorted({int(p.pid) for p in procs})
         return out
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def busy_indices(indices: Iterable[int], processes: Processes | None, own_pids: Iterable[int] = ()) -> list[int]:

@@ -270,8 +270,6 @@ def reschedule() -> None:
 
     try:
         with session_scope() as session:
-            schedule(
-                session, lifecycle.announcing(dispatch, settings_publisher()), box_ttl_s=get_settings().lease_s * 3
-            )
+            schedule(session, lifecycle.announcing(dispatch, settings_publisher()), box_ttl_s=get_settings().box_ttl_s)
     except Exception:
         log.exception("scheduler call failed; the sweep will retry")

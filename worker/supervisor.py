@@ -8,7 +8,6 @@ the lease and reports a stop reason, so the process handling can be tested on it
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -36,10 +35,10 @@ from trainer.events import (
     ErrorType,
     trainer_argv,
 )
+from trainer.launch import set_pdeathsig
 from worker.ops import describe_locks, remove_stale_locks
 
 LOG_TAIL_LINES = 40
-_PR_SET_PDEATHSIG = 1
 
 
 class Stop(StrEnum):
@@ -138,8 +137,7 @@ def child_env(
 
 def _die_with_parent() -> None:
     """Fate sharing: if the supervising worker dies, the launcher (and through it the ranks) dies too."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    set_pdeathsig(signal.SIGKILL)
 
 
 def session_members(sid: int) -> list[psutil.Process]:
