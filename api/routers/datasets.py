@@ -88,12 +88,16 @@ def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
     user: CurrentUser,
-    text_field: Annotated[str, Form(min_length=1, max_length=100, pattern=r"^[^\x00]+$")] = "text",
-    format: Annotated[Literal["auto", "jsonl", "text"], Form()] = "auto",  # noqa: A002 - the field's name
+    # An empty form value means the default (as forms send an untouched field): the schema says so.
+    text_field: Annotated[
+        str, Form(max_length=100, pattern=r"^[^\x00]*$", description="the JSONL text field; empty: text")
+    ] = "text",
+    format: Annotated[Literal["", "auto", "jsonl", "text"], Form(description="empty: auto")] = "auto",  # noqa: A002
 ) -> DatasetRead:
     """Upload a training file; every line is checked. Name the returned id in a spec: `{"id": ...}`.
 
     403 when it would take you past your quota of uploads (count or total bytes)."""
+    text_field, format = text_field or "text", format or "auto"  # noqa: A001
     assert settings.data_root is not None
     allowance = check_upload_quota(session, user)
     session.commit()  # end the read: on SQLite it would hold the write lock through the copy

@@ -45,11 +45,12 @@ def test_a_killed_worker_loses_its_ranks_and_the_job_resumes(tmp_path) -> None:
         steps = [m["step"] for m in api.all_metrics(job["id"])]
         assert steps == list(range(1, 61)), "the step count continued, no step lost or doubled"
         lines = (stack.data_dir / "runs" / job["id"] / "events.jsonl").read_text().splitlines()
-        # The stream carries every step the trainer wrote, once, in order: those the dead worker never
-        # relayed came with the next attempt (steps after the checkpoint were trained twice, and show so).
+        # The trainer wrote the steps after the checkpoint twice (attempt 2 trained them again); the
+        # stream carries each step once, in order, as the history does (no step twice on the wire).
         written = [e["step"] for e in map(json.loads, lines) if e["type"] == "step"]
         streamed = [e.data["step"] for e in api.events(job["id"]) if e.type == "step"]
-        assert streamed == written and set(streamed) == set(range(1, 61))
+        assert len(written) >= 60 and set(written) == set(range(1, 61))
+        assert streamed == list(range(1, 61))
         starts = [e for e in map(json.loads, lines) if e["type"] == "start"]
         assert len(starts) == 2 and starts[0]["resumed_from_step"] == 0
         assert starts[1]["resumed_from_step"] >= 5, "attempt 2 resumed from a checkpoint"
