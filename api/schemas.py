@@ -30,7 +30,8 @@ class Latest(BaseModel):
     tokens_per_s: float | None = None
     mfu: float | None = None
     gpu_mem_gb: float | None = None
-    time: float | None = None
+    eval_loss: float | None = Field(None, description="the newest validation loss (jobs with a validation set)")
+    time: float | None = Field(None, description="when the newest step was written (Unix seconds)")
 
 
 class JobSummary(BaseModel):
@@ -140,6 +141,7 @@ class Metric(BaseModel):
     tokens_per_s: float | None
     mfu: float | None
     gpu_mem_gb: float | None
+    eval_loss: float | None = Field(None, description="the validation loss at this step, where one was evaluated")
     time: float
 
 

@@ -198,16 +198,9 @@ def list_metrics(session: Session, job_id: str, *, after_step: int = -1, limit: 
     return list(session.scalars(query))
 
 
+# A stored step as the API shows it: every job_metrics column but the row's own keys.
+METRIC_KEYS = tuple(c for c in JobMetric.__table__.columns.keys() if c not in ("id", "job_id"))
+
+
 def metric_dict(m: JobMetric) -> dict[str, Any]:
-    return {
-        "step": m.step,
-        "attempt": m.attempt,
-        "epoch": m.epoch,
-        "loss": m.loss,
-        "lr": m.lr,
-        "samples_per_s": m.samples_per_s,
-        "tokens_per_s": m.tokens_per_s,
-        "mfu": m.mfu,
-        "gpu_mem_gb": m.gpu_mem_gb,
-        "time": m.time,
-    }
+    return {key: getattr(m, key) for key in METRIC_KEYS}

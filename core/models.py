@@ -129,7 +129,7 @@ class Job(Base):
 
 
 class JobMetric(Base):
-    """One optimizer step of a job (the `step` event), kept for history and charts."""
+    """One optimizer step of a job (its `step` event, and its `eval` event if it had one), for history and charts."""
 
     __tablename__ = "job_metrics"
 
@@ -144,6 +144,7 @@ class JobMetric(Base):
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     mfu: Mapped[float | None] = mapped_column(Float)
     gpu_mem_gb: Mapped[float | None] = mapped_column(Float)
+    eval_loss: Mapped[float | None] = mapped_column(Float)  # from the `eval` event at this step, if any
     time: Mapped[float] = mapped_column(Float)  # Unix seconds, as in the event
 
     __table_args__ = (UniqueConstraint("job_id", "step", name="uq_job_metrics_job_step"),)

@@ -10,8 +10,10 @@ import time
 from typing import Any
 
 from core.models import Job
+from trainer.events import EVAL_METRIC_FIELDS, STEP_METRIC_FIELDS
 
-LATEST_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb")
+# jobs.latest: the newest step's stored fields (its `time` besides), and the newest eval loss.
+LATEST_FIELDS = (*(f for f in STEP_METRIC_FIELDS if f != "time"), *EVAL_METRIC_FIELDS)
 
 
 def _rate_origin(job: Job) -> tuple[int, float] | None:

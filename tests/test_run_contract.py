@@ -35,10 +35,19 @@ def test_step_and_eval_events_carry_only_contract_fields_and_every_stored_one():
         assert fields | {"time"} <= set(events.EVAL_FIELDS), "an eval field the contract does not list"
 
 
-def test_job_metrics_columns_are_the_stored_step_fields():
+def test_job_metrics_columns_are_the_stored_step_and_eval_fields():
     assert set(events.STEP_METRIC_FIELDS) <= set(events.STEP_FIELDS)
+    assert set(events.EVAL_METRIC_FIELDS) <= set(events.EVAL_FIELDS)
     columns = set(JobMetric.__table__.columns.keys()) - {"id", "job_id", "attempt"}
-    assert columns == set(events.STEP_METRIC_FIELDS)
+    assert columns == set(events.STEP_METRIC_FIELDS) | set(events.EVAL_METRIC_FIELDS)
+
+
+def test_the_api_shows_every_stored_metric_and_latest_field():
+    from api.schemas import Latest, Metric
+    from core.progress import LATEST_FIELDS
+
+    assert set(Metric.model_fields) == set(JobMetric.__table__.columns.keys()) - {"id", "job_id"}
+    assert set(Latest.model_fields) == {*LATEST_FIELDS, "time"}
 
 
 def test_no_server_package_spells_a_run_dir_file_name():

@@ -47,8 +47,9 @@ STEP_FIELDS = (
     "time",
 )
 STEP_METRIC_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "time")
-# The fields of an `eval` event.
+# The fields of an `eval` event, and the ones job_metrics keeps on the row of the step it evaluated.
 EVAL_FIELDS = ("step", "eval_loss", "perplexity", "tokens", "seconds", "time")
+EVAL_METRIC_FIELDS = ("eval_loss",)
 
 
 class ErrorType(StrEnum):

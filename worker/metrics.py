@@ -11,23 +11,26 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.models import Job, JobMetric
-from trainer.events import STEP_METRIC_FIELDS
+from core.progress import LATEST_FIELDS
+from trainer.events import EVAL_METRIC_FIELDS, STEP_METRIC_FIELDS
 
-LATEST_FIELDS = ("step", "loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "gpu_mem_gb", "epoch")
-# The step fields a job_metrics row keeps besides its key (step) and time.
-METRIC_FIELDS = tuple(f for f in STEP_METRIC_FIELDS if f not in ("step", "time"))
+# What a job_metrics row keeps besides its key (step), attempt and time: from the step's `step` event,
+# and from its `eval` event (merged into the same row, whichever came first).
+STEP_COLUMNS = tuple(f for f in STEP_METRIC_FIELDS if f not in ("step", "time"))
+EVAL_COLUMNS = EVAL_METRIC_FIELDS
 
 
 def metric_row(job_id: str, attempt: int, event: dict[str, Any]) -> dict[str, Any]:
-    """A job_metrics row from a `step` event."""
+    """A job_metrics row from a `step` or an `eval` event (only that event's columns)."""
+    columns = EVAL_COLUMNS if event.get("type") == "eval" else STEP_COLUMNS
     row = {"job_id": job_id, "attempt": attempt, "step": int(event["step"]), "time": float(event["time"])}
-    row.update({name: event.get(name) for name in METRIC_FIELDS})
+    row.update({name: event.get(name) for name in columns})
     return row
 
 
 def backfill_metrics(session: Session, *, job_id: str, attempt: int, events_path: Path) -> int:
-    """Store step events an earlier attempt wrote but never stored (its worker died between the trainer
-    writing them and the next flush); returns how many. Does not commit."""
+    """Store step and eval events an earlier attempt wrote but never stored (its worker died between the
+    trainer writing them and the next flush); returns how many. Does not commit."""
     if not events_path.exists():
         return 0
     stored = session.scalar(select(func.max(JobMetric.step)).where(JobMetric.job_id == job_id))
@@ -38,7 +41,13 @@ def backfill_metrics(session: Session, *, job_id: str, attempt: int, events_path
                 event = json.loads(raw)
             except ValueError:
                 continue  # a torn last line
-            if isinstance(event, dict) and event.get("type") == "step" and int(event["step"]) > (stored or 0):
+            if not isinstance(event, dict):
+                continue
+            # An eval at the newest stored step may be what was lost (it comes after its step); storing
+            # it again is harmless (an upsert).
+            if (event.get("type") == "step" and int(event["step"]) > (stored or 0)) or (
+                event.get("type") == "eval" and int(event["step"]) >= (stored or 0)
+            ):
                 steps.append(event)
     if steps:
         store_metrics(session, job_id=job_id, attempt=attempt, steps=steps, fields={})
@@ -48,14 +57,23 @@ def backfill_metrics(session: Session, *, job_id: str, attempt: int, events_path
 def store_metrics(
     session: Session, *, job_id: str, attempt: int, steps: list[dict[str, Any]], fields: dict[str, Any]
 ) -> bool:
-    """Upsert the steps (a resumed attempt re-trains steps after its checkpoint: the newest wins) and
-    update the job's progress, only while `attempt` is still the job's. Returns False if fenced off.
-    Does not commit."""
+    """Upsert the `step` and `eval` events in `steps` (a resumed attempt re-trains steps after its
+    checkpoint: the newest wins) and update the job's progress, only while `attempt` is still the
+    job's. Returns False if fenced off. Does not commit."""
+    evals = [e for e in steps if e.get("type") == "eval"]
+    steps = [e for e in steps if e.get("type") != "eval"]
     values: dict[str, Any] = dict(fields)
-    if steps:
-        last = steps[-1]
-        values.update(step=int(last["step"]), epoch=last.get("epoch"))
-        values["latest"] = {name: last.get(name) for name in LATEST_FIELDS} | {"time": last.get("time")}
+    if steps or evals:
+        # The newest eval loss stays in `latest` while later steps replace the rest.
+        latest = dict(session.scalar(select(Job.latest).where(Job.id == job_id)) or {})
+        if steps:
+            last = steps[-1]
+            values.update(step=int(last["step"]), epoch=last.get("epoch"))
+            latest.update({name: last.get(name) for name in LATEST_FIELDS if name not in EVAL_COLUMNS})
+            latest["time"] = last.get("time")
+        if evals:
+            latest.update({name: evals[-1].get(name) for name in EVAL_COLUMNS})
+        values["latest"] = latest
     fenced = (
         session.execute(
             update(Job)
@@ -67,14 +85,22 @@ def store_metrics(
     )
     if fenced:
         return False
-    if steps:
-        # One row per step (the newest wins): Postgres refuses to upsert a row twice in one statement.
-        rows = list({int(e["step"]): metric_row(job_id, attempt, e) for e in steps}.values())
-        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(JobMetric).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["job_id", "step"],
-            set_={name: stmt.excluded[name] for name in ("attempt", "time", *METRIC_FIELDS)},
-        )
-        session.execute(stmt)
+    _upsert(session, [metric_row(job_id, attempt, e) for e in steps], STEP_COLUMNS, also=("time",))
+    _upsert(session, [metric_row(job_id, attempt, e) for e in evals], EVAL_COLUMNS)
     return True
+
+
+def _upsert(session: Session, rows: list[dict[str, Any]], columns: tuple[str, ...], also: tuple[str, ...] = ()) -> None:
+    """Insert rows, or on a stored (job, step) set only `columns` (and `also`): a step's and its eval's
+    values share a row."""
+    if not rows:
+        return
+    # One row per step (the newest wins): Postgres refuses to upsert a row twice in one statement.
+    rows = list({row["step"]: row for row in rows}.values())
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(JobMetric).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "step"],
+        set_={name: stmt.excluded[name] for name in ("attempt", *also, *columns)},
+    )
+    session.execute(stmt)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 LOG_LINES_PER_EVENT = 200
 MAX_READ_BYTES = 1 << 20
 
-# Called with new step events and job fields learnt from other events (total_steps from `start`);
+# Called with new step and eval events and job fields learnt from other events (total_steps from `start`);
 # writes them to the database in one transaction.
 MetricSink = Callable[[list[dict[str, Any]], dict[str, Any]], None]
 
@@ -150,7 +150,7 @@ class Relay:
             if not isinstance(event, dict) or "type" not in event:
                 continue
             out.append(event)
-            if event["type"] == "step":
+            if event["type"] in ("step", "eval"):
                 self.pending_metrics.append(event)
             elif event["type"] == "start" and isinstance(event.get("total_steps"), int):
                 self.pending_fields["total_steps"] = event["total_steps"]

@@ -151,11 +151,12 @@ def make_sink(job_id: str, attempt: int) -> Any:
     def sink(steps: list[dict[str, Any]], fields: dict[str, Any]) -> None:
         nonlocal origin_set
         fields = dict(fields)
-        if steps and not origin_set:
-            fields["rate_origin"] = {"step": int(steps[0]["step"]), "time": float(steps[0]["time"])}
+        first = next((e for e in steps if e.get("type") != "eval"), None)
+        if first is not None and not origin_set:
+            fields["rate_origin"] = {"step": int(first["step"]), "time": float(first["time"])}
         with session_scope() as session:
             store_metrics(session, job_id=job_id, attempt=attempt, steps=steps, fields=fields)
-        origin_set = origin_set or bool(steps)
+        origin_set = origin_set or first is not None
 
     return sink
 

@@ -42,7 +42,7 @@ def _box_idle(api: Client) -> bool:
 
 
 def test_a_two_rank_job_runs_streams_and_succeeds(api: Client, stack: Any) -> None:
-    job = api.submit(tiny_spec("e2e-ok", steps=40))
+    job = api.submit(tiny_spec("e2e-ok", steps=40, validation_split=0.1, eval_every=20))
     assert job["state"] in ("queued", "starting")
 
     # While it runs, GET /jobs/{id} shows progress and the latest loss.
@@ -79,6 +79,12 @@ def test_a_two_rank_job_runs_streams_and_succeeds(api: Client, stack: Any) -> No
     assert [(m["step"], m["loss"]) for m in history] == [
         (e.data["step"], e.data["loss"]) for e in events if e.type == "step"
     ]
+    # The held-out split is evaluated every 20 steps (the last one being the end): on the stream, in
+    # the stored history beside its step, and as the job's latest eval loss.
+    evals = {e.data["step"]: e.data["eval_loss"] for e in events if e.type == "eval"}
+    assert sorted(evals) == [20, 40]
+    assert {m["step"]: m["eval_loss"] for m in history if m["eval_loss"] is not None} == evals
+    assert final["latest"]["eval_loss"] == evals[40]
     assert api.logs(job["id"], tail=5).strip()
     wait_for(lambda: _box_idle(api), timeout=10, what="GPUs freed")
 

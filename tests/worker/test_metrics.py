@@ -65,3 +65,36 @@ def test_a_stale_attempt_writes_nothing(sessions):
         s.commit()
         assert s.scalars(select(JobMetric).where(JobMetric.job_id == "jm2")).all() == []
         assert s.get(Job, "jm2").total_steps is None
+
+
+def _eval(step: int, loss: float) -> dict:
+    return {
+        "type": "eval",
+        "step": step,
+        "eval_loss": loss,
+        "perplexity": 2.0**loss,
+        "tokens": 99,
+        "time": 200.0 + step,
+    }
+
+
+def test_eval_losses_join_their_steps_rows_and_stay_latest_across_later_steps(sessions):
+    with sessions() as s:
+        s.add(Job(id="jm3", name="m", owner="u", state="running", spec={}, gpus=1, attempt=1))
+        s.commit()
+        # The eval at step 2 arrives with its step; the one at step 4 before its step's row exists.
+        assert store_metrics(s, job_id="jm3", attempt=1, steps=[_step(1, 3.0), _step(2, 2.5), _eval(2, 2.9)], fields={})
+        assert store_metrics(s, job_id="jm3", attempt=1, steps=[_eval(4, 2.6)], fields={})
+        assert store_metrics(s, job_id="jm3", attempt=1, steps=[_step(3, 2.2), _step(4, 2.0)], fields={})
+        s.commit()
+        rows = s.scalars(select(JobMetric).where(JobMetric.job_id == "jm3").order_by(JobMetric.step)).all()
+        assert [(r.step, r.loss, r.eval_loss) for r in rows] == [
+            (1, 3.0, None),
+            (2, 2.5, 2.9),
+            (3, 2.2, None),
+            (4, 2.0, 2.6),
+        ]
+        assert rows[-1].time == 104.0  # the step's time, not the eval's
+        job = s.get(Job, "jm3")
+        s.refresh(job)
+        assert (job.step, job.latest["loss"], job.latest["eval_loss"]) == (4, 2.0, 2.6)
