@@ -199,7 +199,7 @@ def list_metrics(session: Session, job_id: str, *, after_step: int = -1, limit: 
 
 
 # A stored step as the API shows it: every job_metrics column but the row's own keys.
-METRIC_KEYS = tuple(c for c in JobMetric.__table__.columns.keys() if c not in ("id", "job_id"))
+METRIC_KEYS = tuple(c.name for c in JobMetric.__table__.columns if c.name not in ("id", "job_id"))
 
 
 def metric_dict(m: JobMetric) -> dict[str, Any]:
