@@ -111,6 +111,10 @@ class Job(Base):
     # position of a queued job (NULL otherwise) and when it should start (NULL: not known).
     queue_position: Mapped[int | None] = mapped_column(Integer)
     start_eta_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Given by a job created through the OpenAI fine-tuning view (api/openai): the model-name suffix and
+    # up to 16 string pairs to filter by. NULL for jobs submitted as specs.
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JsonType)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
