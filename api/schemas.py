@@ -158,6 +158,32 @@ class MemoryEstimate(BaseModel):
     notes: list[str] = []
 
 
+class DataStatsRead(BaseModel):
+    """One data file as the dry run sees it: counted or estimated from its first records (trainer.datastats)."""
+
+    file_format: str = Field(description="jsonl or text (plain lines)")
+    data_format: str = Field(description="text, prompt_completion or chat")
+    bytes: int
+    records: int
+    records_counted: bool = Field(description="false: estimated from the first records' bytes per record")
+    estimated_tokens: int = Field(description="about 4 bytes per token; the trainer counts exactly")
+    trained_share: float = Field(description="share of the tokens trained on (the rest is prompt/context)")
+    overlong: int = Field(description="examples longer than seq_len (estimated)")
+    overlong_policy: str = Field(description="dropped, truncated (dataset.overlong), or packed (text)")
+
+
+class SplitRead(BaseModel):
+    fraction: float
+    train_records: int
+    validation_records: int
+
+
+class DataReport(BaseModel):
+    train: DataStatsRead
+    validation: DataStatsRead | None = Field(None, description="the validation file, if the spec names one")
+    split: SplitRead | None = Field(None, description="the held-out split (validation_split), if any")
+
+
 class ValidateResult(BaseModel):
     valid: bool = True
     world_size: int
@@ -169,7 +195,7 @@ class ValidateResult(BaseModel):
     notes: list[str]
     n_params: int | None
     model: dict[str, str]
-    dataset: dict[str, Any]
+    data: DataReport
     deepspeed_config: dict[str, Any]
     memory: MemoryEstimate
     queue_position: int

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 from sqlalchemy import select
@@ -21,49 +21,86 @@ from core.settings import Settings
 from core.users import Principal
 from trainer import dsconfig
 from trainer.batch import divisors
-from trainer.paths import DatasetInfo, ModelSource, SpecError, inspect_dataset, resolve_dataset, resolve_model
-from trainer.spec import DEFAULT_MAX_RUNTIME_S, MAX_GRAD_ACCUM, MAX_STEPS, JobSpec
+from trainer.datastats import BYTES_PER_TOKEN, data_stats, held_out
+from trainer.formats import Format, trains_all
+from trainer.paths import (
+    DatasetInfo,
+    ModelSource,
+    SpecError,
+    check_same_format,
+    inspect_dataset,
+    resolve_dataset,
+    resolve_model,
+)
+from trainer.spec import DEFAULT_MAX_RUNTIME_S, MAX_GRAD_ACCUM, MAX_STEPS, DatasetRef, JobSpec, ValidationRef
 
 # Lines of the dataset read at submission: enough to catch a wrong format or text field early.
 INSPECT_RECORDS = 200
 
 
-def check_files(
-    spec: JobSpec, settings: Settings, session: Session, user: Principal
-) -> tuple[ModelSource, DatasetInfo]:
-    """The model and dataset the spec names, resolved under their roots; 422 naming the field if not.
+@dataclass(frozen=True)
+class Files:
+    """What a spec's files resolved to: the model, the training data and the validation file (if any)."""
 
-    An uploaded dataset (`{"id": ...}`) may be used by its owner only; to anyone else it does not exist.
-    Its file was checked line by line at upload and the stats stored: a spec that reads it as it was
-    checked (same format, same text field) is not read again.
+    source: ModelSource
+    train: DatasetInfo
+    validation: DatasetInfo | None
+
+
+def _upload(session: Session, ref: DatasetRef | ValidationRef, user: Principal, field: str) -> Dataset | None:
+    """The upload a data reference names by id, if it is the user's own; to anyone else it does not exist."""
+    if ref.id is None:
+        return None
+    # Held shared until the job is committed: DELETE /datasets/{id} (FOR UPDATE) waits for it.
+    row = session.get(Dataset, ref.id, with_for_update={"read": True})
+    if row is None or row.owner != user.name:
+        raise Unprocessable(f"no uploaded dataset with id {ref.id!r}", ["body", field, "id"], type_="file_not_usable")
+    return row
+
+
+def check_files(spec: JobSpec, settings: Settings, session: Session, user: Principal) -> Files:
+    """The model, dataset and validation file the spec names, resolved under their roots and their first
+    records checked (both data files must be of one format); 422 naming the field and line if not.
+
+    An upload's file was checked line by line when it was uploaded and its stats stored: a spec that
+    reads it as it was checked (same format, same text field) does not read it again.
     """
     assert settings.model_root is not None and settings.data_root is not None
-    row: Dataset | None = None
-    if spec.dataset.id is not None:
-        # Held shared until the job is committed: DELETE /datasets/{id} (FOR UPDATE) waits for it.
-        row = session.get(Dataset, spec.dataset.id, with_for_update={"read": True})
-        if row is None or row.owner != user.name:
-            raise Unprocessable(
-                f"no uploaded dataset with id {spec.dataset.id!r}", ["body", "dataset", "id"], type_="file_not_usable"
-            )
+    train_row = _upload(session, spec.dataset, user, "dataset")
+    val_row = _upload(session, spec.validation, user, "validation") if spec.validation is not None else None
     try:
         source = resolve_model(spec.model, settings.model_root)
         path = resolve_dataset(spec.dataset, settings.data_root)
-        info = stored_info(row, spec, path) or inspect_dataset(path, spec.dataset, max_records=INSPECT_RECORDS)
+        train = stored_info(train_row, spec.dataset, path) or inspect_dataset(
+            path, spec.dataset, max_records=INSPECT_RECORDS
+        )
+        validation = None
+        if spec.validation is not None:
+            path = resolve_dataset(spec.validation, settings.data_root, "validation")
+            validation = stored_info(val_row, spec.validation, path) or inspect_dataset(
+                path, spec.validation, max_records=INSPECT_RECORDS, what="validation"
+            )
+            check_same_format(train, validation)
     except SpecError as e:
         loc: list[str | int] = ["body", *e.field.split(".")] if e.field else ["body"]
         raise Unprocessable(str(e), loc, type_="file_not_usable") from None
-    return source, info
+    return Files(source, train, validation)
 
 
-def stored_info(row: Dataset | None, spec: JobSpec, path: Path) -> DatasetInfo | None:
-    """An upload's stats as stored when it was checked, if the spec reads it the same way (else None)."""
-    if row is None or spec.dataset.format not in ("auto", row.format):
+def stored_info(row: Dataset | None, ref: DatasetRef | ValidationRef, path: Path) -> DatasetInfo | None:
+    """An upload's stats as stored when it was checked, if the spec reads it the same way (else None).
+
+    datasets.format is chat or prompt_completion (JSONL records of that format), jsonl (JSONL records
+    with the stored text field) or text (plain text lines)."""
+    if row is None or ref.format not in ("auto", row.format):
         return None
-    if row.format == "jsonl" and spec.dataset.text_field != row.text_field:
+    if row.format == "jsonl" and ref.text_field != row.text_field:
         return None
-    fmt: Literal["jsonl", "text"] = "jsonl" if row.format == "jsonl" else "text"
-    return DatasetInfo(path=path, format=fmt, records=row.records, bytes=row.bytes)
+    plain = row.format == "text"
+    data_format: Format = row.format if row.format in ("chat", "prompt_completion") else "text"  # type: ignore[assignment]
+    return DatasetInfo(
+        path=path, format="text" if plain else "jsonl", records=row.records, bytes=row.bytes, data_format=data_format
+    )
 
 
 def box_sizes(session: Session) -> dict[str, list[int | None]]:
@@ -100,10 +137,11 @@ def with_defaults(spec: JobSpec, user: Principal) -> tuple[JobSpec, list[str]]:
 
 
 def estimated_steps(spec: JobSpec, info: DatasetInfo) -> int:
-    """max_steps, or epochs x steps per epoch estimated from the dataset's size (~4 bytes per token)."""
+    """max_steps, or epochs x steps per epoch estimated from the dataset's size (BYTES_PER_TOKEN), less
+    the held-out split."""
     if spec.max_steps is not None:
         return spec.max_steps
-    blocks = max(1, info.bytes // 4 // spec.seq_len)
+    blocks = max(1, round(info.bytes * (1 - spec.validation_split)) // BYTES_PER_TOKEN // spec.seq_len)
     return spec.epochs * max(1, blocks // spec.batch.train)
 
 
@@ -294,8 +332,7 @@ class Admission:
     """A spec that passed every check, resolved (defaults filled in), with what the checks found out."""
 
     spec: JobSpec
-    source: ModelSource
-    info: DatasetInfo
+    files: Files
     steps: int
     memory: Memory
     notes: list[str]
@@ -305,11 +342,35 @@ def admit(spec: JobSpec, settings: Settings, session: Session, user: Principal) 
     """Every check a submission passes (403 limits; 422 files, box size, steps, memory), in that order."""
     spec, notes = with_defaults(spec, user)
     check_spec_limits(spec, user)
-    source, info = check_files(spec, settings, session, user)
+    files = check_files(spec, settings, session, user)
     check_fits_a_box(spec, session)
-    steps = check_steps(spec, info)
-    memory = check_memory(spec, source, session, settings)
-    return Admission(spec, source, info, steps, memory, notes + memory.notes)
+    steps = check_steps(spec, files.train)
+    memory = check_memory(spec, files.source, session, settings)
+    return Admission(spec, files, steps, memory, notes + memory.notes)
+
+
+def data_report(spec: JobSpec, files: Files) -> dict[str, Any]:
+    """The dry run's view of the data: for the training and the validation data, the format, records,
+    estimated tokens, the share trained on and the examples longer than seq_len; and the split's size."""
+
+    def stats(info: DatasetInfo, text_field: str) -> dict[str, Any]:
+        train_all = trains_all(info.data_format, spec.dataset.train_on)
+        s = data_stats(
+            info, text_field=text_field, seq_len=spec.seq_len, train_all=train_all, overlong=spec.dataset.overlong
+        )
+        return {"file_format": info.format, "bytes": info.bytes, **s.as_dict()}
+
+    train = stats(files.train, spec.dataset.text_field)
+    validation = stats(files.validation, spec.validation.text_field) if files.validation and spec.validation else None
+    split = None
+    if spec.validation_split > 0:
+        held = held_out(train["records"], spec.validation_split)
+        split = {
+            "fraction": spec.validation_split,
+            "validation_records": held,
+            "train_records": train["records"] - held,
+        }
+    return {"train": train, "validation": validation, "split": split}
 
 
 def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal) -> dict[str, Any]:
@@ -318,7 +379,9 @@ def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal
     spec, memory, notes = a.spec, dict(a.memory.estimate), a.notes
     plan = spec.batch
     if spec.max_steps is None:
-        notes.append(f"total steps ~{a.steps}, estimated from the dataset's size (about 4 bytes per token)")
+        notes.append(
+            f"total steps ~{a.steps}, estimated from the dataset's size (about {BYTES_PER_TOKEN} bytes per token)"
+        )
     gpu_gb = a.memory.room.gpu_gb
     fits = None
     if gpu_gb is not None and memory["per_gpu_gb"] is not None:
@@ -333,8 +396,11 @@ def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal
         "precision": precision,
         "notes": notes,
         "n_params": memory.pop("n_params", None),
-        "model": {"kind": a.source.kind, "name": a.source.name if a.source.kind != "local" else spec.model},
-        "dataset": {"format": a.info.format, "bytes": a.info.bytes, "records_checked": a.info.records},
+        "model": {
+            "kind": a.files.source.kind,
+            "name": a.files.source.name if a.files.source.kind != "local" else spec.model,
+        },
+        "data": data_report(spec, a.files),
         "deepspeed_config": dsconfig.build_ds_config(spec, precision=precision, steps=a.steps),
         "memory": {**memory, "gpu_memory_gb": round(gpu_gb, 2) if gpu_gb else None, "fits": fits},
         "queue_position": queue_position_for(session, priority=spec.priority),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from trainer.batch import BatchPlan
+from trainer.datastats import held_out
 from trainer.formats import Format, Render, Segments, TemplateError, record_text, segments
 from trainer.paths import DatasetInfo, SpecError
 
@@ -75,10 +76,10 @@ def read_texts(info: DatasetInfo, text_field: str) -> Iterator[str]:
 
 
 def split(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, held out): round(fraction x records) records, at least one, chosen by the seed alone."""
-    if fraction <= 0:
+    """(train, held out): `held_out(records, fraction)` records, chosen by the seed alone."""
+    n_val = held_out(len(items), fraction)
+    if n_val == 0:
         return items, []
-    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
     held = np.zeros(len(items), dtype=bool)
     held[np.random.default_rng([seed, 0x5A11]).permutation(len(items))[:n_val]] = True
     return [x for x, h in zip(items, held, strict=True) if not h], [x for x, h in zip(items, held, strict=True) if h]

@@ -63,6 +63,12 @@ def resolve_format(declared: str, first: Any, *, plain_text: bool) -> Format:
     return "text"
 
 
+def trains_all(fmt: Format, train_on: str | None) -> bool:
+    """Whether every token of an example is trained on: always for text, by `train_on` for the others
+    (left out: completions only)."""
+    return fmt == "text" or train_on == "all"
+
+
 def check_record(obj: Any, fmt: Format, text_field: str) -> None:
     """Raise RecordError saying what is wrong with one JSONL record of format `fmt`."""
     if not isinstance(obj, dict):

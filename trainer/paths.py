@@ -195,10 +195,15 @@ def inspect_data(
         return train, None
     ref = spec.validation
     val = inspect_dataset(resolve_dataset(ref, data_root, "validation"), ref, max_records, what="validation")
+    check_same_format(train, val)
+    return train, val
+
+
+def check_same_format(train: DatasetInfo, val: DatasetInfo) -> None:
+    """SpecError unless the validation data is of the training data's format (one masking, one template)."""
     if val.data_format != train.data_format:
         raise SpecError(
             f"validation data is {val.data_format} but the training data is {train.data_format}: "
             f"both must be of one format",
             "validation",
         )
-    return train, val

@@ -29,6 +29,7 @@ from trainer.events import (
     reserve_rank_error,
     write_rank_error,
 )
+from trainer.formats import trains_all
 from trainer.loop import Diverged, GiB, Loop, StopFlag, save_final_model
 from trainer.paths import SpecError, inspect_data, resolve_model
 from trainer.spec import JobSpec
@@ -98,7 +99,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
         format=info.data_format,
         text_field=spec.dataset.text_field,
         val_text_field=spec.validation.text_field if spec.validation else spec.dataset.text_field,
-        train_all=info.data_format == "text" or spec.dataset.train_on == "all",
+        train_all=trains_all(info.data_format, spec.dataset.train_on),
         overlong=spec.dataset.overlong,
         seq_len=spec.seq_len,
         split=spec.validation_split,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from sqlalchemy import func, select
+
+from core.models import Job
 from tests.api.conftest import make_user, spec
 from tests.api.test_jobs import add_box, only_error
 
@@ -169,3 +173,82 @@ def test_left_out_max_runtime_s_respects_a_lower_cap(client, sessions):
     v = client.post("/jobs/validate", json=spec(), headers=bob).json()
     assert v["max_runtime_s"] == 3600 and "max_runtime_s not given: 3600 s (your cap)" in v["notes"]
     only_error(client.post("/jobs", json=spec(max_runtime_s=7200), headers=bob), 403)
+
+
+def _write(settings, name: str, records: list) -> str:
+    path = settings.data_root / "finetune" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return f"finetune/{name}"
+
+
+def _chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_validate_reports_the_data_its_masking_overlong_examples_and_split(client, settings):
+    # 90 short conversations whose answers are a small part of the text, and 10 far over seq_len.
+    records = [_chat("why is the sky blue? " * 8, "scattering.") for _ in range(90)]
+    records += [_chat("tell me everything. " * 200, "no.") for _ in range(10)]
+    path = _write(settings, "chat.jsonl", records)
+    body = spec(dataset={"path": path}, seq_len=128, validation_split=0.2)
+    v = client.post("/jobs/validate", json=body)
+    assert v.status_code == 200, v.text
+    data = v.json()["data"]
+    train = data["train"]
+    assert (train["data_format"], train["file_format"], train["records"], train["records_counted"]) == (
+        "chat",
+        "jsonl",
+        100,
+        True,
+    )
+    # Only the answers (and each turn's end) are trained on by default: a small share.
+    assert 0 < train["trained_share"] < 0.2
+    assert train["overlong"] == 10 and train["overlong_policy"] == "dropped"
+    assert 100 * 40 < train["estimated_tokens"] < 100 * 40 + 10 * 1200
+    assert data["split"] == {"fraction": 0.2, "train_records": 80, "validation_records": 20}
+    assert data["validation"] is None
+
+    every = client.post(
+        "/jobs/validate",
+        json=spec(dataset={"path": path, "train_on": "all", "overlong": "truncate"}, seq_len=128),
+    ).json()["data"]["train"]
+    assert every["trained_share"] == 1.0 and every["overlong_policy"] == "truncated"
+    assert every["estimated_tokens"] == train["estimated_tokens"] and every["overlong"] == 10
+
+    text = client.post("/jobs/validate", json=spec()).json()["data"]["train"]
+    assert (text["data_format"], text["trained_share"], text["overlong_policy"]) == ("text", 1.0, "packed")
+
+
+def test_a_validation_file_is_checked_at_submission_and_reported(client, settings, sessions):
+    train = _write(settings, "pc-train.jsonl", [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)])
+    val = _write(settings, "pc-val.jsonl", [{"prompt": f"{i} + 2 =", "completion": f" {i + 2}"} for i in range(8)])
+    ok = client.post("/jobs/validate", json=spec(dataset={"path": train}, validation={"path": val}))
+    assert ok.status_code == 200, ok.text
+    report = ok.json()["data"]
+    assert report["validation"]["data_format"] == "prompt_completion" and report["validation"]["records"] == 8
+
+    chat = _write(settings, "chat-val.jsonl", [_chat("hi", "hello")] * 4)
+    bad = _write(settings, "bad-val.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "no completion"}])
+    cases = [
+        ({"path": chat}, ["body", "validation"], "validation data is chat but the training data is prompt_completion"),
+        ({"path": bad}, ["body", "validation"], "line 2 has no 'completion' field"),
+        ({"path": "finetune/missing.jsonl"}, ["body", "validation", "path"], "not found"),
+    ]
+    for ref, loc, fragment in cases:
+        for route in ("/jobs", "/jobs/validate"):
+            [err] = only_error(client.post(route, json=spec(dataset={"path": train}, validation=ref)), 422)
+            assert err["loc"] == loc and fragment in err["msg"] and err["type"] == "file_not_usable", err
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0, "nothing was queued"
+
+
+def test_another_users_upload_is_no_validation_file(client, sessions):
+    ann, bob = make_user(client, "ann-val"), make_user(client, "bob-val")
+    content = "".join(json.dumps({"text": f"line {i} " * 10}) + "\n" for i in range(20)).encode()
+    ds = client.post("/datasets", files={"file": ("v.jsonl", content)}, headers=ann).json()
+    mine = client.post("/jobs/validate", json=spec(validation={"id": ds["id"]}), headers=ann)
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["data"]["validation"]["records"] == 20
+    [err] = only_error(client.post("/jobs", json=spec(validation={"id": ds["id"]}), headers=bob), 422)
+    assert err["loc"] == ["body", "validation", "id"] and ds["id"] in err["msg"]
