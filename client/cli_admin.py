@@ -23,8 +23,8 @@ def prune(
         None,
         "--older-than-days",
         min=0,
-        help="jobs finished at least N days ago (0: all finished jobs) "
-        "[default: the server's TRAINBOX_CHECKPOINT_RETENTION_DAYS]",
+        help="jobs finished at least N days ago (0: all finished jobs)",
+        show_default="the server's TRAINBOX_CHECKPOINT_RETENTION_DAYS",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would be deleted, delete nothing"),
     as_json: bool = typer.Option(False, "--json"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, make_client, text
+from client.cli_common import api_errors, console, duration, gpus_cell, make_client, target, text
 
 datasets_app = typer.Typer(help="Upload training files, list and delete yours.", no_args_is_help=True)
 
@@ -63,22 +63,26 @@ def queue(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         console.print_json(json.dumps(body))
         return
-    table = Table("#", "name", "owner", "state", "gpus", "prio", "id")
+    table = Table("#", "name", "owner", "state", "gpus", "prio", "starts in", "id")
     for j in body["data"]:
+        eta = j.get("start_eta_s")
         table.add_row(
             text(j["queue_position"] or ""),
             text(j["name"]),
             text(j["owner"]),
             text(j["state"]),
-            text(j["gpus"]),
+            text(gpus_cell(j)),
             text(j["priority"]),
-            text(j["id"]),
+            f"~{duration(eta)}" if isinstance(eta, int | float) else ("?" if j["state"] == "queued" else ""),
+            text(j.get("id") or ""),
         )
     console.print(table)
 
 
 def whoami() -> None:
-    """The user of the token in use, and the limits in force for them."""
+    """The server and token in use (and where each was found), their user, and the limits in force."""
+    found = target()
+    console.print(f"server {text(found.url)} (from {text(found.url_source)}), token from {text(found.token_source)}")
     with api_errors():
         me = make_client().me()
     console.print(f"[bold]{text(me['name'])}[/]{' (admin)' if me['is_admin'] else ''}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 from collections.abc import Iterator
@@ -15,16 +14,13 @@ import httpx
 import typer
 from rich.markup import escape
 
-from client.cli_common import api_errors, console, err_console, options
+from client.cli_common import api_errors, console, err_console, options, target
+from client.config import default_data_dir, normalize_url, stack_pointer
 from client.follow import FollowView, summary
 from client.sdk import Client
 from client.stack import STACK_FILE, Stack, StackError
 
 DEMO_DATASET = "demo/corpus.jsonl"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("TRAINBOX_DATA_DIR", ".trainbox")).expanduser().resolve()
 
 
 class _Terminated(Exception):
@@ -52,7 +48,12 @@ def running_stack(stack: Stack) -> Iterator[Stack]:
 
 
 def up(
-    data_dir: Path = typer.Option(None, "--data-dir", help="where the database, runs and data live [.trainbox]"),
+    data_dir: Path = typer.Option(
+        None,
+        "--data-dir",
+        help="where the database, runs and data live",
+        show_default="TRAINBOX_DATA_DIR, else ./.trainbox",
+    ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     slots: int = typer.Option(None, "--cpu-slots", help="CPU slots offered when the box has no GPU"),
@@ -63,7 +64,11 @@ def up(
     console.print(f"[bold]trainbox[/] starting in {stack.data_dir.expanduser().resolve()}")
     try:
         with running_stack(stack):
-            console.print(f"[green]ready[/]: dashboard and API at {stack.url}/   (Ctrl-C stops everything)")
+            console.print(f"[green]ready[/]: dashboard at {stack.url}/  API at {stack.url}  (Ctrl-C stops everything)")
+            console.print(
+                f"  the CLI finds this stack from any directory (noted in {escape(str(stack_pointer()))}); "
+                "`trainbox whoami` shows it"
+            )
             stack.wait()
     except (KeyboardInterrupt, _Terminated):
         pass
@@ -134,17 +139,22 @@ def _run_demo(client: Client, data_dir: Path, steps: int) -> tuple[dict[str, Any
 
 
 def demo(
-    data_dir: Path = typer.Option(None, "--data-dir", help="the stack's data dir [.trainbox]"),
+    data_dir: Path = typer.Option(
+        None, "--data-dir", help="the stack's data dir", show_default="TRAINBOX_DATA_DIR, else ./.trainbox"
+    ),
     steps: int = typer.Option(120, "--steps", min=1),
     port: int = typer.Option(8000, "--port", help="port for the stack the demo starts if none is running"),
 ) -> None:
     """Train a tiny model on 2 slots and follow it live (starts the stack if none is running)."""
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
     record = data_dir / STACK_FILE
-    url = options["url"] or (json.loads(record.read_text())["url"] if record.exists() else None)
+    found = target()
+    recorded = normalize_url(json.loads(record.read_text())["url"]) if record.exists() else None
+    url = options["url"] or recorded or (found.url if found.url_source != "the default" else None)
     if url and _healthy(url):
         console.print(f"using the running stack at {url}")
-        token = options["token"] or _read_token(data_dir)
+        token = found.token if normalize_url(url) == found.url else None
+        token = token or (_read_token(data_dir) if normalize_url(url) == recorded else None)
         with api_errors():
             final, first_loss = _run_demo(Client(url, token), data_dir, steps)
     else:

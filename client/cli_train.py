@@ -23,7 +23,7 @@ console = Console()
 
 def train(
     spec_file: Path = typer.Argument(..., help="JobSpec as YAML or JSON"),
-    run_dir: Path = typer.Option(None, "--run-dir", help="outputs go here [default: runs/<name>]"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="outputs go here", show_default="runs/<name>"),
     data_root: Path = typer.Option(Path("."), "--data-root", help="dataset paths are relative to this"),
     model_root: Path = typer.Option(Path("."), "--model-root", help="model directories are relative to this"),
 ) -> None:

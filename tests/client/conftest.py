@@ -31,3 +31,11 @@ def user_env(tmp_path: Path) -> dict[str, str]:
     env["COLUMNS"] = "120"
     env["HOME"] = str(tmp_path / "home")
     return env
+
+
+@pytest.fixture(autouse=True)
+def _own_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own user config and state (`trainbox login`, the note of a running `trainbox up`):
+    never the machine user's."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))

@@ -137,7 +137,7 @@ def test_server_text_with_markup_is_printed_literally(served, tmp_path):
 
     corpus = tmp_path / "mine.jsonl"
     corpus.write_text('{"text": "hello"}\n')
-    refused = tb(url, token, "datasets", "upload", str(corpus), "--text-field", "[/]x", code=1)
+    refused = tb(url, token, "datasets", "upload", str(corpus), "--text-field", "[/]x", code=8)
     assert "'[/]x'" in refused.stderr
 
 
@@ -164,7 +164,7 @@ def test_list_pages_with_cursor(served, tmp_path):
     second = tb(url, token, "list", "-n", "2", "--cursor", cursor).stdout
     assert "page-0" in second and "page-1" not in second and "more:" not in second
     assert ids[0] in second
-    bad = tb(url, token, "list", "--cursor", "nonsense", code=1)
+    bad = tb(url, token, "list", "--cursor", "nonsense", code=8)
     assert "cursor" in bad.stderr
 
 
@@ -178,5 +178,5 @@ def test_datasets_delete(served, tmp_path):
     assert f"deleted {dataset_id}" in tb(url, token, "datasets", "delete", dataset_id).stdout
     assert not Path(settings.data_root, "uploads", dataset_id).exists()
     assert dataset_id not in tb(url, token, "datasets", "list").stdout
-    missing = tb(url, token, "datasets", "delete", dataset_id, code=1)
+    missing = tb(url, token, "datasets", "delete", dataset_id, code=7)
     assert "no uploaded dataset" in missing.stderr

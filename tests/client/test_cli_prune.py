@@ -68,7 +68,7 @@ def test_prune_dry_run_then_for_real(served):
     assert "disk 100 bytes" in status
 
     no_age = tb(*api, "prune", ok=False)  # the server has no retention setting
-    assert no_age.exit_code == 1 and "TRAINBOX_CHECKPOINT_RETENTION_DAYS" in no_age.stderr
+    assert no_age.exit_code == 8 and "TRAINBOX_CHECKPOINT_RETENTION_DAYS" in no_age.stderr
     admin("users", "add", "ann")
     ann = admin("tokens", "create", "ann").stdout.strip()
     refused = tb("--url", served, "--token", ann, "prune", "--older-than-days", "0", ok=False)

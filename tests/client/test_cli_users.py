@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -71,7 +73,8 @@ def test_whoami_datasets_and_queue_with_a_token(served, data_dir):
         create_user(session, name="ann")
         _, token = create_token(session, user_name="ann")
     refused = tb("--url", served, "whoami", ok=False)
-    assert refused.exit_code == 1 and "missing bearer token" in refused.stderr
+    assert refused.exit_code == 6 and "missing bearer token" in refused.stderr
+    assert "no token was sent" in refused.stderr and "trainbox login" in refused.stderr
     me = tb("--url", served, "--token", token, "whoami").stdout
     assert "ann" in me and "max_priority" in me
     corpus = data_dir / "mine.jsonl"
@@ -89,4 +92,11 @@ def test_the_cli_finds_the_local_admin_token(served, data_dir):
 
     with session_scope() as session:
         ensure_local_token(session, get_settings())
-    assert "admin (admin)" in tb("--url", served, "whoami").stdout
+    # The record `trainbox up` keeps in its data dir, with a live pid (this one) and its URL.
+    (data_dir / "stack.json").write_text(json.dumps({"url": served, "pid": os.getpid()}))
+    found = tb("--url", served, "whoami").stdout
+    assert "admin (admin)" in found and f"token from the local stack's token file {data_dir / 'token'}" in found
+    # Another server never gets the local stack's token.
+    other = served.replace("127.0.0.1", "localhost")
+    refused = tb("--url", other, "whoami", ok=False)
+    assert refused.exit_code == 6 and "no token was sent" in refused.stderr
