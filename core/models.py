@@ -234,7 +234,9 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     owner: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(String(200))
-    format: Mapped[str] = mapped_column(String(16))
+    # How the file was checked, as a spec's dataset.format reads it: chat, prompt_completion, jsonl (JSONL
+    # text records) or text (plain text lines).
+    format: Mapped[str] = mapped_column(String(32))
     text_field: Mapped[str] = mapped_column(String(100))
     records: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(Integer)
