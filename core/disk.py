@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from core.models import Dataset, Job, utcnow
 from core.states import JobState
+from trainer import tokencache
 from trainer.events import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
@@ -143,3 +144,27 @@ def prune_checkpoints(
         session.commit()
         log.info("pruned the checkpoints of job %s (%s, %s)", job_id, ", ".join(names), human_bytes(size))
     return pruned
+
+
+@dataclass
+class PrunedCache:
+    """Tokenized-data cache entries (shared by jobs on the same data) deleted for not being used."""
+
+    entries: int = 0
+    bytes: int = 0
+
+
+def prune_token_cache(data_root: Path, *, older_than_days: float, dry_run: bool = False) -> PrunedCache:
+    """Delete the token cache's entries that no job used for `older_than_days` (a job on that data
+    tokenizes it again); a dry run deletes nothing."""
+    cache_dir = data_root / tokencache.TOKEN_CACHE_DIR
+    old = tokencache.prune_unused(cache_dir, older_than_days * 86400, dry_run=dry_run)
+    freed = PrunedCache(len(old), sum(e.bytes for e in old))
+    if old and not dry_run:
+        log.info(
+            "pruned %d token cache entries unused for %g days (%s)",
+            freed.entries,
+            older_than_days,
+            human_bytes(freed.bytes),
+        )
+    return freed

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainer.tokencache import DEFAULT_TOKEN_CACHE_BYTES
+
 
 class Settings(BaseSettings):
     """trainbox settings; every field can be set as `TRAINBOX_<FIELD>` (e.g. TRAINBOX_DATABASE_URL)."""
@@ -57,6 +59,13 @@ class Settings(BaseSettings):
     # Disk: the worker's sweep deletes finished jobs' checkpoints this many days after they finished.
     checkpoint_retention_days: float | None = Field(
         None, ge=0, description="days a finished job's checkpoints are kept (model/ and logs stay); None: forever"
+    )
+    token_cache_bytes: int = Field(
+        DEFAULT_TOKEN_CACHE_BYTES,
+        ge=0,
+        description="bound of the tokenized-data cache under the data root, shared by jobs on the same data "
+        "(least recently used entries evicted beyond it; `trainbox prune` deletes entries unused for its N "
+        "days); 0: each job tokenizes into its run dir",
     )
     # Request hardening.
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (uploads excepted) -> 413")

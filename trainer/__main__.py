@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from trainer.tokencache import DEFAULT_TOKEN_CACHE_BYTES
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", required=True, help="the JobSpec as JSON")
@@ -13,6 +15,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-root", default=".", help="model directories are looked up under this root")
     p.add_argument("--data-root", default=".", help="dataset paths are looked up under this root")
     p.add_argument("--no-save", action="store_true", help="no checkpoints and no final model (benchmarks)")
+    p.add_argument(
+        "--token-cache-bytes",
+        type=int,
+        default=DEFAULT_TOKEN_CACHE_BYTES,
+        help="bound of the tokenized-data cache under the data root (shared by jobs); 0: cache in the run dir",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

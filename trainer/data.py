@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from trainer.batch import BatchPlan
 from trainer.datastats import held_out
 from trainer.formats import Format, Render, Segments, TemplateError, record_text, segments
 from trainer.paths import DatasetInfo, SpecError
+from trainer.tokencache import evict
 
 EncodeBatch = Callable[[list[str]], list[list[int]]]
 CHUNK = 2048  # texts per tokenizer call: large enough for the fast tokenizer's parallelism
@@ -210,47 +210,6 @@ def cache_key(train: DatasetInfo, val: DatasetInfo | None, opts: DataOptions) ->
     """The files' contents and every option that changes the blocks (tokenizer, template, masking, seq_len, split)."""
     raw = json.dumps([_identity(train), _identity(val) if val else None, asdict(opts)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-STALE_TMP_S = 86400  # a temp file this old belongs to a build that died
-IN_USE_S = 600  # an entry used this recently may be about to be opened by another job's ranks: kept
-
-
-def evict(cache_dir: Path, max_bytes: int, keep: str) -> list[str]:
-    """Delete the least recently used entries until the cache holds at most max_bytes (never `keep`,
-    the entry just used); returns the keys deleted. An entry's last use is its stats file's mtime
-    (prepare touches it); a job still reading a deleted entry keeps its open memory maps."""
-    entries: dict[str, list[Path]] = {}
-    now = time.time()
-    for f in cache_dir.iterdir() if cache_dir.is_dir() else []:
-        if not f.name.startswith("data-"):
-            continue
-        if ".tmp" in f.name:
-            with contextlib.suppress(OSError):
-                if now - f.stat().st_mtime > STALE_TMP_S:
-                    f.unlink()
-            continue
-        entries.setdefault(f.name.removeprefix("data-").split(".")[0], []).append(f)
-
-    def size(files: list[Path]) -> int:
-        return sum(f.stat().st_size for f in files if f.exists())
-
-    def used(key: str) -> float:
-        stats = cache_dir / f"data-{key}.json"
-        return stats.stat().st_mtime if stats.exists() else 0.0
-
-    total = sum(size(files) for files in entries.values())
-    deleted = []
-    for key in sorted(entries, key=used):
-        if total <= max_bytes:
-            break
-        if key == keep or now - used(key) < IN_USE_S:
-            continue
-        total -= size(entries[key])
-        for f in sorted(entries[key], key=lambda f: not f.name.endswith(".json")):  # stats first: incomplete
-            f.unlink(missing_ok=True)
-        deleted.append(key)
-    return deleted
 
 
 def prepare(

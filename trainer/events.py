@@ -73,12 +73,20 @@ TRAINER_ERROR_TYPES = frozenset({ERROR_INVALID, ERROR_LAUNCH, ERROR_TRAIN, ERROR
 
 
 def trainer_argv(
-    run_dir: Path, *, model_root: Path | str, data_root: Path | str, save: bool = True, python: str | None = None
+    run_dir: Path,
+    *,
+    model_root: Path | str,
+    data_root: Path | str,
+    save: bool = True,
+    token_cache_bytes: int | None = None,
+    python: str | None = None,
 ) -> list[str]:
     """The trainer's command line: `python -m trainer run` on the run dir's spec.json (docs/TRAINER.md)."""
     argv = [python or sys.executable, "-m", "trainer", "run"]
     if not save:
         argv.append("--no-save")
+    if token_cache_bytes is not None:
+        argv += ["--token-cache-bytes", str(token_cache_bytes)]
     return argv + [
         "--spec",
         str(Path(run_dir) / SPEC_FILE),

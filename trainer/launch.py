@@ -262,6 +262,8 @@ class Launcher:
             str(self.args.model_root),
             "--data-root",
             str(self.args.data_root),
+            "--token-cache-bytes",
+            str(self.args.token_cache_bytes),
         ]
         if self.args.no_save:
             args.append("--no-save")

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from trainer import tokencache
 from trainer.checkpoint import DiskFull, out_of_space
 from trainer.events import (
     ERROR_DISK,
@@ -44,27 +45,6 @@ def _setup_device() -> tuple[Any, bool]:
         return torch.device("cuda", local), True
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return torch.device("cpu"), False
-
-
-TOKEN_CACHE_DIR = ".cache/tokens"  # under the data root: shared by every job on the same data
-DEFAULT_TOKEN_CACHE_BYTES = 50 * 10**9
-
-
-def token_cache(data_root: Path, run_dir: Path) -> tuple[Path, int | None]:
-    """Where tokenized data is cached, and its size bound: under the data root, shared by jobs
-    (TRAINBOX_TOKEN_CACHE_BYTES, default 50 GB, least recently used entries evicted beyond it); in the
-    run dir, unbounded, when the data root is not writable or TRAINBOX_TOKEN_CACHE_BYTES is 0."""
-    limit = int(os.environ.get("TRAINBOX_TOKEN_CACHE_BYTES", DEFAULT_TOKEN_CACHE_BYTES))
-    shared = data_root / TOKEN_CACHE_DIR
-    try:
-        if limit <= 0:
-            raise PermissionError("the shared token cache is off")
-        shared.mkdir(parents=True, exist_ok=True)
-        if not os.access(shared, os.W_OK):
-            raise PermissionError(str(shared))
-    except OSError:
-        return run_dir / "data", None
-    return shared, limit
 
 
 def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
@@ -107,7 +87,7 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
         tokenizer=models.tokenizer_id(source, tokenizer),
         template=models.template_id(tokenizer),
     )
-    cache_dir, cache_max = token_cache(Path(args.data_root), run_dir)
+    cache_dir, cache_max = tokencache.location(Path(args.data_root), run_dir, args.token_cache_bytes)
     key = cache_key(info, val_info, opts)
     if rank == 0:
         checkpoint.remove_partial(run_dir)

@@ -1,6 +1,6 @@
-"""Checkpoint retention: the sweep deletes finished jobs' checkpoints N days after they finished
-(TRAINBOX_CHECKPOINT_RETENTION_DAYS; unset: kept). At most once an hour per worker process: a walk
-of every finished job's run directory is not for every sweep."""
+"""Retention: the sweep deletes finished jobs' checkpoints N days after they finished, and token cache
+entries no job used for N days (TRAINBOX_CHECKPOINT_RETENTION_DAYS; unset: kept). At most once an hour
+per worker process: a walk of every finished job's run directory is not for every sweep."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import time
 
 from core.db import session_scope
-from core.disk import human_bytes, prune_checkpoints
+from core.disk import human_bytes, prune_checkpoints, prune_token_cache
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,10 @@ def maybe_prune(now: float | None = None) -> int | None:
 def prune(days: float) -> int:
     """Delete the checkpoints of jobs that finished `days` ago or more; returns the bytes freed."""
     settings = get_settings()
-    assert settings.runs_root is not None
+    assert settings.runs_root is not None and settings.data_root is not None
     with session_scope() as session:
         pruned = prune_checkpoints(session, runs_root=settings.runs_root, older_than_days=days)
-    freed = sum(p.bytes for p in pruned)
+    freed = sum(p.bytes for p in pruned) + prune_token_cache(settings.data_root, older_than_days=days).bytes
     if pruned:
         log.info(
             "retention (%s days): pruned the checkpoints of %d finished jobs, %s freed",

@@ -80,6 +80,7 @@ def build_launch(job_id: str, attempt: int) -> Launch:
         start_timeout_s=settings.start_timeout_s,
         extensions_dir=settings.extensions_dir,
         cpu_threads=threads,
+        token_cache_bytes=settings.token_cache_bytes,
     )
 
 

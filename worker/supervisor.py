@@ -68,6 +68,7 @@ class Launch:
     start_timeout_s: float | None = None  # no `start` event by then: stop it, `failed`/launch_error
     extensions_dir: Path | None = None  # DeepSpeed's op cache (TORCH_EXTENSIONS_DIR), built by the worker
     cpu_threads: int | None = None  # CPU boxes: threads per rank (OMP_NUM_THREADS), a slot's share of cores
+    token_cache_bytes: int | None = None  # the shared tokenized-data cache's bound (None: the trainer's default)
     command: list[str] | None = None  # replaces the trainer command (tests, benchmarks)
 
 
@@ -87,7 +88,12 @@ def trainer_command(launch: Launch) -> list[str]:
     """The trainer's command line (docs/TRAINER.md, Launch)."""
     if launch.command:
         return list(launch.command)
-    return trainer_argv(launch.run_dir, model_root=launch.model_root, data_root=launch.data_root)
+    return trainer_argv(
+        launch.run_dir,
+        model_root=launch.model_root,
+        data_root=launch.data_root,
+        token_cache_bytes=launch.token_cache_bytes,
+    )
 
 
 def trainer_env(launch: Launch, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminUser, SessionDep, SettingsDep
 from api.errors import Unprocessable, documented
-from core.disk import prune_checkpoints
+from core.disk import prune_checkpoints, prune_token_cache
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -38,11 +38,17 @@ class PrunedJobRead(BaseModel):
     bytes: int = Field(description="bytes under the job's checkpoints directory")
 
 
+class PrunedCacheRead(BaseModel):
+    entries: int = Field(description="tokenized-data cache entries no job used for older_than_days")
+    bytes: int
+
+
 class PruneResult(BaseModel):
     dry_run: bool
     older_than_days: float
     jobs: list[PrunedJobRead]
-    bytes_freed: int = Field(description="bytes deleted (a dry run: bytes that would be)")
+    token_cache: PrunedCacheRead = Field(description="the shared tokenized-data cache's unused entries")
+    bytes_freed: int = Field(description="bytes deleted, checkpoints and cache (a dry run: bytes that would be)")
 
 
 # The 422 a JSON schema cannot state (its error type names the rule).
@@ -54,7 +60,8 @@ NO_RETENTION = "retention_not_set"
     response_model=PruneResult,
     responses=documented(403, 413, 422),
     description="Delete the checkpoints of jobs that finished N days ago or more (admins only); their final "
-    "models, events and logs stay, and each job's disk_bytes is measured again. `dry_run` reports what would "
+    "models, events and logs stay, and each job's disk_bytes is measured again. Tokenized-data cache entries no "
+    "job used for N days go too (a later job on that data tokenizes it again). `dry_run` reports what would "
     "go. Without older_than_days the server's TRAINBOX_CHECKPOINT_RETENTION_DAYS applies; with neither, **422** "
     f"(`type: {NO_RETENTION}`).",
 )
@@ -71,10 +78,13 @@ def prune(
             type_=NO_RETENTION,
         )
     assert settings.runs_root is not None
+    assert settings.data_root is not None
     pruned = prune_checkpoints(session, runs_root=settings.runs_root, older_than_days=days, dry_run=body.dry_run)
+    cache = prune_token_cache(settings.data_root, older_than_days=days, dry_run=body.dry_run)
     return PruneResult(
         dry_run=body.dry_run,
         older_than_days=days,
         jobs=[PrunedJobRead(**p.__dict__) for p in pruned],
-        bytes_freed=sum(p.bytes for p in pruned),
+        token_cache=PrunedCacheRead(**cache.__dict__),
+        bytes_freed=sum(p.bytes for p in pruned) + cache.bytes,
     )

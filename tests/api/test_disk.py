@@ -138,3 +138,29 @@ def test_prune_is_for_admins_and_needs_an_age(client):
     )
     for bad in bad_bodies:
         assert client.post("/admin/prune", json=bad).status_code == 422, bad
+
+
+def test_prune_deletes_token_cache_entries_no_job_used_for_n_days(client, settings):
+    import os
+    import time
+
+    from trainer.tokencache import TOKEN_CACHE_DIR
+
+    cache = settings.data_root / TOKEN_CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for key, days in (("unused", 30), ("recent", 1)):
+        for part in ("train.npy", "json"):
+            f = cache / f"data-{key}.{part}"
+            f.write_bytes(b"x" * 1000)
+            os.utime(f, (now - days * 86400, now - days * 86400))
+    try:
+        dry = client.post("/admin/prune", json={"older_than_days": 7, "dry_run": True}).json()
+        assert dry["token_cache"] == {"entries": 1, "bytes": 2000} and dry["bytes_freed"] >= 2000
+        assert (cache / "data-unused.json").exists()
+        real = client.post("/admin/prune", json={"older_than_days": 7}).json()
+        assert real["token_cache"] == {"entries": 1, "bytes": 2000}
+        assert sorted(p.name for p in cache.iterdir()) == ["data-recent.json", "data-recent.train.npy"]
+    finally:
+        for p in cache.iterdir():
+            p.unlink()

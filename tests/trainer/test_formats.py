@@ -307,7 +307,7 @@ def test_the_cache_evicts_least_recently_used_entries_beyond_its_bound(tmp_path:
     import os
     import time
 
-    from trainer.data import evict
+    from trainer.tokencache import evict
 
     now = time.time()
     for key, age in (("old", 9000), ("older", 9999), ("recent", 60), ("mine", 9999)):
@@ -325,13 +325,9 @@ def test_the_cache_evicts_least_recently_used_entries_beyond_its_bound(tmp_path:
     assert left == sorted(f"data-{k}.{p}" for k in ("recent", "mine") for p in ("train.npy", "train-mask.npy", "json"))
 
 
-def test_the_token_cache_is_shared_under_the_data_root_unless_turned_off(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from trainer.rank import DEFAULT_TOKEN_CACHE_BYTES, token_cache
+def test_the_token_cache_is_shared_under_the_data_root_unless_turned_off(tmp_path: Path) -> None:
+    from trainer.tokencache import location
 
-    monkeypatch.delenv("TRAINBOX_TOKEN_CACHE_BYTES", raising=False)
     shared = tmp_path / "data/.cache/tokens"
-    assert token_cache(tmp_path / "data", tmp_path / "run") == (shared, DEFAULT_TOKEN_CACHE_BYTES)
-    monkeypatch.setenv("TRAINBOX_TOKEN_CACHE_BYTES", "0")
-    assert token_cache(tmp_path / "data", tmp_path / "run") == (tmp_path / "run/data", None)
+    assert location(tmp_path / "data", tmp_path / "run", 10**9) == (shared, 10**9)
+    assert location(tmp_path / "data", tmp_path / "run", 0) == (tmp_path / "run/data", None)

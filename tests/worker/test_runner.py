@@ -282,15 +282,21 @@ def test_a_job_whose_ranks_never_start_fails_as_launch_error_and_leaves_nothing(
 @pytest.mark.parametrize("db", ["postgres"], indirect=True)
 def test_a_job_succeeds_while_other_programs_take_its_ports(db, monkeypatch):
     """29500.. and the MASTER_PORT its ranks get (taken the moment a rank shows it) are held by another
-    program: the run succeeds."""
+    program: the run succeeds. (Its worker also turns the shared token cache off: the ranks get that
+    setting and tokenize into the run dir.)"""
     from tests.trainer.conftest import PortSquatter
+    from trainer.tokencache import TOKEN_CACHE_DIR
 
     monkeypatch.setattr(runner, "reschedule", lambda: None)
+    monkeypatch.setenv("TRAINBOX_TOKEN_CACHE_BYTES", "0")
+    get_settings.cache_clear()
     job_id, attempt = _placed_real_job()
     with PortSquatter(str(get_settings().run_dir(job_id))) as squatter:
         assert _run_bounded(job_id, attempt, timeout=300) == "succeeded", _job(job_id).error
     assert len(squatter.ports) == 1 and all(squatter.ports.values()), squatter.ports
     assert _runs_started(job_id) == 1 and _trainers_left(job_id) == []
+    assert not (get_settings().data_root / TOKEN_CACHE_DIR).exists()
+    assert list((get_settings().run_dir(job_id) / "data").glob("data-*.json")), "tokenized into the run dir"
 
 
 def test_following_a_job_shows_every_state_in_order(db, fake):
