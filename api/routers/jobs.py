@@ -46,23 +46,28 @@ JOB_LINKS = {
     "JobLogs": {"operationRef": "#/paths/~1jobs~1{job_id}~1logs/get", "parameters": _JOB_ID},
     "JobArtifacts": {"operationRef": "#/paths/~1jobs~1{job_id}~1artifacts/get", "parameters": _JOB_ID},
 }
-# The 422 rules a JSON schema cannot state; each error's `type` names the rule.
-SPEC_RULES = f"""
-A schema-valid spec is still refused with **422** when:
-- the batch arithmetic fails (`type: batch_arithmetic`): DeepSpeed needs train_batch_size =
-  train_micro_batch_size_per_gpu x gradient_accumulation_steps x gpus, each within its limit; any
-  two given derive the third, and the message names valid nearby choices;
-- fp16 and bf16 are both enabled (`precision_conflict`), or offload_optimizer.ratio < 1 without
-  ZeRO stage 3 (`deepspeed_conflict`);
-- the model or dataset is not usable on this server (`file_not_usable`): not found under its root,
-  not in the local Hugging Face cache, an invalid hub id, a symlink loop, unreadable or malformed data;
-- no box has that many GPUs, or the estimated memory per GPU (per rank on a CPU box) is more than
-  the best box offers (`does_not_fit`; the message gives the estimate and the nearest settings that fit);
-- epochs over the dataset come to more optimizer steps than a job may have (`too_many_steps`).
-
-A spec without `max_runtime_s` gets {DEFAULT_MAX_RUNTIME_S} s, or the caller's cap when that is lower; the
-job (and the validate result) shows the value it got.
-"""
+# The 422 rules a JSON schema cannot state: each error's `type`, and when a spec breaks it.
+SPEC_RULES = {
+    "batch_arithmetic": "the batch arithmetic fails: DeepSpeed needs train_batch_size = "
+    "train_micro_batch_size_per_gpu x gradient_accumulation_steps x gpus, each within its limit; any two "
+    "given derive the third, and the message names valid nearby choices",
+    "precision_conflict": "fp16 and bf16 are both enabled",
+    "deepspeed_conflict": "offload_optimizer.ratio < 1 without ZeRO stage 3",
+    "validation_conflict": "validation (a file) and validation_split are both given, or eval_every or "
+    "keep_best is set without either",
+    "file_not_usable": "the model, dataset or validation file is not usable on this server: not found under "
+    "its root, not in the local Hugging Face cache, an invalid hub id, a symlink loop, unreadable or malformed "
+    "data (the message names the file and the line), or validation data of another format than the training data",
+    "does_not_fit": "no box has that many GPUs, or the estimated memory per GPU (per rank on a CPU box) is "
+    "more than the best box offers (the message gives the estimate and the nearest settings that fit)",
+    "too_many_steps": "epochs over the dataset come to more optimizer steps than a job may have",
+}
+SPEC_RULES_DOC = (
+    "\nA schema-valid spec is still refused with **422** when (the error's `type` names the rule):\n"
+    + "".join(f"- `{rule}`: {text};\n" for rule, text in SPEC_RULES.items())
+    + f"\nA spec without `max_runtime_s` gets {DEFAULT_MAX_RUNTIME_S} s, or the caller's cap when that is lower; "
+    "the job (and the validate result) shows the value it got.\n"
+)
 
 
 @router.post(
@@ -71,7 +76,7 @@ job (and the validate result) shows the value it got.
     response_model=JobRead,
     responses={201: {"description": "the job, queued (or already placed)", "links": JOB_LINKS}}
     | documented(403, 409, 413, 429),
-    description="Submit a training job; it is queued and placed on GPUs as soon as they are free.\n" + SPEC_RULES,
+    description="Submit a training job; it is queued and placed on GPUs as soon as they are free.\n" + SPEC_RULES_DOC,
 )
 def submit_job(
     spec: JobSpec,
@@ -119,7 +124,7 @@ def submit_job(
     responses=documented(403, 413),
     description="Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position. "
     "It runs every check POST /jobs runs, so it answers 200 exactly when POST /jobs would accept the spec.\n"
-    + SPEC_RULES,
+    + SPEC_RULES_DOC,
 )
 def validate_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> ValidateResult:
     """Dry run: the resolved DeepSpeed config, batch sizes, memory estimate and queue position."""

@@ -22,20 +22,13 @@ from schemathesis.core.failures import Failure
 from schemathesis.engine import events, from_schema
 
 from api.app import create_app
+from api.routers.jobs import SPEC_RULES as DOCUMENTED_RULES
 
 # The live stream only ends with its job; it has its own tests (test_events.py).
 SKIP = "/jobs/{job_id}/events"
 EXAMPLES = 60
 # Rules the spec's JSON schema cannot state; POST /jobs and /jobs/validate document them.
-SPEC_RULES = {
-    "batch_arithmetic",
-    "precision_conflict",
-    "deepspeed_conflict",
-    "file_not_usable",
-    "does_not_fit",
-    "too_many_steps",
-    "validation_conflict",
-}
+SPEC_RULES = set(DOCUMENTED_RULES)
 RULED = {"POST /jobs", "POST /jobs/validate"}
 # Other operations' documented rules: prune needs an age when the server sets no retention.
 OTHER_RULES = {"POST /admin/prune": {"retention_not_set"}}
