@@ -79,7 +79,7 @@ def text(value: object) -> str:
 
 def print_error(message: object) -> None:
     """`error: <message>` on stderr, the message printed literally."""
-    err_console.print(f"[red]error:[/] {text(message)}", soft_wrap=True)
+    err_console.print(f"[red]error:[/] {text(message)}", soft_wrap=True, highlight=False)
 
 
 def fail(message: object, code: int) -> typer.Exit:

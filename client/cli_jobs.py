@@ -1,4 +1,4 @@
-"""Job commands: submit, list, status, follow, logs, cancel, gpus.
+"""Job commands: submit, validate, list, status, follow, logs, cancel, download, gpus.
 
 Every string from the server goes through `text()` (or is printed with markup off): names, errors
 and log lines are shown as they are, never read as rich markup.
@@ -13,7 +13,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, load_spec, make_client, text
+from client.cli_common import (
+    EXIT_FAILED,
+    api_errors,
+    console,
+    duration,
+    gpus_cell,
+    load_spec,
+    make_client,
+    text,
+)
+from client.cli_download import download
 from client.follow import follow, summary
 from client.sdk import TERMINAL_STATES
 
@@ -47,6 +57,95 @@ def submit(
             _follow_to_end(job["id"])
 
 
+def _number(value: object) -> str:
+    """1234567 -> 1.2M; 624960 -> 625.0k."""
+    if not isinstance(value, int | float):
+        return "?"
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{suffix}"
+    return str(value)
+
+
+def _data_line(stats: dict[str, Any]) -> str:
+    """One data file of the dry run: formats, records, tokens, what is trained on, overlong examples."""
+    records = f"{'' if stats.get('records_counted', True) else '~'}{stats.get('records')} records"
+    line = (
+        f"{stats.get('file_format')} ({stats.get('data_format')}), {records}, "
+        f"~{_number(stats.get('estimated_tokens'))} tokens"
+    )
+    share = stats.get("trained_share")
+    if isinstance(share, int | float) and share < 1:
+        line += f", {share:.0%} of them trained on"
+    if stats.get("overlong"):
+        line += f", {stats['overlong']} over seq_len ({stats.get('overlong_policy')})"
+    return line
+
+
+def validate(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JobSpec as YAML or JSON"),
+    show_config: bool = typer.Option(False, "--config", help="print the resolved DeepSpeed config too"),
+    as_json: bool = typer.Option(False, "--json", help="the server's whole answer as JSON"),
+) -> None:
+    """Check a spec without submitting it: batch arithmetic, memory estimate, queue position."""
+    spec = load_spec(file)
+    with api_errors():
+        result = make_client().validate(spec)
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    memory = result.get("memory") or {}
+    fits = memory.get("fits")
+    verdict = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "[yellow]fit unknown[/]"}[fits]
+    console.print(f"[bold]{text(file.name)}[/]: valid, {verdict}")
+    rows = [
+        (
+            "batch",
+            f"{result.get('train_batch_size')} = micro {result.get('micro_batch')} x accumulation "
+            f"{result.get('grad_accum')} x {result.get('world_size')} GPUs",
+        ),
+        ("precision", str(result.get("precision"))),
+        (
+            "model",
+            " ".join(str(v) for v in (result.get("model") or {}).values())
+            + f" ({_number(result.get('n_params'))} parameters)",
+        ),
+    ]
+    data = result.get("data") or {}
+    for key in ("train", "validation"):
+        if data.get(key):
+            rows.append((f"{key} data", _data_line(data[key])))
+    split = data.get("split") or {}
+    if split:
+        rows.append(
+            (
+                "held out",
+                f"{split.get('fraction', 0):.0%}: {split.get('train_records')} records to train on, "
+                f"{split.get('validation_records')} to evaluate",
+            )
+        )
+    if not data and result.get("dataset"):  # a server from before the data report
+        dataset = result["dataset"]
+        rows.append(("dataset", f"{dataset.get('format')}, {dataset.get('bytes')} bytes"))
+    per_gpu, gpu = memory.get("per_gpu_gb"), memory.get("gpu_memory_gb")
+    mem = f"~{per_gpu} GB per GPU" if per_gpu is not None else "unknown"
+    if gpu:
+        mem += f" of {gpu} GB"
+    breakdown = memory.get("breakdown_gb") or {}
+    if breakdown:
+        mem += " (" + ", ".join(f"{k} {v}" for k, v in breakdown.items()) + ")"
+    rows.append(("memory", mem))
+    rows.append(("max runtime", f"{duration(result.get('max_runtime_s'))} ({result.get('max_runtime_s')} s)"))
+    rows.append(("queue", f"it would be number {result.get('queue_position')} in the queue"))
+    for key, value in rows:
+        console.print(f"  {key:<12} {value}", markup=False, highlight=False)
+    for note in [*(result.get("notes") or []), *(memory.get("notes") or [])]:
+        console.print(f"  note: {note}", markup=False, highlight=False)
+    if show_config:
+        console.print("  DeepSpeed config (resolved):", markup=False)
+        console.print(json.dumps(result.get("deepspeed_config"), indent=2), markup=False, highlight=False)
+
+
 def list_jobs(
     state: str = typer.Option(None, "--state", help="only jobs in this state"),
     owner: str = typer.Option(None, "--owner", help="only this user's jobs"),
@@ -68,7 +167,7 @@ def list_jobs(
             text(job.get("name")),
             text(job.get("owner")),
             text(job["state"]),
-            text(",".join(str(g) for g in job.get("gpu_ids") or []) or str(job.get("gpus") or "")),
+            text(gpus_cell(job)),
             text(_progress(job)),
             f"{loss:.4f}" if isinstance(loss, int | float) else "",
             text(_age(job)),
@@ -78,8 +177,12 @@ def list_jobs(
         console.print(f"[dim]more: --cursor {text(page['next_cursor'])}[/]")
 
 
+def _when(value: object) -> str:
+    return str(value or "")[:19].replace("T", " ")
+
+
 def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one job: state, progress, latest metrics, error."""
+    """Show one job: state, queue position and start ETA, progress, latest metrics (eval loss too), error."""
     with api_errors():
         job = make_client().get(job_id)
     if as_json:
@@ -87,16 +190,32 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         return
     console.print(summary(job))
     progress = job.get("progress") or {}
-    if job["state"] not in TERMINAL_STATES:
+    if job["state"] == "queued":
+        eta = job.get("start_eta_s")
+        console.print(
+            f"  queue position {job.get('queue_position') if job.get('queue_position') is not None else '-'}"
+            + (f", starts in about {duration(eta)}" if isinstance(eta, int | float) else ", start time unknown"),
+            markup=False,
+            highlight=False,
+        )
+    elif job["state"] not in TERMINAL_STATES:
         eta = progress.get("eta_s")
         console.print(
-            f"  progress {_progress(job) or '-'}"
-            + (f", ETA {eta:.0f}s" if isinstance(eta, int | float) else "")
-            + (f", queue position {job['queue_position']}" if job.get("queue_position") is not None else ""),
+            f"  progress {_progress(job) or '-'}" + (f", ETA {duration(eta)}" if isinstance(eta, int | float) else ""),
             markup=False,
+            highlight=False,
         )
     if job.get("gpu_ids"):
-        console.print(f"  gpus {job['gpu_ids']}, attempt {job.get('attempt')}", markup=False)
+        box = f" on {job['box']}" if job.get("box") else ""
+        console.print(f"  gpus {gpus_cell(job)}{box}, attempt {job.get('attempt')}", markup=False, highlight=False)
+    else:
+        console.print(f"  gpus {gpus_cell(job)}", markup=False, highlight=False)
+    times = [f"submitted {_when(job.get('created_at'))}"]
+    if job.get("started_at"):
+        times.append(f"started {_when(job['started_at'])}")
+    if job.get("finished_at"):
+        times.append(f"finished {_when(job['finished_at'])}")
+    console.print("  " + ", ".join(times) + " (UTC)", markup=False, highlight=False)
     if job.get("disk_bytes") is not None:
         console.print(f"  disk {job['disk_bytes']} bytes (run directory)", markup=False)
     error = job.get("error") or {}
@@ -109,7 +228,7 @@ def _follow_to_end(job_id: str, show_logs: bool = False) -> None:
     job, first_loss = follow(make_client(), job_id, console, show_logs=show_logs)
     console.print(summary(job, first_loss))
     if job["state"] != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def follow_cmd(job_id: str, logs: bool = typer.Option(False, "--logs", help="print log lines too")) -> None:
@@ -160,9 +279,11 @@ def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
 def register(app: typer.Typer) -> None:
     """Add the job commands to the CLI."""
     app.command()(submit)
+    app.command()(validate)
     app.command("list")(list_jobs)
     app.command()(status)
     app.command("follow")(follow_cmd)
     app.command()(logs)
     app.command()(cancel)
+    app.command()(download)
     app.command()(gpus)

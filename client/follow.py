@@ -6,8 +6,11 @@ markup off), so a `[/]` in them is shown, not read as rich markup.
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -20,7 +23,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from client.sdk import TERMINAL_STATES, Client
+from client.sdk import RECONNECT_FOR_S, TERMINAL_STATES, Client
+
+
+def eval_text(eval_loss: Any, perplexity: Any = None) -> str:
+    """`eval loss 2.3100 (ppl 10.07)`; the perplexity is exp(eval loss) when not given."""
+    if not isinstance(eval_loss, int | float):
+        return ""
+    if not isinstance(perplexity, int | float):
+        perplexity = math.exp(eval_loss) if eval_loss < 700 else math.inf
+    return f"eval loss {eval_loss:.4f} (ppl {perplexity:.2f})"
 
 
 def _fmt_rate(value: Any) -> str:
@@ -39,6 +51,8 @@ class FollowView:
         self.last_step: dict[str, Any] | None = None
         self.first_loss: float | None = None
         self.end: dict[str, Any] | None = None
+        self.last_eval: dict[str, Any] | None = None
+        self.down: str | None = None  # why the server is unreachable, while it is
         total = (job.get("progress") or {}).get("total_steps")
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -64,6 +78,16 @@ class FollowView:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
+    def connection(self, problem: str | None) -> None:
+        """The stream is down (`problem` says why) or back (None): said once each way, and in the bar."""
+        if problem and not self.down:
+            self.progress.console.print(f"[yellow]{escape(problem)} (for up to {RECONNECT_FOR_S:.0f}s)[/]")
+            self.progress.update(self.task, state="[yellow]reconnecting[/]")
+        elif problem is None and self.down:
+            self.progress.console.print("[green]reconnected[/]")
+            self.progress.update(self.task, state=escape(self.state))
+        self.down = problem
+
     def handle(self, event_type: str, data: dict[str, Any]) -> None:
         """Update the view with one event."""
         if event_type == "start" and data.get("total_steps"):
@@ -85,6 +109,11 @@ class FollowView:
             self.progress.update(self.task, state=escape(self.state))
         elif event_type == "end":
             self.end = data
+        elif event_type == "eval":
+            self.last_eval = data
+            line = eval_text(data.get("eval_loss"), data.get("perplexity"))
+            if line:
+                self.progress.console.print(escape(f"step {data.get('step')}: {line}"), highlight=False)
         elif event_type == "checkpoint":
             where = escape(f"{data.get('step')}: {data.get('path')}")
             self.progress.console.print(f"[dim]checkpoint at step {where}[/]")
@@ -93,18 +122,32 @@ class FollowView:
                 self.progress.console.print(str(line), markup=False, highlight=False)
 
 
+def _get_through_restart(client: Client, job_id: str) -> dict[str, Any]:
+    """GET the job, waiting through a server restart as the event stream does."""
+    deadline = time.monotonic() + RECONNECT_FOR_S
+    while True:
+        try:
+            return client.get(job_id)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def follow(
     client: Client, job_id: str, console: Console, *, show_logs: bool = False
 ) -> tuple[dict[str, Any], float | None]:
-    """Show a job's progress until it ends; return the final job and the first loss seen."""
+    """Show a job's progress until it ends (through server restarts); return the final job and the
+    first loss seen."""
     job = client.get(job_id)
     first_loss = None
     if job["state"] not in TERMINAL_STATES:
         with FollowView(console, job, show_logs) as view:
-            for event in client.events(job_id):
+            for event in client.events(job_id, on_connection=view.connection):
                 view.handle(event.type, event.data)
         first_loss = view.first_loss
-    return client.get(job_id), first_loss
+        return _get_through_restart(client, job_id), first_loss
+    return job, first_loss
 
 
 def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
@@ -123,6 +166,8 @@ def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
             parts.append(f"{latest['tokens_per_s']:.0f} tokens/s")
         if isinstance(latest.get("samples_per_s"), int | float):
             parts.append(f"{latest['samples_per_s']:.1f} samples/s")
+        if isinstance(latest.get("eval_loss"), int | float):
+            parts.append(eval_text(latest["eval_loss"], latest.get("perplexity")))
         lines.append("  " + ", ".join(parts))
     error = job.get("error")
     if error:

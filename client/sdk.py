@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,20 @@ class Client:
             return "\n".join(lines) if isinstance(lines, list) else str(body.get("text", body))
         return body
 
+    def artifacts(self, job_id: str) -> dict[str, Any]:
+        """What can be downloaded: `{"model": [{name, size}], "checkpoints": [{name, step, size, files}]}`."""
+        return self._call("GET", f"/jobs/{job_id}/artifacts")
+
+    @contextmanager
+    def download(self, job_id: str, name: str) -> Iterator[httpx.Response]:
+        """The response of one artifact (a file, or a checkpoint directory as a tar), streamed: read it
+        with `iter_bytes()`; TrainboxError when the server refuses."""
+        with self.http.stream("GET", f"/jobs/{job_id}/artifacts/{name}") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise TrainboxError(response.status_code, _detail(response))
+            yield response
+
     def gpus(self) -> Any:
         """The boxes and their GPUs, with the job holding each."""
         return self._call("GET", "/gpus")
@@ -228,9 +243,14 @@ class Client:
         last_event_id: str | None = None,
         reconnect: bool = True,
         retry_s: float = 0.5,
+        on_connection: Callable[[str | None], object] | None = None,
     ) -> Iterator[Event]:
         """The job's live events until it ends; on a lost connection it resumes with Last-Event-ID, which
-        the server makes exact: no step lost or repeated, even where Redis lost events."""
+        the server makes exact: no step lost or repeated, even where Redis lost events.
+
+        Through a server restart (connection refused or lost, or a 502/503/504 on the way back) it keeps
+        trying for RECONNECT_FOR_S, then raises; `on_connection` hears why while it does, and None once
+        the stream is back."""
         down_since: float | None = None  # the server unreachable since: give up after RECONNECT_FOR_S
         while True:
             headers = {"Accept": "text/event-stream"}
@@ -240,10 +260,15 @@ class Client:
                 with self.http.stream(
                     "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=None)
                 ) as response:
-                    down_since = None
+                    if response.status_code in RESTARTING_STATUSES:
+                        response.read()
+                        raise _Restarting(f"HTTP {response.status_code}")
                     if response.status_code >= 400:
                         response.read()
                         raise TrainboxError(response.status_code, _detail(response))
+                    if down_since is not None and on_connection is not None:
+                        on_connection(None)
+                    down_since = None
                     for event_id, name, raw in parse_sse(response.iter_lines()):
                         if event_id:
                             last_event_id = event_id
@@ -257,15 +282,31 @@ class Client:
                         yield event
                         if event.type in ("state", "end") and data.get("state") in TERMINAL_STATES:
                             return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+                # The stream ended without the job's end: a server going down ends its streams so.
+                if not reconnect or self.get(job_id)["state"] in TERMINAL_STATES:
+                    return
+            except httpx.UnsupportedProtocol:
+                raise  # a bad URL does not heal
+            except (httpx.TransportError, _Restarting) as exc:
                 down_since = down_since or time.monotonic()
                 if not reconnect or time.monotonic() - down_since > RECONNECT_FOR_S:
+                    if isinstance(exc, _Restarting):
+                        raise TrainboxError(503, f"the server is not back after {RECONNECT_FOR_S:.0f}s") from None
                     raise
-                time.sleep(retry_s)
-                continue  # the server drains what is left and ends the stream, terminal job or not
-            if not reconnect or self.get(job_id)["state"] in TERMINAL_STATES:
-                return
+                if on_connection is not None:
+                    on_connection(f"server unreachable ({_why(exc)}); reconnecting")
             time.sleep(retry_s)
+
+
+RESTARTING_STATUSES = frozenset({502, 503, 504})  # a proxy or the server itself on its way back
+
+
+class _Restarting(Exception):
+    """The events endpoint answered as a server does while it restarts."""
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
 
 
 def _detail(response: httpx.Response) -> Any:
