@@ -42,10 +42,11 @@ EXIT_TIMEOUT = 5  # the server did not answer in time (--timeout)
 EXIT_AUTH = 6  # 401: no token, or a wrong, revoked or expired one
 EXIT_NOT_FOUND = 7  # 404: no such job (or not yours), dataset or artifact
 EXIT_INVALID = 8  # 422: the spec or a parameter is not valid (the message says what and where)
+EXIT_INTERRUPTED = 130  # Ctrl-C while following (the job goes on), as shells count SIGINT
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 the job failed or was cancelled, or another API error; 2 bad arguments or spec "
     "file; 3 server unreachable; 4 bad URL; 5 timeout; 6 token rejected (401); 7 not found (404); "
-    "8 invalid request (422)."
+    "8 invalid request (422); 130 Ctrl-C while following (the job goes on)."
 )
 DEFAULT_TIMEOUT_S = 30.0
 _STATUS_EXIT = {401: EXIT_AUTH, 404: EXIT_NOT_FOUND, 422: EXIT_INVALID}

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from client.cli_common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     api_errors,
     console,
     duration,
@@ -225,7 +226,11 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 def _follow_to_end(job_id: str, show_logs: bool = False) -> None:
-    job, first_loss = follow(make_client(), job_id, console, show_logs=show_logs)
+    try:
+        job, first_loss = follow(make_client(), job_id, console, show_logs=show_logs)
+    except KeyboardInterrupt:
+        console.print(f"stopped following; the job goes on (`trainbox follow {job_id}` comes back)", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(summary(job, first_loss))
     if job["state"] != "succeeded":
         raise typer.Exit(EXIT_FAILED)

@@ -133,7 +133,7 @@ def _run_demo(client: Client, data_dir: Path, steps: int) -> tuple[dict[str, Any
     job = client.submit(demo_spec(steps, dataset["id"]))
     console.print(f"submitted [bold]{job['id']}[/]: preset:tiny on 2 slots, {steps} steps")
     with FollowView(console, job) as view:
-        for event in client.events(job["id"]):
+        for event in client.events(job["id"], on_connection=view.connection):
             view.handle(event.type, event.data)
     return client.get(job["id"]), view.first_loss
 

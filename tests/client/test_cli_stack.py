@@ -79,7 +79,8 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({"name": "bad", "model": "preset:tiny", "dataset": {"path": "nope.jsonl"}}))
         refused = _run(["submit", str(bad)], cli_env, tmp_path)
-        assert refused.returncode == 1 and "nope.jsonl" in refused.stderr
+        assert refused.returncode == 8 and "nope.jsonl" in refused.stderr  # 422: exit code 8
+        assert "trainbox datasets upload nope.jsonl" in refused.stderr
 
         # A job still training when Ctrl-C comes checkpoints and goes back to the queue.
         spec.write_text(spec.read_text().replace("max_steps: 5", "max_steps: 100000\ncheckpoint_every: 5"))
