@@ -7,6 +7,7 @@ and log lines are shown as they are, never read as rich markup.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,15 @@ def list_jobs(
         console.print(f"[dim]more: --cursor {text(page['next_cursor'])}[/]")
 
 
+def _instant(value: object) -> datetime | None:
+    """The API's ISO time as an aware datetime (UTC when it carries no zone); None if absent or unreadable."""
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
+
+
 def _when(value: object) -> str:
     return str(value or "")[:19].replace("T", " ")
 
@@ -212,10 +222,15 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     else:
         console.print(f"  gpus {gpus_cell(job)}", markup=False, highlight=False)
     times = [f"submitted {_when(job.get('created_at'))}"]
+    started, finished = _instant(job.get("started_at")), _instant(job.get("finished_at"))
     if job.get("started_at"):
         times.append(f"started {_when(job['started_at'])}")
     if job.get("finished_at"):
         times.append(f"finished {_when(job['finished_at'])}")
+    if started and finished:
+        times.append(f"ran {duration((finished - started).total_seconds())}")
+    elif started and job["state"] not in TERMINAL_STATES:
+        times.append(f"running for {duration((datetime.now(UTC) - started).total_seconds())}")
     console.print("  " + ", ".join(times) + " (UTC)", markup=False, highlight=False)
     if job.get("disk_bytes") is not None:
         console.print(f"  disk {job['disk_bytes']} bytes (run directory)", markup=False)

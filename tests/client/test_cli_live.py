@@ -235,7 +235,8 @@ def test_queue_and_status_show_the_start_eta_and_gpu_ids(served):
     assert "starts in" in queue and ("~12m" in queue) and "2 (ids 0,1)" in queue
     status = tb(*api, "status", waiting).stdout
     assert "queue position 1, starts in about 12m" in status
-    assert "gpus 2 (ids 0,1) on box1" in tb(*api, "status", running).stdout
+    shown = tb(*api, "status", running).stdout
+    assert "gpus 2 (ids 0,1) on box1" in shown and "running for " in shown
     listed = tb(*api, "list").stdout
     assert "2 (ids 0,1)" in listed
 
