@@ -15,6 +15,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from api import errors
+from api import openai as openai_view
 from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
 from api.deps import current_user
 from api.errors import documented
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
     app.state.admission = Admission(settings)
-    upload_paths = frozenset({"/datasets"})
+    upload_paths = frozenset({"/datasets", openai_view.UPLOAD_PATH})
     # The last added runs first: metrics, headers, admission, upload auth, body limits, the routes.
     app.add_middleware(
         RequestLimits,
@@ -88,10 +89,14 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.add_middleware(AdmissionControl, admission=app.state.admission)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
+    # Outermost: every /v1 error, from a route or a middleware, leaves in OpenAI's envelope.
+    app.add_middleware(openai_view.OpenAIErrors)
     errors.install(app)
     # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.
     for module in (jobs, events, files, datasets, users, tokens, admin):
         app.include_router(module.router, dependencies=[Depends(current_user)], responses=documented(401))
+    for router in openai_view.routers:
+        app.include_router(router, dependencies=[Depends(current_user)])
     app.include_router(system.router)
     return app
 

@@ -1,11 +1,11 @@
-"""Uploaded datasets: which unfinished jobs train on one, and deleting one (row and file)."""
+"""Uploaded datasets: which unfinished jobs read one, and deleting one (row and file)."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from core.models import Dataset, Job
@@ -29,9 +29,13 @@ class DatasetInUse(Exception):
 
 
 def jobs_reading(session: Session, dataset_id: str) -> list[tuple[str, str]]:
-    """(id, state) of the unfinished jobs whose spec names this upload."""
+    """(id, state) of the unfinished jobs whose spec names this upload, as training or validation data."""
     query = select(Job.id, Job.state).where(
-        Job.state.in_([s.value for s in READING_STATES]), Job.spec[("dataset", "id")].as_string() == dataset_id
+        Job.state.in_([s.value for s in READING_STATES]),
+        or_(
+            Job.spec[("dataset", "id")].as_string() == dataset_id,
+            Job.spec[("validation", "id")].as_string() == dataset_id,
+        ),
     )
     return [(job_id, state) for job_id, state in session.execute(query.order_by(Job.created_at))]
 

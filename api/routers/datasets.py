@@ -17,6 +17,7 @@ from typing import Annotated, Any, BinaryIO, Literal
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi import Path as PathParam
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import ERROR_SCHEMA, ApiError, NotFound, PayloadTooLarge, Unprocessable, documented
@@ -24,8 +25,9 @@ from api.limits import check_upload_quota, upload_bytes_exceeded
 from api.schemas import DatasetPage, DatasetRead
 from core.datasets import DatasetInUse, delete_dataset
 from core.models import Dataset, new_job_id, utcnow
-from core.users import lock_user
-from trainer.paths import UPLOADS_DIR, SpecError, inspect_dataset, uploaded_dataset_path
+from core.settings import Settings
+from core.users import Principal, lock_user
+from trainer.paths import UPLOADS_DIR, DatasetInfo, SpecError, inspect_dataset, uploaded_dataset_path
 from trainer.spec import DatasetRef
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -82,22 +84,27 @@ def _copy_capped(src: BinaryIO, dst: Path, limit: int, too_big: Callable[[], Api
     return size, digest.hexdigest()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead, responses=documented(403, 413))
-def upload_dataset(
-    file: Annotated[UploadFile, File(description="JSONL (one object per line with the text field) or UTF-8 text")],
-    session: SessionDep,
-    settings: SettingsDep,
-    user: CurrentUser,
-    # An empty form value means the default (as forms send an untouched field): the schema says so.
-    text_field: Annotated[
-        str, Form(max_length=100, pattern=r"^[^\x00]*$", description="the JSONL text field; empty: text")
-    ] = "text",
-    format: Annotated[Literal["", "auto", "jsonl", "text"], Form(description="empty: auto")] = "auto",  # noqa: A002
-) -> DatasetRead:
-    """Upload a training file; every line is checked. Name the returned id in a spec: `{"id": ...}`.
+# The upload's format as a spec reads it (trainer.spec.DatasetRef): auto detects chat, prompt_completion
+# or text records from the first one, and every record is then checked as that format.
+UploadFormat = Literal["", "auto", "jsonl", "text", "prompt_completion", "chat"]
 
-    403 when it would take you past your quota of uploads (count or total bytes)."""
-    text_field, format = text_field or "text", format or "auto"  # noqa: A001
+
+def stored_format(info: DatasetInfo) -> str:
+    """What `datasets.format` records: chat or prompt_completion (JSONL of that format), jsonl (JSONL text
+    records) or text (plain text lines): each a value of DatasetRef.format that reads the file as checked."""
+    if info.data_format in ("chat", "prompt_completion"):
+        return info.data_format
+    return info.format
+
+
+def receive_upload(
+    file: UploadFile, *, session: Session, settings: Settings, user: Principal, text_field: str, format: str
+) -> Dataset:
+    """Store an upload as a dataset, checked completely as training data, and commit its row.
+
+    Unprocessable (naming the line) when a record does not fit its format; 403 past the user's quota,
+    413 past the upload cap. Nothing is left behind by a refused upload.
+    """
     assert settings.data_root is not None
     allowance = check_upload_quota(session, user)
     session.commit()  # end the read: on SQLite it would hold the write lock through the copy
@@ -114,7 +121,7 @@ def upload_dataset(
 
     try:
         size, sha = _copy_capped(file.file, part, min(per_file, allowance), too_big)
-        ref = DatasetRef(id=dataset_id, text_field=text_field, format=format)
+        ref = DatasetRef(id=dataset_id, text_field=text_field, format=format)  # type: ignore[arg-type]
         try:
             info = inspect_dataset(part, ref)
         except SpecError as e:
@@ -128,7 +135,7 @@ def upload_dataset(
             id=dataset_id,
             owner=user.name,
             filename=clean_filename(file.filename),
-            format=info.format,
+            format=stored_format(info),
             text_field=text_field,
             records=info.records,
             bytes=size,
@@ -143,6 +150,34 @@ def upload_dataset(
         with contextlib.suppress(FileNotFoundError):
             final.unlink()
         raise
+    return row
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRead, responses=documented(403, 413))
+def upload_dataset(
+    file: Annotated[
+        UploadFile,
+        File(description="JSONL (chat, prompt_completion or text records, docs/DATA.md) or UTF-8 text"),
+    ],
+    session: SessionDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    # An empty form value means the default (as forms send an untouched field): the schema says so.
+    text_field: Annotated[
+        str, Form(max_length=100, pattern=r"^[^\x00]*$", description="the JSONL text field; empty: text")
+    ] = "text",
+    format: Annotated[  # noqa: A002
+        UploadFormat, Form(description="empty or auto: detected from the first record; then every record is checked")
+    ] = "auto",
+) -> DatasetRead:
+    """Upload a training file; every line is checked as its format (chat, prompt_completion or text), and
+    a bad one is a 422 that names it. Name the returned id in a spec: `{"id": ...}`. `format` is what
+    was detected (chat, prompt_completion, jsonl for JSONL text records, text for plain text).
+
+    403 when it would take you past your quota of uploads (count or total bytes)."""
+    row = receive_upload(
+        file, session=session, settings=settings, user=user, text_field=text_field or "text", format=format or "auto"
+    )
     return DatasetRead.model_validate(row, from_attributes=True)
 
 

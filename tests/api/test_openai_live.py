@@ -1,0 +1,163 @@
+"""The official `openai` client against a live stack: uvicorn on a port, a real Celery worker and
+2-rank CPU DeepSpeed (tests/worker/conftest.py's start_stack, on Redis db 7), preset:tiny for a few steps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from tests.helpers import wait_for
+from tests.worker.conftest import start_stack
+
+openai = pytest.importorskip("openai")
+
+REDIS_URL = "redis://127.0.0.1:6379/7"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def chat(n: int, offset: int = 0) -> bytes:
+    rows = []
+    for i in range(offset, offset + n):
+        messages = [
+            {"role": "system", "content": "You add numbers."},
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+        ]
+        rows.append(json.dumps({"messages": messages}))
+    return ("\n".join(rows) + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    s = start_stack(tmp_path_factory.mktemp("openai-live"), REDIS_URL)
+    yield s
+    s.stop()
+    Redis.from_url(REDIS_URL).flushdb()
+
+
+def other_user_token(stack: Any) -> str:
+    """A second user of the same server (made in its database, as `trainbox-admin users create` does)."""
+    from core.db import make_engine, make_sessionmaker
+    from core.users import create_token, create_user
+
+    engine = make_engine(stack.env()["TRAINBOX_DATABASE_URL"])
+    try:
+        with make_sessionmaker(engine)() as s:
+            create_user(s, name="bob")
+            _, token = create_token(s, user_name="bob")
+    finally:
+        engine.dispose()
+    return token
+
+
+def test_the_openai_client_fine_tunes_on_the_box(stack: Any) -> None:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.token(), max_retries=0, timeout=60)
+
+    train = client.files.create(file=("train.jsonl", chat(80)), purpose="fine-tune")
+    val = client.files.create(file=("val.jsonl", chat(16, offset=500)), purpose="fine-tune")
+    assert train.id.startswith("file-") and train.purpose == "fine-tune" and train.bytes == len(chat(80))
+
+    job = client.fine_tuning.jobs.create(
+        model="preset:tiny",
+        training_file=train.id,
+        validation_file=val.id,
+        suffix="adder",
+        seed=3,
+        metadata={"suite": "live", "kind": "main"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        extra_body={"trainbox": {"gpus": 2, "seq_len": 64, "max_steps": 6, "checkpoint_every": 3, "eval_every": 3}},
+    )
+    assert job.status in ("queued", "validating_files", "running") and job.metadata == {"suite": "live", "kind": "main"}
+    assert job.hyperparameters.batch_size == 4 and job.hyperparameters.n_epochs == 1 and job.seed == 3
+
+    # A second job waits behind the first (both CPU slots are taken) and is cancelled.
+    other = client.fine_tuning.jobs.create(
+        model="preset:tiny",
+        training_file=train.id,
+        metadata={"suite": "live", "kind": "cancelled"},
+        extra_body={"trainbox": {"gpus": 2, "seq_len": 64, "max_steps": 1000}},
+    )
+    cancelled = client.fine_tuning.jobs.cancel(other.id)
+    assert cancelled.id == other.id and cancelled.status in ("cancelled", "running")
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(other.id).status == "cancelled", timeout=60, what="cancel")
+
+    # Page through the events (newest first, two at a time) until the job has ended.
+    def ended() -> Any:
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # the client follows `after`
+        current = client.fine_tuning.jobs.retrieve(job.id)
+        return (current, events) if current.status in TERMINAL else None
+
+    done, events = wait_for(ended, timeout=240, interval=1.0, what="the fine-tuning job to end")
+    assert done.status == "succeeded", (done.error, [e.message for e in events])
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed" and messages[-1] == f"Created fine-tuning job: {job.id}"
+    metrics = [e for e in events if e.type == "metrics"]
+    assert [e.data["step"] for e in metrics] == [6, 5, 4, 3, 2, 1]
+    assert all(e.data["train_loss"] is not None for e in metrics)
+    assert any(e.data["valid_loss"] is not None for e in metrics), "eval events are stored with their steps"
+    assert "Step 6/6: training loss=" in messages[1]
+    assert done.fine_tuned_model == f"ft:preset:tiny:{done.organization_id}:adder:{job.id}" and done.trained_tokens
+    assert done.finished_at is not None and done.training_file == train.id and done.validation_file == val.id
+
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and checkpoints[0].step_number == 6
+    assert checkpoints[0].metrics.train_loss is not None and checkpoints[0].fine_tuned_model_checkpoint.endswith(
+        ":ckpt-step-6"
+    )
+
+    [result] = done.result_files
+    csv = client.files.content(result).text.splitlines()
+    assert csv[0] == "step,train_loss,valid_loss,epoch,lr,tokens_per_s" and len(csv) == 7
+    assert client.files.retrieve(result).purpose == "fine-tune-results"
+
+    # Lists: newest first, `after` pages, the metadata filter.
+    first = client.fine_tuning.jobs.list(limit=1)
+    assert [j.id for j in first.data] == [other.id] and first.has_more
+    assert [j.id for j in client.fine_tuning.jobs.list(after=other.id, limit=5).data] == [job.id]
+    kept = client.fine_tuning.jobs.list(metadata={"kind": "main"})
+    assert [j.id for j in kept.data] == [job.id]
+    assert {f.id for f in client.files.list()} == {train.id, val.id}
+
+    # Errors, in OpenAI's envelope, as the client raises them.
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-dnosuchfile")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.fine_tuning.jobs.create(model="preset:tiny", training_file="file-dnosuchfile")
+    assert bad.value.param == "training_file" and bad.value.code == "file_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=("x.jsonl", chat(2)), purpose="assistants")
+    with pytest.raises(openai.BadRequestError) as dpo:
+        client.fine_tuning.jobs.create(
+            model="preset:tiny", training_file=train.id, method={"type": "dpo", "dpo": {"hyperparameters": {}}}
+        )
+    assert "not supported" in str(dpo.value)
+    with pytest.raises(openai.ConflictError):
+        _delete_while_used(client, train.id)
+    bob = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=other_user_token(stack), max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(result)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{stack.url}/v1", api_key="not-a-token", max_retries=0).files.list()
+
+    # Deleting an upload no unfinished job uses.
+    deleted = client.files.delete(val.id)
+    assert deleted.deleted and deleted.id == val.id
+
+
+def _delete_while_used(client: Any, file_id: str) -> None:
+    """Delete the upload while an unfinished job trains on it (409 from the client); the job is then cancelled."""
+    job = client.fine_tuning.jobs.create(
+        model="preset:tiny",
+        training_file=file_id,
+        extra_body={"trainbox": {"gpus": 2, "seq_len": 64, "max_steps": 1000}},
+    )
+    try:
+        client.files.delete(file_id)
+    finally:
+        client.fine_tuning.jobs.cancel(job.id)
