@@ -54,6 +54,8 @@ def submit(
         job = client.submit(spec, idempotency_key=idempotency_key)
         position = job.get("queue_position")
         where = f", queue position {position}" if position is not None else ""
+        if isinstance(job.get("start_eta_s"), int | float):
+            where += f", starts in about {duration(job['start_eta_s'])}"
         console.print(f"submitted [bold]{text(job['id'])}[/] ({text(job.get('name'))}): {text(job['state'])}{where}")
         if follow_:
             _follow_to_end(job["id"])

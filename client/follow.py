@@ -23,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from client.cli_common import duration
 from client.sdk import RECONNECT_FOR_S, TERMINAL_STATES, Client
 
 
@@ -48,6 +49,10 @@ class FollowView:
         self.console = console
         self.show_logs = show_logs
         self.state = str(job.get("state", "?"))
+        waiting = ""  # queued: its place, and when it should start
+        if self.state == "queued" and job.get("queue_position") is not None:
+            eta = duration(job.get("start_eta_s"))
+            waiting = f" #{job['queue_position']}" + (f", starts in ~{eta}" if eta else "")
         self.last_step: dict[str, Any] | None = None
         self.first_loss: float | None = None
         self.end: dict[str, Any] | None = None
@@ -68,7 +73,11 @@ class FollowView:
             transient=False,
         )
         self.task: TaskID = self.progress.add_task(
-            escape(str(job.get("name") or job["id"])), total=total, loss="-", tps="-", state=escape(self.state)
+            escape(str(job.get("name") or job["id"])),
+            total=total,
+            loss="-",
+            tps="-",
+            state=escape(self.state + waiting),
         )
 
     def __enter__(self) -> FollowView:
