@@ -99,6 +99,15 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
+    @classmethod
+    def discover(cls, timeout: float = 30.0) -> Client:
+        """A client for the server and token the CLI would use: TRAINBOX_URL/TRAINBOX_TOKEN, then
+        `trainbox login`'s, then the running `trainbox up`'s (client.config; docs/CLI.md)."""
+        from client.config import check_url, resolve  # client.config imports this module
+
+        found = resolve()
+        return cls(check_url(found.url, found.url_source), found.token or "", timeout=timeout)
+
     def close(self) -> None:
         self.http.close()
 

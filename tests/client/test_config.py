@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from client import config
+from client.sdk import Client
 from client.stack import Stack
 
 
@@ -85,6 +86,8 @@ def test_up_notes_itself_for_its_user_and_forgets_on_stop(tmp_path):
         "tok",
         f"the local stack's token file {stack.data_dir / 'token'}",
     )
+    with Client.discover() as client:  # the SDK finds it the same way
+        assert client.base_url == "http://127.0.0.1:8311" and client.http.headers["Authorization"] == "Bearer tok"
     stack.stop()
     assert not config.stack_pointer().exists() and config.resolve().url == "http://127.0.0.1:8000"
 
