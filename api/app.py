@@ -21,7 +21,7 @@ from api.deps import current_user
 from api.errors import documented
 from api.hardening import AuthFirst, RequestLimits, SecurityHeaders
 from api.observability import MetricsMiddleware, make_registry
-from api.routers import admin, datasets, events, files, jobs, system, tokens, users
+from api.routers import admin, datasets, events, files, jobs, overview, system, tokens, users
 from core import events as job_events
 from core.db import make_engine, make_sessionmaker
 from core.lifecycle import announcing
@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.add_middleware(openai_view.OpenAIErrors)
     errors.install(app)
     # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.
-    for module in (jobs, events, files, datasets, users, tokens, admin):
+    for module in (jobs, events, files, datasets, users, tokens, admin, overview):
         app.include_router(module.router, dependencies=[Depends(current_user)], responses=documented(401))
     for router in openai_view.routers:
         app.include_router(router, dependencies=[Depends(current_user)])
