@@ -77,6 +77,9 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, st
 BUSY_RETRIES = 3
 RECONNECT_FOR_S = 120.0  # a follower keeps trying this long through a server restart, then raises
 BUSY_MAX_WAIT_S = 5.0
+# The server sends a keep-alive comment every 10 s on a quiet stream: this long without a byte means a
+# dead connection (a server that vanished without closing it), and the follower reconnects.
+STREAM_SILENCE_S = 60.0
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -267,7 +270,7 @@ class Client:
                 headers["Last-Event-ID"] = last_event_id
             try:
                 with self.http.stream(
-                    "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=None)
+                    "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=STREAM_SILENCE_S)
                 ) as response:
                     if response.status_code in RESTARTING_STATUSES:
                         response.read()

@@ -46,3 +46,42 @@ def test_specs_load_from_yaml_or_json(tmp_path):
     assert load_spec(tmp_path / "b.json") == {"name": "b"}
     with pytest.raises(typer.Exit):
         load_spec(tmp_path / "c.yaml")
+
+
+def test_a_stream_gone_silent_is_reconnected_with_last_event_id(monkeypatch):
+    """A server that vanished without closing the connection (no keep-alive for STREAM_SILENCE_S): the
+    follower does not wait forever; it reconnects and resumes after the last event it saw."""
+    import socket
+    import threading
+
+    from client import sdk
+
+    monkeypatch.setattr(sdk, "STREAM_SILENCE_S", 0.5)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    requests: list[str] = []
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+
+    def serve() -> None:
+        held = []
+        for body in (b'id: 5-0:1\nevent: step\ndata: {"type": "step", "step": 1}\n\n', None):
+            conn, _ = listener.accept()
+            requests.append(conn.recv(65536).decode())
+            if body is not None:
+                conn.sendall(head + body)  # then silence: the connection stays open, nothing more comes
+                held.append(conn)
+            else:
+                conn.sendall(head + b'id: 6-0:1\ndata: {"type": "state", "state": "succeeded"}\n\n')
+                conn.close()
+        for conn in held:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with sdk.Client(f"http://127.0.0.1:{listener.getsockname()[1]}", "t") as client:
+        seen = [(e.type, e.data.get("step"), e.data.get("state")) for e in client.events("j1", retry_s=0.05)]
+    thread.join(5)
+    listener.close()
+    assert seen == [("step", 1, None), ("state", None, "succeeded")]
+    assert "last-event-id: 5-0:1" in requests[1].lower()
