@@ -151,8 +151,8 @@ def validate(
 
 
 def list_jobs(
-    state: str = typer.Option(None, "--state", help="only jobs in this state"),
-    owner: str = typer.Option(None, "--owner", help="only this user's jobs"),
+    state: str = typer.Option(None, "--state", help="only jobs in this state", show_default="all states"),
+    owner: str = typer.Option(None, "--owner", help="only this user's jobs", show_default="yours; admins: everyone's"),
     limit: int = typer.Option(20, "--limit", "-n", min=1),
     cursor: str = typer.Option(None, "--cursor", help="the next page: the cursor the previous page printed"),
     as_json: bool = typer.Option(False, "--json"),

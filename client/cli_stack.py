@@ -56,7 +56,9 @@ def up(
     ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    slots: int = typer.Option(None, "--cpu-slots", help="CPU slots offered when the box has no GPU"),
+    slots: int = typer.Option(
+        None, "--cpu-slots", help="CPU slots offered when the box has no GPU", show_default="TRAINBOX_CPU_SLOTS, else 2"
+    ),
 ) -> None:
     """Run the whole service on this machine (SQLite, Redis, API, worker) until Ctrl-C."""
     extra = {"TRAINBOX_CPU_SLOTS": str(slots)} if slots else {}
