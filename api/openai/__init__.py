@@ -3,6 +3,9 @@
 Mounted by api/app.py in the one app: the same tokens, users, ownership, quotas and limits. `routers`
 go behind `current_user`; `OpenAIErrors` gives /v1 OpenAI's error envelope; `UPLOAD_PATH` is an upload
 path for the body limits and for authenticating before the body is read.
+
+The routes are left out of /openapi.json: that document describes trainbox's own API and error shape,
+and the contract of /v1 is OpenAI's API reference, with trainbox's differences in docs/OPENAI.md.
 """
 
 from __future__ import annotations

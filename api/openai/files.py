@@ -27,7 +27,7 @@ from core.users import Principal
 from trainer.paths import uploaded_dataset_path
 
 PATH = "/v1/files"
-router = APIRouter(prefix=PATH, tags=["openai"])
+router = APIRouter(prefix=PATH, tags=["openai"], include_in_schema=False)
 
 FileRef = Annotated[str, Query(max_length=100)]
 

@@ -20,7 +20,7 @@ from core.jobs import JobNotFound, get_job
 from core.models import Dataset, Job
 from core.users import Principal
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], include_in_schema=False)
 
 _META_KEY = re.compile(r"metadata\[([^\]]{1,64})\]")
 

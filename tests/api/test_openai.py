@@ -75,7 +75,7 @@ def test_a_file_is_an_upload(client, settings):
     assert client.get("/datasets", headers=ann).json()["data"] == []
 
 
-def test_file_errors_use_the_openai_envelope(client, sessions):
+def test_file_errors_use_the_openai_envelope(client, settings):
     ann = make_user(client, "ann")
     err = openai_error(upload(client, CHAT, ann, purpose="assistants"), 400)
     assert err["param"] == "purpose" and "'assistants' is not supported" in err["message"]
@@ -88,12 +88,47 @@ def test_file_errors_use_the_openai_envelope(client, sessions):
     err = openai_error(client.get("/v1/files", headers={"Authorization": "Bearer nope"}), 401)
     assert err["code"] == "invalid_api_key"
     err = openai_error(upload(client, CHAT, {"Authorization": "Bearer nope"}), 401)
+    big = CHAT * (settings.max_upload_bytes // len(CHAT) + 2)  # refused by the body limit, before the route
+    err = openai_error(upload(client, big, ann), 413)
+    assert err["code"] == "too_large" and err["param"] is None
     openai_error(client.get("/v1/files/file-dnothere", headers=ann), 404)
     openai_error(client.get("/v1/files/whatever", headers=ann), 404)
     assert client.get("/v1/files", headers=ann).json()["data"] == []
     # The rest of the API keeps its own shape.
     [detail] = only_error(client.get("/jobs/jnothere", headers=ann), 404)
     assert detail["type"] == "not_found"
+
+
+V1_ROUTES = [
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files"),
+    ("GET", "/v1/files/file-d0"),
+    ("GET", "/v1/files/file-d0/content"),
+    ("DELETE", "/v1/files/file-d0"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-j0"),
+    ("POST", "/v1/fine_tuning/jobs/ftjob-j0/cancel"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-j0/events"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-j0/checkpoints"),
+    ("POST", "/v1/fine_tuning/jobs/ftjob-j0/pause"),
+    ("POST", "/v1/fine_tuning/jobs/ftjob-j0/resume"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), V1_ROUTES)
+def test_every_v1_route_needs_a_token(client, method, path):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer tbx_nope"}):
+        err = openai_error(client.request(method, path, headers=headers), 401)
+        assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
+    # Known to the caller: 404 (or 400 for a body that is missing) in the envelope, never a 401.
+    assert client.request(method, path).status_code in (400, 404, 200)
+
+
+def test_v1_is_not_in_trainbox_openapi_document(client):
+    """/openapi.json describes trainbox's own API and error shape; /v1 follows OpenAI's reference."""
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/jobs" in paths and not [p for p in paths if p.startswith("/v1")]
 
 
 @pytest.mark.parametrize(
