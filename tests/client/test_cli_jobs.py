@@ -21,7 +21,7 @@ from core.scheduler import GpuInfo, register_box
 from core.settings import Settings, get_settings
 from tests.helpers import wait_for
 
-REDIS_URL = "redis://127.0.0.1:6379/9"
+REDIS_URL = "redis://127.0.0.1:6379/6"  # the client tests' own DB
 runner = CliRunner()
 
 # What rich would read as markup: a style, a closing tag with nothing open (MarkupError), a colour.
