@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import tarfile
 import threading
@@ -60,8 +61,8 @@ def served(tmp_path, monkeypatch) -> Iterator[tuple[str, Settings]]:
     get_settings.cache_clear()
 
 
-def tb(*args: str, code: int = 0, env: dict[str, str] | None = None):
-    result = runner.invoke(app, list(args), env=env)
+def tb(*args: str, code: int = 0, env: dict[str, str] | None = None, input: str | None = None):
+    result = runner.invoke(app, list(args), env=env, input=input)
     assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result
@@ -258,3 +259,13 @@ def test_login_then_the_cli_finds_its_server_from_anywhere(served, tmp_path, mon
     assert "no token was sent" in one_line_error(other)
     assert "forgot" in tb("logout").stdout
     assert "(from the default)" in runner.invoke(app, ["whoami"]).stdout
+
+    # Logging in to the local stack's URL takes its admin token from its data dir: nothing to paste.
+    from core.db import session_scope
+    from core.users import ensure_local_token
+
+    with session_scope() as session:
+        ensure_local_token(session, get_settings())
+    (tmp_path / "stack.json").write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
+    assert "as admin (token the local stack's" in tb("login", url, input="").stdout
