@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy import and_, or_, select, update
 
 from api.deps import CurrentUser, DispatchDep, SessionDep, SettingsDep, job_for_user
-from api.errors import NotFound
+from api.errors import ApiError, NotFound
 from api.openai import history
 from api.openai.errors import BadRequest
-from api.openai.mapping import fine_tuning_job, parse_job_id, spec_body, validate_spec
+from api.openai.mapping import fine_tuning_job, parse_job_id, request_loc, spec_body, validate_spec
 from api.openai.schemas import CheckpointList, EventList, FineTuningJob, JobCreate, JobList
 from api.routers import jobs as jobs_routes
 from core.jobs import JobNotFound, get_job
@@ -81,7 +81,13 @@ def create_fine_tuning_job(
                 type_="invalid_file_format",
             )
     spec = validate_spec(spec_body(req, train=train, validation=validation), req)
-    submitted = jobs_routes.submit_job(spec, request, Response(), session, settings, user, dispatch)
+    try:
+        submitted = jobs_routes.submit_job(spec, request, Response(), session, settings, user, dispatch)
+    except ApiError as e:
+        # A limit or a file check names a spec field: name the request's field instead.
+        if e.loc[:1] == ["body"] and len(e.loc) > 1:
+            e.loc = ["body", *request_loc(e.loc[1:], req)]
+        raise
     # Not a state change: what the OpenAI view shows beside the spec, on the job's own row.
     session.execute(
         update(Job)

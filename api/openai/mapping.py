@@ -265,22 +265,25 @@ _PARAMS = {
 }
 
 
+def request_loc(loc: list[Any] | tuple[Any, ...], req: JobCreate) -> list[Any]:
+    """Where a JobSpec field (`loc` without "body") came from in the request: its OpenAI field, or `trainbox`."""
+    loc = list(loc)
+    head = str(loc[0]) if loc else ""
+    if head in ("dataset", "validation"):
+        return _PARAMS[head]
+    if head in _PARAMS:
+        return [*_PARAMS[head], *loc[1:]]
+    if loc[:2] == ["deepspeed", "train_batch_size"] and req.hyperparameters is not None:
+        return ["hyperparameters", "batch_size"]
+    return ["trainbox", *loc]
+
+
 def validate_spec(body: dict[str, Any], req: JobCreate) -> JobSpec:
     """JobSpec(body): a refusal is the same error POST /jobs gives, located in the request's own fields."""
     try:
         return JobSpec.model_validate(body)
     except ValidationError as e:
-        errors = []
-        for err in e.errors():
-            loc = list(err.get("loc", ()))
-            head = str(loc[0]) if loc else ""
-            if head in _PARAMS:
-                where = [*_PARAMS[head], *loc[1:]] if head not in ("dataset", "validation") else _PARAMS[head]
-            elif loc[:2] == ["deepspeed", "train_batch_size"] and req.hyperparameters is not None:
-                where = ["hyperparameters", "batch_size"]
-            else:
-                where = ["trainbox", *loc]
-            errors.append({**err, "loc": ("body", *where)})
+        errors = [{**err, "loc": ("body", *request_loc(err.get("loc", ()), req))} for err in e.errors()]
         raise RequestValidationError(errors) from None
 
 

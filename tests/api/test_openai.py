@@ -430,5 +430,7 @@ def test_submission_limits_apply(client):
     assert create(client, ann, train).status_code == 200
     err = openai_error(create(client, ann, train), 403)
     assert err["type"] == "insufficient_quota" and err["code"] == "limit_exceeded", err
+    err = openai_error(create(client, ann, train, trainbox={"priority": 5}), 403)
+    assert err["param"] == "trainbox.priority" and "max_priority" in err["message"], err
     with client.app.state.sessions() as s:
         assert len(s.scalars(select(Job)).all()) == 1
