@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from api import errors
+from api import dashboard, errors
 from api import openai as openai_view
 from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
 from api.deps import current_user
@@ -92,12 +92,13 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     # Outermost: every /v1 error, from a route or a middleware, leaves in OpenAI's envelope.
     app.add_middleware(openai_view.OpenAIErrors)
     errors.install(app)
-    # Everything but /healthz, the dashboard page and (by setting) /metrics needs a token.
+    # Everything but /healthz, the dashboard (its page and /static files) and (by setting) /metrics needs a token.
     for module in (jobs, events, files, datasets, users, tokens, admin, overview):
         app.include_router(module.router, dependencies=[Depends(current_user)], responses=documented(401))
     for router in openai_view.routers:
         app.include_router(router, dependencies=[Depends(current_user)])
     app.include_router(system.router)
+    app.include_router(dashboard.router)  # the page's static files (public)
     return app
 
 

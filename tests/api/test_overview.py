@@ -46,3 +46,24 @@ def test_overview_keeps_each_users_view(client, sessions):
 def test_overview_needs_a_valid_token(client):
     only_error(client.get("/overview", headers={"Authorization": ""}), 401)
     only_error(client.get("/overview", headers={"Authorization": "Bearer nope"}), 401)
+
+
+def test_dashboard_files_are_served_offline(client):
+    page = client.get("/", headers={"Authorization": ""})
+    assert page.status_code == 200 and "http://" not in page.text and "https://" not in page.text
+    assert "Content-Security-Policy" in page.text and "script-src 'self'" in page.text
+    for name, kind in [
+        ("app.js", "text/javascript"),
+        ("sse.js", "text/javascript"),
+        ("charts.js", "text/javascript"),
+        ("app.css", "text/css"),
+        ("vendor/uplot/uPlot.iife.min.js", "text/javascript"),
+        ("vendor/uplot/uPlot.min.css", "text/css"),
+        ("vendor/uplot/LICENSE", "text/plain"),
+    ]:
+        r = client.get(f"/static/{name}", headers={"Authorization": ""})
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind), name
+        assert r.headers["x-frame-options"] == "DENY"
+        assert f"/static/{name}" in page.text or name.endswith("LICENSE")
+    for name in ("../dashboard.py", "..%2fdashboard.py", "nope.js", ""):
+        assert client.get(f"/static/{name}", headers={"Authorization": ""}).status_code == 404, name
