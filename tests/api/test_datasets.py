@@ -198,3 +198,39 @@ def test_an_upload_in_use_by_an_unfinished_job_is_409(client, sessions, settings
         s.commit()
     assert client.delete(f"/datasets/{ds['id']}", headers=ann).status_code == 204
     assert client.get(f"/jobs/{job['id']}", headers=ann).json()["spec"]["dataset"]["id"] == ds["id"], "history kept"
+
+
+CHAT = "".join(
+    json.dumps({"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]}) + "\n"
+    for i in range(40)
+).encode()
+PROMPTS = "".join(json.dumps({"prompt": f"q {i}", "completion": f" a {i}"}) + "\n" for i in range(40)).encode()
+
+
+@pytest.mark.parametrize(("content", "fmt"), [(CHAT, "chat"), (PROMPTS, "prompt_completion"), (JSONL, "jsonl")])
+def test_an_upload_records_the_format_it_was_checked_as(client, content, fmt):
+    """The stored format is what a spec reads the file as: submission reports the data from it."""
+    ds = upload(client, content)
+    assert ds.status_code == 201, ds.text
+    assert ds.json()["format"] == fmt and ds.json()["records"] == content.count(b"\n")
+    r = client.post("/jobs/validate", json=spec(dataset={"id": ds.json()["id"]}))
+    assert r.status_code == 200, r.text
+    train = r.json()["data"]["train"]
+    assert train["data_format"] == ("text" if fmt == "jsonl" else fmt) and train["file_format"] == "jsonl", train
+    assert train["records"] == content.count(b"\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "form", "fragment"),
+    [
+        (CHAT + b'{"messages": [{"role": "user", "content": "q"}]}\n', {}, "line 41 has no assistant message"),
+        (CHAT + b'{"messages": [{"role": "function", "content": "x"}]}\n', {}, "line 41 message 0 has role 'function'"),
+        (PROMPTS + b'{"prompt": "q"}\n', {}, "line 41 has no 'completion' field"),
+        (PROMPTS, {"format": "chat"}, "line 1 has no 'messages' list"),
+        (JSONL, {"format": "prompt_completion"}, "line 1 has no 'prompt' field"),
+    ],
+)
+def test_a_bad_record_anywhere_in_an_upload_is_named(client, sessions, settings, content, form, fragment):
+    [err] = only_error(upload(client, content, **form), 422)
+    assert err["loc"] == ["body", "file"] and fragment in err["msg"], err
+    assert stored(sessions, settings) == (0, [])
