@@ -434,3 +434,48 @@ def test_submission_limits_apply(client):
     assert err["param"] == "trainbox.priority" and "max_priority" in err["message"], err
     with client.app.state.sessions() as s:
         assert len(s.scalars(select(Job)).all()) == 1
+
+
+def test_the_submit_rate_limit_is_a_429_in_the_envelope(client):
+    ann = make_user(client, "ann")
+    train = upload(client, CHAT, ann).json()["id"]
+    assert client.patch("/users/ann", json={"submit_rate_per_minute": 1}).status_code == 200
+    assert create(client, ann, train).status_code == 200
+    r = create(client, ann, train)
+    err = openai_error(r, 429)
+    assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded", err
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        ("queued", "queued"),
+        ("starting", "validating_files"),
+        ("running", "running"),
+        ("cancelling", "running"),
+        ("succeeded", "succeeded"),
+        ("failed", "failed"),
+        ("cancelled", "cancelled"),
+    ],
+)
+def test_status_follows_the_job_state(client, sessions, state, status):
+    from datetime import UTC, datetime
+
+    ann = make_user(client, "ann")
+    ft = create(client, ann, upload(client, CHAT, ann).json()["id"]).json()
+    now = time.time()
+    with sessions() as s:
+        job = s.get(Job, ft["id"].removeprefix("ftjob-"))
+        job.state = state
+        # Half way after 100 s: the ETA is about 100 s more.
+        job.step, job.total_steps, job.latest = 50, 100, {"step": 50, "time": now}
+        job.rate_origin = {"step": 0, "time": now - 100}
+        job.started_at = datetime.now(UTC)
+        s.commit()
+    got = client.get(f"/v1/fine_tuning/jobs/{ft['id']}", headers=ann).json()
+    assert got["status"] == status
+    if state == "running":
+        assert abs(got["estimated_finish"] - (now + 100)) <= 3, got
+    else:
+        assert got["estimated_finish"] is None
