@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import httpx
 import typer
 from rich.markup import escape
 
+from client import config
 from client.cli_common import api_errors, console, err_console, options, target
 from client.config import default_data_dir, normalize_url, stack_pointer
 from client.follow import FollowView, summary
@@ -38,10 +40,16 @@ def running_stack(stack: Stack) -> Iterator[Stack]:
     stack.on_event = lambda line: console.print(f"  {escape(line)}")
     try:
         stack.start(on_step=stack.on_event)
+        # For its user's CLI, from any working directory (client.config's lookup order). Only here:
+        # stacks that tests and benchmarks start are nobody's default.
+        with contextlib.suppress(OSError):
+            config.note_stack(stack.url, stack.data_dir, os.getpid())
         yield stack
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the shutdown
         console.print("stopping: ", end="")
+        with contextlib.suppress(OSError):
+            config.forget_stack(stack.data_dir)
         stack.stop()
         console.print("all stopped")
         signal.signal(signal.SIGTERM, previous)

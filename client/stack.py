@@ -27,8 +27,6 @@ from pathlib import Path
 
 import httpx
 
-from client import config
-
 _PR_SET_PDEATHSIG = 1
 # Migrations, then the local admin and its token file (in a child: `up` itself imports no server code).
 BOOTSTRAP = """
@@ -125,7 +123,6 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     on_event: Callable[[str], object] = print
-    _noted: bool = field(default=False, repr=False)  # in the user's stack note (client.config)
 
     @property
     def url(self) -> str:
@@ -318,11 +315,6 @@ class Stack:
         tmp = self.stack_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self.stack_file)
-        if not self._noted:
-            # For its user's CLI, from any working directory (client.config's lookup order).
-            with contextlib.suppress(OSError):
-                config.note_stack(self.url, self.data_dir, os.getpid())
-            self._noted = True
 
     def supervise_once(self, now: float | None = None) -> None:
         """Restart what died (with backoff); StackError once a child crashed too often in a row."""
@@ -377,10 +369,6 @@ class Stack:
         self.children.clear()
         with contextlib.suppress(FileNotFoundError):
             self.stack_file.unlink()
-        if self._noted:
-            with contextlib.suppress(OSError):
-                config.forget_stack(self.data_dir)
-            self._noted = False
 
     def wait(self) -> None:
         """Supervise until a signal interrupts, or a child crashes too often (StackError)."""

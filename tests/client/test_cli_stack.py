@@ -56,6 +56,12 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
         assert "using the running stack" in demo.stdout
         assert "succeeded" in demo.stdout and "loss" in demo.stdout
 
+        # Found from any directory, with no setting: the note `up` left for its user.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        me = _run(["whoami"], user_env, elsewhere)
+        assert me.returncode == 0 and f"server {url} (from the running trainbox up" in me.stdout, me.stdout + me.stderr
+        assert "admin (admin)" in me.stdout
         cli_env = {**user_env, "TRAINBOX_URL": url}
         listed = _run(["list", "--json"], cli_env, tmp_path)
         job = json.loads(listed.stdout)["data"][0]
@@ -93,6 +99,8 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
         out, _ = up.communicate(timeout=120)
     assert up.returncode == 0, out
     assert "all stopped" in out
+    assert "dashboard at " + url + "/" in out
+    assert not (Path(user_env["XDG_STATE_HOME"]) / "trainbox" / "stack.json").exists()  # the note goes with it
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not _healthy(url)
     with sqlite3.connect(tmp_path / ".trainbox" / "trainbox.db") as db:

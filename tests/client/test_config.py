@@ -69,14 +69,16 @@ def test_a_stack_that_is_gone_is_not_used(tmp_path):
 
 
 @pytest.mark.usefixtures("clean_env")
-def test_up_notes_itself_for_its_user_and_forgets_on_stop(tmp_path):
+def test_a_noted_stack_is_found_from_any_directory_until_it_is_forgotten(tmp_path):
     stack = Stack(data_dir=tmp_path / "data", port=8311)
     stack.data_dir.mkdir()
     (stack.data_dir / "token").write_text("tok")
-    stack.record()
+    stack.record()  # the record in its data dir names its token file
+    assert json.loads(stack.stack_file.read_text())["token_file"] == str(stack.data_dir / "token")
+    config.note_stack(stack.url, stack.data_dir, os.getpid())  # what `trainbox up` adds once it is ready
     note = json.loads(config.stack_pointer().read_text())
     assert note == {"url": "http://127.0.0.1:8311", "data_dir": str(stack.data_dir), "pid": os.getpid()}
-    assert json.loads(stack.stack_file.read_text())["token_file"] == str(stack.data_dir / "token")
+    assert config.stack_pointer().stat().st_mode & 0o077 == 0
     other = tmp_path / "somewhere" / "else"
     other.mkdir(parents=True)
     os.chdir(other)
@@ -88,7 +90,9 @@ def test_up_notes_itself_for_its_user_and_forgets_on_stop(tmp_path):
     )
     with Client.discover() as client:  # the SDK finds it the same way
         assert client.base_url == "http://127.0.0.1:8311" and client.http.headers["Authorization"] == "Bearer tok"
-    stack.stop()
+    config.forget_stack(tmp_path / "another-stack")  # not its note: kept
+    assert config.stack_pointer().exists()
+    config.forget_stack(stack.data_dir)
     assert not config.stack_pointer().exists() and config.resolve().url == "http://127.0.0.1:8000"
 
 
