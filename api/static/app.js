@@ -463,7 +463,8 @@
           if (!bytes.length) emptyLog(job);
         }
         if (atEnd) el.scrollTop = el.scrollHeight;
-        if (job.logAgain) await new Promise((ok) => setTimeout(ok, 500));
+        // Lines arrive about every second while a job runs: one small request per 1.5 s at most.
+        if (ACTIVE.includes(job.data ? job.data.state : "running")) await new Promise((ok) => setTimeout(ok, 1500));
       } while (job.logAgain && S.job === job);
     } catch (e) { /* retried on the next log event */ } finally { job.logBusy = false; }
   }

@@ -116,11 +116,14 @@ window.TrainboxCharts = class {
   draw() {
     const data = this.data(), n = this.steps().length;
     this.container.dataset.steps = String(n);
+    this.container.dataset.evals = String(data[3].filter((v) => v != null).length);
     this.empty.hidden = data[0].length > 0;
     if (!data[0].length || typeof uPlot === "undefined") return;
     if (!this.plots.length) this.build();
     for (const {plot, cols, box} of this.plots) {
       plot.setData([data[0], ...cols.map((c) => data[c])]);
+      // Off the chart, the legend shows the newest values; hovering shows those of the step under the cursor.
+      if (plot.cursor.idx == null) plot.setLegend({idx: data[0].length - 1});
       const h = box.querySelector("h3"), none = cols.every((c) => data[c].every((v) => v == null));
       h.textContent = h.dataset.title + (none ? " (not reported by this run)" : "");
     }
