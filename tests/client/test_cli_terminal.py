@@ -113,25 +113,36 @@ def test_follow_shows_steps_and_eval_loss_and_reconnects_through_a_restart(api_s
     def publish(event: dict) -> None:
         events.publish(r, job_id, event, maxlen=1000)
 
+    child, seen = _spawn(["--url", url, "--token", token, "follow", job_id], user_env, tmp_path)
+
+    def shows(text: str) -> None:
+        try:
+            child.expect_exact(text)
+        except pexpect.ExceptionPexpect:
+            api_log = (tmp_path / "api.log").read_text(errors="replace")[-3000:]
+            shown = plain(seen.getvalue())
+            raise AssertionError(
+                f"{text!r} not shown; the terminal showed:\n{shown}\nthe API's log ends:\n{api_log}"
+            ) from None
+
     try:
-        child, seen = _spawn(["--url", url, "--token", token, "follow", job_id], user_env, tmp_path)
         publish({"type": "step", "step": 1, "loss": 3.25, "tokens_per_s": 1200.0})
-        child.expect_exact("3.2500")
+        shows("3.2500")
         publish({"type": "eval", "step": 1, "eval_loss": 2.31, "perplexity": 10.07})
-        child.expect_exact("step 1: eval loss 2.3100 (ppl 10.07)")
+        shows("step 1: eval loss 2.3100 (ppl 10.07)")
 
         restart()  # the follower loses its stream, says so, and comes back by itself
-        child.expect_exact("reconnecting")
+        shows("reconnecting")
         publish({"type": "step", "step": 2, "loss": 2.75, "tokens_per_s": 1300.0})
-        child.expect_exact("reconnected")
-        child.expect_exact("2.7500")
+        shows("reconnected")
+        shows("2.7500")
 
         with session_scope(engine) as s:
             done = s.get(Job, job_id)
             done.state, done.finished_at, done.step = "succeeded", utcnow(), 2
             done.latest = {"step": 2, "loss": 2.75, "eval_loss": 2.2, "time": 1.0}
         publish({"type": "state", "state": "succeeded"})
-        child.expect_exact("succeeded")
+        shows("succeeded")
         child.expect(pexpect.EOF)
         child.close()
         shown = plain(seen.getvalue())
