@@ -29,10 +29,12 @@ def _emitted(event_type: str) -> list[set[str]]:
 
 def test_step_and_eval_events_carry_only_contract_fields_and_every_stored_one():
     [step] = _emitted("step")
-    assert step | {"time"} <= set(events.STEP_FIELDS), "a step field the contract does not list"
-    assert set(events.STEP_METRIC_FIELDS) <= step | {"time"}, "a stored step field the loop does not write"
-    for fields in _emitted("eval"):
-        assert fields | {"time"} <= set(events.EVAL_FIELDS), "an eval field the contract does not list"
+    assert step | {"time"} == set(events.STEP_FIELDS), "the loop's step event and the contract's list differ"
+    evals = _emitted("eval")
+    assert evals, "the loop writes eval events"
+    for fields in evals:
+        assert fields | {"time"} == set(events.EVAL_FIELDS), "an eval event and the contract's list differ"
+    assert set(events.TRAINER_ERROR_TYPES) | {events.ErrorType.LOST, events.ErrorType.TIMEOUT} == set(events.ErrorType)
 
 
 def test_job_metrics_columns_are_the_stored_step_and_eval_fields():

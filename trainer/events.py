@@ -64,12 +64,8 @@ class ErrorType(StrEnum):
     TIMEOUT = "timeout"  # the worker's: max_runtime_s passed
 
 
-ERROR_INVALID = ErrorType.INVALID
-ERROR_LAUNCH = ErrorType.LAUNCH_ERROR
-ERROR_TRAIN = ErrorType.TRAIN_ERROR
-ERROR_OOM = ErrorType.OOM
-ERROR_DISK = ErrorType.DISK
-TRAINER_ERROR_TYPES = frozenset({ERROR_INVALID, ERROR_LAUNCH, ERROR_TRAIN, ERROR_OOM, ERROR_DISK})
+# The types a trainer reports itself (LOST and TIMEOUT are the worker's).
+TRAINER_ERROR_TYPES = frozenset(set(ErrorType) - {ErrorType.LOST, ErrorType.TIMEOUT})
 
 
 def trainer_argv(

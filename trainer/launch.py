@@ -43,6 +43,7 @@ from trainer.events import (
     EXIT_OK,
     EXIT_PREEMPTED,
     LOG_FILE,
+    ErrorType,
     EventWriter,
     read_events,
     remove_error_reserves,
@@ -203,13 +204,13 @@ class Launcher:
             spec = self._precheck()
         except (ValidationError, SpecError, ValueError) as e:
             message = describe_errors(e) if isinstance(e, ValidationError) else str(e)
-            self._end("failed", {"type": "invalid", "message": message})
+            self._end("failed", {"type": ErrorType.INVALID, "message": message})
             print(f"invalid: {message}", file=sys.stderr)
             return EXIT_INVALID
         gpus = visible_gpus()
         if gpus and gpus < spec.gpus:
             msg = f"the spec needs {spec.gpus} GPUs but only {gpus} are visible to this launcher"
-            self._end("failed", {"type": "launch_error", "message": msg})
+            self._end("failed", {"type": ErrorType.LAUNCH_ERROR, "message": msg})
             return EXIT_FAILED
         errors = self.run_dir / ERRORS_DIR
         for f in errors.glob("rank-*.json") if errors.is_dir() else []:
@@ -345,7 +346,7 @@ class Launcher:
         remove_error_reserves(self.run_dir)
         ended = any(e.get("type") == "end" for e in read_events(self.run_dir, offset))
         if first_failure is None and self.agent_error is not None:
-            self._end("failed", {"type": "launch_error", "message": self.agent_error})
+            self._end("failed", {"type": ErrorType.LAUNCH_ERROR, "message": self.agent_error})
             return EXIT_FAILED
         if first_failure is None:
             # Exit 75 (checkpointed), or stopped during start-up (nothing to save yet), or never started.
@@ -359,7 +360,7 @@ class Launcher:
             err = json.loads(error_file.read_text())
             error = {"type": err["type"], "message": f"rank {rank}: {err['message']}", "exit_code": code}
         else:
-            error = {"type": "train_error", "message": _describe_exit(rank, code), "exit_code": code}
+            error = {"type": ErrorType.TRAIN_ERROR, "message": _describe_exit(rank, code), "exit_code": code}
         if not ended:
             self._end("failed", error)
-        return EXIT_INVALID if error["type"] == "invalid" else EXIT_FAILED
+        return EXIT_INVALID if error["type"] == ErrorType.INVALID else EXIT_FAILED

@@ -19,13 +19,10 @@ from typing import Any
 from trainer import tokencache
 from trainer.checkpoint import DiskFull, out_of_space
 from trainer.events import (
-    ERROR_DISK,
-    ERROR_INVALID,
-    ERROR_OOM,
-    ERROR_TRAIN,
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_OK,
+    ErrorType,
     EventWriter,
     reserve_rank_error,
     write_rank_error,
@@ -247,17 +244,17 @@ def main(args: Any) -> int:
         return code
     except SpecError as e:
         print(f"invalid: {e}", file=sys.stderr, flush=True)
-        return fail(ERROR_INVALID, str(e), EXIT_INVALID)
+        return fail(ErrorType.INVALID, str(e), EXIT_INVALID)
     except Diverged as e:
         print(f"diverged: {e}", file=sys.stderr, flush=True)
-        return fail(ERROR_TRAIN, str(e), EXIT_FAILED)
+        return fail(ErrorType.TRAIN_ERROR, str(e), EXIT_FAILED)
     except DiskFull as e:
         print(f"disk: {e}", file=sys.stderr, flush=True)
-        return fail(ERROR_DISK, str(e), EXIT_FAILED)
+        return fail(ErrorType.DISK, str(e), EXIT_FAILED)
     except Exception as e:  # reported as the job's error, never swallowed
         traceback.print_exc()
         if _is_oom(e):
-            return fail(ERROR_OOM, _oom_message(e), EXIT_FAILED)
+            return fail(ErrorType.OOM, _oom_message(e), EXIT_FAILED)
         if out_of_space(e):  # the token cache, the final model: anything written once the disk is full
-            return fail(ERROR_DISK, f"out of disk space under {run_dir}: {type(e).__name__}: {e}", EXIT_FAILED)
-        return fail(ERROR_TRAIN, f"{type(e).__name__}: {e}", EXIT_FAILED)
+            return fail(ErrorType.DISK, f"out of disk space under {run_dir}: {type(e).__name__}: {e}", EXIT_FAILED)
+        return fail(ErrorType.TRAIN_ERROR, f"{type(e).__name__}: {e}", EXIT_FAILED)

@@ -23,7 +23,6 @@ from typing import Any
 import psutil
 
 from trainer.events import (
-    ERROR_INVALID,
     EVENTS_FILE,
     EXIT_INVALID,
     EXIT_OK,
@@ -285,7 +284,7 @@ def classify(
     if exit_code == EXIT_INVALID:
         return failed(ErrorType.INVALID, end_error.get("message") or "the trainer refused the spec, paths or data")
     given = end_error.get("type")
-    kind = ErrorType(given) if given in TRAINER_ERROR_TYPES - {ERROR_INVALID} else None
+    kind = ErrorType(given) if given in TRAINER_ERROR_TYPES - {ErrorType.INVALID} else None
     if exit_code is not None and exit_code < 0:
         message = f"the trainer was killed by signal {signal.Signals(-exit_code).name}"
     else:

@@ -311,6 +311,7 @@ def test_a_stop_before_every_rank_started_starts_no_more(
         data_root=str(data_root),
         stop_grace=30,
         no_save=True,
+        token_cache_bytes=0,
     )
 
     def sigterm() -> None:
