@@ -265,39 +265,25 @@ def _prepare(
         else:
             items, held = split(items, opts.split, opts.seed)
             stats_t.records = len(items)
-        stream = opts.format == "text"
-        arrays = dict(
-            zip(
-                ("train", "train-mask"),
-                pack(
-                    encode_examples(items, opts.format, enc, train_all=opts.train_all),
-                    opts.seq_len,
-                    stats_t,
-                    stream=stream,
-                    overlong=opts.overlong,
-                    pad_id=enc.eos_id,
-                ),
-                strict=True,
+
+        def packed(part: str, records: list[Any], into: DataStats, pad_tail: bool) -> dict[str, np.ndarray]:
+            examples = encode_examples(records, opts.format, enc, train_all=opts.train_all)
+            blocks, masks = pack(
+                examples,
+                opts.seq_len,
+                into,
+                stream=opts.format == "text",
+                overlong=opts.overlong,
+                pad_id=enc.eos_id,
+                pad_tail=pad_tail,
             )
-        )
+            return {part: blocks, f"{part}-mask": masks}
+
+        arrays = packed("train", items, stats_t, pad_tail=False)
         stats: dict[str, Any] = {"train": stats_t.as_dict(), "validation": None}
         if held:
             stats_v = DataStats(opts.format, records=len(held))
-            arrays |= dict(
-                zip(
-                    ("val", "val-mask"),
-                    pack(
-                        encode_examples(held, opts.format, enc, train_all=opts.train_all),
-                        opts.seq_len,
-                        stats_v,
-                        stream=stream,
-                        overlong=opts.overlong,
-                        pad_id=enc.eos_id,
-                        pad_tail=True,
-                    ),
-                    strict=True,
-                )
-            )
+            arrays |= packed("val", held, stats_v, pad_tail=True)
             stats["validation"] = stats_v.as_dict() | {"source": "file" if val is not None else "split"}
         for part, arr in arrays.items():
             tmp = names[part].with_suffix(f".tmp{os.getpid()}.npy")

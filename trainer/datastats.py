@@ -41,7 +41,7 @@ def held_out(records: int, fraction: float) -> int:
 
 
 @dataclass(frozen=True)
-class DataStats:
+class DataEstimate:
     data_format: Format
     records: int
     records_counted: bool  # False: estimated from the first records' bytes per record
@@ -61,7 +61,7 @@ def _count_records(info: DatasetInfo) -> int:
 
 def data_stats(
     info: DatasetInfo, *, text_field: str, seq_len: int, train_all: bool, overlong: str, sample: int = SAMPLE_RECORDS
-) -> DataStats:
+) -> DataEstimate:
     """Stats of a checked dataset (`trainer.paths.inspect_dataset`), from its first `sample` records."""
     fmt = info.data_format
     tokens = trained = long = sampled = sample_bytes = 0
@@ -84,7 +84,7 @@ def data_stats(
     counted = info.bytes <= COUNT_BYTES_LIMIT
     records = _count_records(info) if counted else max(sampled, round(info.bytes / max(1, sample_bytes / sampled)))
     scale = records / max(1, sampled)
-    return DataStats(
+    return DataEstimate(
         data_format=fmt,
         records=records,
         records_counted=counted,
