@@ -22,6 +22,7 @@ jobs a minute. Jobs submitted by a POST run are deleted after it, so each run se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,17 @@ def start_server(target: str, port: int, env: dict[str, str]) -> subprocess.Pope
     raise RuntimeError(f"{target} did not start")
 
 
+def stop_servers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop what start_server started (SIGTERM, then SIGKILL after 10 s)."""
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 LUA = """
 local reqs = {%(reqs)s}
 local i = 0
@@ -379,21 +392,34 @@ def summarize_profile(path: Path, top: int = 12) -> list[str]:
 # --- one run -----------------------------------------------------------------------------------------
 
 
-def run_one(queued: int, args: argparse.Namespace) -> list[tuple[str, list[dict[str, float]], list[dict[str, float]]]]:
+@contextlib.contextmanager
+def fresh_database(name: str) -> Iterator[str]:
+    """A new Postgres database `name` on PG_ADMIN's server, migrated; yields its SQLAlchemy URL and
+    drops it afterwards (also one left over by an earlier, killed run of the same name)."""
     import psycopg
 
     from core.db import upgrade
 
-    name = f"trainbox_bench_{os.getpid()}_{queued}"
     base, _, _ = PG_ADMIN.rpartition("/")
     url = f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://")
-    work = Path(tempfile.mkdtemp(prefix="trainbox-bench-"))
-    procs: list[subprocess.Popen[bytes]] = []
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_one(queued: int, args: argparse.Namespace) -> list[tuple[str, list[dict[str, float]], list[dict[str, float]]]]:
+    work = Path(tempfile.mkdtemp(prefix="trainbox-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as cleanup:
+        url = cleanup.enter_context(fresh_database(f"trainbox_bench_{os.getpid()}_{queued}"))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        cleanup.callback(stop_servers, procs)
         (work / "data" / "corpus").mkdir(parents=True)
         data = seed(url, work / "data", finished=args.finished, queued=queued)
         print(f"seeded {args.finished:,} finished + {queued:,} queued jobs in {data['seed_s']:.1f}s", flush=True)
@@ -437,13 +463,6 @@ def run_one(queued: int, args: argparse.Namespace) -> list[tuple[str, list[dict[
                 results[label][0].append(b)
                 results[label][1].append(t)
         return [(label, *results[label]) for label, _ in endpoints]
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def table(queued: int, rows: list[tuple[str, list[dict[str, float]], list[dict[str, float]]]]) -> dict[str, float]:
