@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from client.cli_common import duration
-from client.sdk import RECONNECT_FOR_S, TERMINAL_STATES, Client
+from client.sdk import RECONNECT_FOR_S, RESTARTING_STATUSES, TERMINAL_STATES, Client, TrainboxError
 
 
 def eval_text(eval_loss: Any, perplexity: Any = None) -> str:
@@ -137,8 +137,9 @@ def _get_through_restart(client: Client, job_id: str) -> dict[str, Any]:
     while True:
         try:
             return client.get(job_id)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
+        except (httpx.TransportError, TrainboxError) as exc:
+            restarting = not isinstance(exc, TrainboxError) or exc.status_code in RESTARTING_STATUSES
+            if not restarting or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
 

@@ -75,6 +75,7 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, st
 
 
 BUSY_RETRIES = 3
+RESTARTING_STATUSES = frozenset({502, 503, 504})  # a proxy or the server itself on its way down or back
 RECONNECT_FOR_S = 120.0  # a follower keeps trying this long through a server restart, then raises
 BUSY_MAX_WAIT_S = 5.0
 # The server sends a keep-alive comment every 10 s on a quiet stream: this long without a byte means a
@@ -248,6 +249,15 @@ class Client:
             body["older_than_days"] = older_than_days
         return self._call("POST", "/admin/prune", json=body)
 
+    def _state_while_restarting(self, job_id: str) -> str:
+        """The job's state; a 502/503/504 (a server stopping or starting) raises _Restarting."""
+        try:
+            return str(self.get(job_id)["state"])
+        except TrainboxError as exc:
+            if exc.status_code in RESTARTING_STATUSES:
+                raise _Restarting(f"HTTP {exc.status_code}") from None
+            raise
+
     def events(
         self,
         job_id: str,
@@ -295,7 +305,7 @@ class Client:
                         if event.type in ("state", "end") and data.get("state") in TERMINAL_STATES:
                             return
                 # The stream ended without the job's end: a server going down ends its streams so.
-                if not reconnect or self.get(job_id)["state"] in TERMINAL_STATES:
+                if not reconnect or self._state_while_restarting(job_id) in TERMINAL_STATES:
                     return
             except httpx.UnsupportedProtocol:
                 raise  # a bad URL does not heal
@@ -308,9 +318,6 @@ class Client:
                 if on_connection is not None:
                     on_connection(f"server unreachable ({_why(exc)}); reconnecting")
             time.sleep(retry_s)
-
-
-RESTARTING_STATUSES = frozenset({502, 503, 504})  # a proxy or the server itself on its way back
 
 
 class _Restarting(Exception):

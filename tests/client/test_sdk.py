@@ -85,3 +85,43 @@ def test_a_stream_gone_silent_is_reconnected_with_last_event_id(monkeypatch):
     listener.close()
     assert seen == [("step", 1, None), ("state", None, "succeeded")]
     assert "last-event-id: 5-0:1" in requests[1].lower()
+
+
+def test_a_server_answering_503_while_it_stops_is_waited_for(monkeypatch):
+    """The stream ends cleanly (a server stopping ends its streams), and the job's GET then gets a 503
+    from the server on its way down: the follower waits for it instead of giving up."""
+    import socket
+    import threading
+
+    from client import sdk
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    close = "connection: close\r\n"
+    down = '{"detail": [{"loc": [], "msg": "shutting down", "type": "unavailable"}]}'
+    answers = [
+        f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{close}\r\n"
+        'id: 5-0:1\ndata: {"type": "step", "step": 1}\n\n',
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(down)}\r\n{close}\r\n{down}",
+        f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{close}\r\n"
+        'id: 6-0:1\ndata: {"type": "state", "state": "succeeded"}\n\n',
+    ]
+    requests: list[str] = []
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            requests.append(conn.recv(65536).decode())
+            conn.sendall(answer.encode())
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with sdk.Client(f"http://127.0.0.1:{listener.getsockname()[1]}", "t") as client:
+        seen = [e.type for e in client.events("j1", retry_s=0.05)]
+    thread.join(5)
+    listener.close()
+    assert seen == ["step", "state"]
+    assert [r.split(" ")[1] for r in requests] == ["/jobs/j1/events", "/jobs/j1", "/jobs/j1/events"]
