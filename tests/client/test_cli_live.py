@@ -163,6 +163,7 @@ def test_validate_prints_the_dry_run(served, tmp_path):
     out = tb("--url", url, "--token", token, "validate", str(_spec(tmp_path)), "--config").stdout
     assert "valid" in out and "batch        2 = micro" in out and "queue" in out and "memory" in out
     assert '"train_batch_size": 2' in out  # the resolved DeepSpeed config
+    assert "train data   jsonl (text), 50 records, ~" in out  # the server's data report
 
 
 def _tar_of(top: str, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> bytes:
