@@ -68,6 +68,8 @@
   function signedOut(message) {
     S.generation++;
     clearTimeout(S.timer);
+    S.lastOk = 0;
+    S.failing = null;
     clearScreen();
     $("session").hidden = true;
     $("signin").hidden = false;
@@ -308,7 +310,9 @@
         for (const row of page.data) {
           if (attempt != null && row.attempt !== attempt) job.charts.addAttempt(row.step);
           attempt = row.attempt;
-          job.charts.addStep(row);
+          // A row may hold only an eval so far (the step's own columns come with its step event).
+          if (row.loss == null && row.eval_loss != null) job.charts.addEval(row);
+          else job.charts.addStep(row);
         }
         job.lastStep = page.data.length ? page.data[page.data.length - 1].step : job.lastStep;
         if (page.next_after_step == null) break;

@@ -48,13 +48,15 @@ window.TrainboxCharts = class {
     const steps = this.steps();
     const bad = steps.find((r) => r.loss === null || (typeof r.loss === "number" && !isFinite(r.loss)));
     if (bad) return `loss not finite at step ${bad.step}`;
-    let s = 0, n = 0, low = Infinity, lowStep = null;
+    let s = 0, n = 0, low = Infinity, lowStep = null, rose = false;
     for (const r of steps) {
       if (typeof r.loss !== "number") continue;
-      n++; s = 0.8 * s + 0.2 * r.loss; const v = s / (1 - 0.8 ** n);
-      if (n >= 3 && v < low) { low = v; lowStep = r.step; }
-      if (n >= 3 && low > 0 && v > 3 * low) return `loss diverged: ${this.fmt(low)} at step ${lowStep} rose to ${this.fmt(r.loss)} at step ${r.step}`;
+      n++; s = 0.8 * s + 0.2 * r.loss;
+      if (r.loss < low) { low = r.loss; lowStep = r.step; }
+      rose = rose || (n >= 3 && low > 0 && s / (1 - 0.8 ** n) > 3 * low);
     }
+    const last = steps[steps.length - 1];
+    if (rose) return `loss diverged: ${this.fmt(low)} at step ${lowStep}, ${this.fmt(last.loss)} at step ${last.step}`;
     return null;
   }
 

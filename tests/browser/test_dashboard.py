@@ -29,7 +29,7 @@ def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, ap
     expect(page.locator("#notice")).to_contain_text("Sign in")
     sign_in(page, stack.token())
     expect(page.locator("#session")).to_contain_text("signed in as admin (admin)")
-    job = api.submit(tiny_spec("browser-ok", steps=30, checkpoint_every=15, validation_split=0.1, eval_every=15))
+    job = api.submit(tiny_spec("browser-ok", steps=20, checkpoint_every=10, validation_split=0.1, eval_every=10))
     row = page.locator(f'#jobs tr[data-id="{job["id"]}"]')
     expect(row).to_be_visible()  # the next refresh lists it
     # Refreshes (the row's times change each time) keep the keyboard focus where it was.
@@ -57,10 +57,10 @@ def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, ap
     # Its stream resumed (Last-Event-ID): following again, or over if the job ended meanwhile.
     expect(page.locator("#job-live")).to_contain_text(re.compile("following live|the job is over"), timeout=10_000)
     expect(state).to_have_text("succeeded", timeout=90_000)
-    wait_for(lambda: steps_drawn(page) == 30, timeout=10, what="every step drawn, none lost over the restart")
-    assert page.locator("#charts").get_attribute("data-evals") == "2"  # eval loss at steps 15 and 30
+    wait_for(lambda: steps_drawn(page) == 20, timeout=10, what="every step drawn, none lost over the restart")
+    assert page.locator("#charts").get_attribute("data-evals") == "2"  # eval loss at steps 10 and 20
     facts = page.locator("#job-facts")
-    expect(facts).to_contain_text("30 / 30 steps")
+    expect(facts).to_contain_text("20 / 20 steps")
     expect(facts).to_contain_text("elapsed")
     expect(page.locator("#log")).to_contain_text("step")
     # The final model and the checkpoints are listed, and a download really downloads (bearer header, blob).
@@ -79,7 +79,7 @@ def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, ap
 def test_a_waiting_job_is_followed_live_to_the_end_and_cancel_asks_first(page: Any, browser: Any, api: Api, stack: Any):
     sign_in(page, stack.token())
     blocker = api.submit(tiny_spec("browser-blocker", steps=100_000))  # takes both slots
-    waiting = api.submit(tiny_spec("browser-waits", steps=20))
+    waiting = api.submit(tiny_spec("browser-waits", steps=10))
     page.goto(f"{stack.url}/#/jobs/{waiting['id']}")
     expect(page.locator("#job-state")).to_have_text("queued")
     expect(page.locator("#job-facts")).to_contain_text("queue position1")
@@ -121,7 +121,7 @@ def test_a_waiting_job_is_followed_live_to_the_end_and_cancel_asks_first(page: A
     # The first tab, never reloaded, follows the waiting job through to its end.
     expect(page.locator("#job-state")).to_have_text("running", timeout=90_000)
     expect(page.locator("#job-state")).to_have_text("succeeded", timeout=90_000)
-    wait_for(lambda: steps_drawn(page) == 20, timeout=10, what="every step drawn")
+    wait_for(lambda: steps_drawn(page) == 10, timeout=10, what="every step drawn")
 
 
 def _quiet_for(page: Any) -> int:
@@ -131,9 +131,13 @@ def _quiet_for(page: Any) -> int:
     return 0
 
 
-def test_a_failed_job_shows_its_error_and_log(page: Any, api: Api, stack: Any):
+def test_a_failed_job_shows_its_error_and_log_and_a_diverged_one_is_flagged(page: Any, api: Api, stack: Any):
     sign_in(page, stack.token())
-    job = api.submit(tiny_spec("browser-bad-data", dataset="bad.jsonl", steps=200))
+    # One slot each, side by side: data that breaks at line 251, and a learning rate that blows the loss up.
+    job = api.submit(tiny_spec("browser-bad-data", gpus=1, dataset="bad.jsonl", steps=200))
+    adamw = {"type": "AdamW", "params": {"lr": 10.0}}
+    blowup = {"train_batch_size": 4, "gradient_accumulation_steps": 1, "optimizer": adamw}
+    diverging = api.submit(tiny_spec("browser-diverges", gpus=1, steps=8, deepspeed=blowup))
     row = page.locator(f'#jobs tr[data-id="{job["id"]}"]')
     expect(row).to_contain_text("failed", timeout=120_000)
     row.click()
@@ -143,6 +147,13 @@ def test_a_failed_job_shows_its_error_and_log(page: Any, api: Api, stack: Any):
     expect(error).to_contain_text(re.compile(r"invalid: .*line 251"))
     expect(page.locator("#log")).not_to_be_empty()
     expect(page.locator("#job-cancel")).to_be_hidden()
+    expect(page.locator("#job-flag")).to_be_hidden()
+
+    page.goto(f"{stack.url}/#/jobs/{diverging['id']}")
+    expect(page.locator("#job-state")).to_have_text(re.compile("succeeded|failed"), timeout=120_000)
+    flag = page.locator("#job-flag")
+    expect(flag).to_be_visible()
+    expect(flag).to_contain_text(re.compile(r"loss diverged: [\d.]+ at step \d+, [\d,.]+ at step 8|loss not finite"))
 
 
 def test_a_wrong_or_revoked_token_clears_the_screen(page: Any, stack: Any, api: Api):
@@ -169,7 +180,7 @@ def test_phone_width_is_one_column(page: Any, stack: Any, api: Api, shots: Path)
     boxes = [columns.nth(0).bounding_box(), columns.nth(1).bounding_box()]
     assert boxes[0]["x"] == boxes[1]["x"] and boxes[1]["y"] > boxes[0]["y"]  # stacked, not side by side
     page.screenshot(path=str(shots / "phone-list.png"), full_page=True)
-    page.locator("#jobs tr.job", has_text="browser-ok").click()
+    page.locator("#jobs tr.job", has_text="succeeded").first.click()
     expect(page.locator("#job-state")).to_have_text("succeeded")
     wait_for(lambda: steps_drawn(page), timeout=20, what="the charts")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
