@@ -35,7 +35,7 @@ if [ "$mode" = gpu ]; then
       say "FAIL: the carried wheels did not install (the end of $log says why)"; exit 2
     fi
     export PYTHONPATH=$PWD:/tmp/site
-  elif $py -c 'import deepspeed, fastapi, sqlalchemy, celery' 2>/dev/null; then
+  elif $py -c 'import deepspeed, fastapi, sqlalchemy, celery' >/dev/null 2>&1; then
     say "no .whl/: this Python already has DeepSpeed and the service's packages; using them"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   else
