@@ -165,7 +165,7 @@ def test_a_wrong_or_revoked_token_clears_the_screen(page: Any, stack: Any, api: 
     sign_in(page, made["token"])
     expect(page.locator("#jobs tr.job").first).to_be_visible()
     assert api.http.delete(f"/tokens/{made['id']}").status_code == 204
-    expect(page.locator("#notice")).to_contain_text("token rejected", timeout=10_000)
+    expect(page.locator("#notice")).to_contain_text("token rejected", timeout=20_000)
     expect(page.locator("#jobs tr")).to_have_count(0)
     expect(page.locator("#list-view")).to_be_hidden()
     assert page.evaluate("localStorage.getItem('trainbox-token')") is None
