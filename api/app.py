@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from api import dashboard, errors
 from api import openai as openai_view
 from api.admission import Admission, AdmissionControl, db_pool_size, redis_pool_size
+from api.authcache import AuthCache
 from api.deps import current_user
 from api.errors import documented
 from api.hardening import AuthFirst, RequestLimits, SecurityHeaders
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     registry, requests, latency = make_registry(app.state.read_sessions)
     app.state.registry = registry
     app.state.admission = Admission(settings)
+    app.state.auth_cache = AuthCache(settings.auth_cache_s)
     upload_paths = frozenset({"/datasets", openai_view.UPLOAD_PATH})
     # The last added runs first: metrics, headers, admission, upload auth, body limits, the routes.
     app.add_middleware(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import Forbidden, ServiceUnavailable, Unauthorized
 from core.jobs import JobNotFound, get_job
@@ -25,17 +26,25 @@ def get_settings_dep(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """One session per request; services commit what they change, the rest is rolled back.
 
     GET requests never write: their sessions take no write lock on SQLite. The session ends with the
     route function, before the response is sent (`scope="function"`): a request gives its connection
     back before it gives back its admission slot, and a stream holds none while it streams.
+    Making a session does no I/O, so it is made on the event loop; closing one that used a connection
+    (a rollback) runs in the thread pool.
     """
     state = request.app.state
     factory: sessionmaker[Session] = state.read_sessions if request.method in ("GET", "HEAD") else state.sessions
-    with factory() as session:
+    session = factory()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -49,20 +58,32 @@ _bearer = HTTPBearer(auto_error=False, description="an API token: `trainbox-admi
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def current_user(request: Request, session: SessionDep, credentials: BearerDep) -> Principal:
+def lookup_token(state: Any, token: str) -> Principal | None:
+    """The token's user, from the auth cache (api.authcache: revocation holds within its bound) or one
+    indexed look-up in a session of its own (no transaction of the request's is held open by it)."""
+    user: Principal | None = state.auth_cache.get(token)
+    if user is None:
+        with state.read_sessions() as session:
+            user = authenticate(session, token, state.settings)
+        if user is not None:
+            state.auth_cache.put(token, user)
+    return user
+
+
+async def current_user(request: Request, credentials: BearerDep) -> Principal:
     """Who is asking: the user of the `Authorization: Bearer` token; 401 without a valid one."""
     early: Principal | None = getattr(request.state, "principal", None)
     if early is not None:
         return early  # an upload, authenticated before its body was read (api.hardening.AuthFirst)
     if credentials is None:
         raise Unauthorized(MISSING_TOKEN)
-    user = authenticate(session, credentials.credentials, request.app.state.settings)
-    # End the look-up's transaction now: on SQLite a writing request's transaction holds the write
-    # lock, and an upload may take a while before it writes anything.
-    session.commit()
+    state = request.app.state
+    user = state.auth_cache.get(credentials.credentials)
+    if user is None:
+        user = await run_in_threadpool(lookup_token, state, credentials.credentials)
     if user is None:
         raise Unauthorized(INVALID_TOKEN)
-    request.app.state.admission.identify(request.scope, user.name)
+    state.admission.identify(request.scope, user.name)
     return user
 
 

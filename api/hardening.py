@@ -17,9 +17,8 @@ import anyio
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import INVALID_TOKEN, MISSING_TOKEN
+from api.deps import INVALID_TOKEN, MISSING_TOKEN, lookup_token
 from api.errors import Unauthorized, error_body
-from core.users import Principal, authenticate
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -150,18 +149,13 @@ class AuthFirst:
             await _unauthorized(send, MISSING_TOKEN)
             return
         state = scope["app"].state
-        principal = await anyio.to_thread.run_sync(_authenticate, state, token.strip())
+        principal = await anyio.to_thread.run_sync(lookup_token, state, token.strip())
         if principal is None:
             await _unauthorized(send, INVALID_TOKEN)
             return
         state.admission.identify(scope, principal.name)
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
-
-
-def _authenticate(state: Any, token: str) -> Principal | None:
-    with state.read_sessions() as session:
-        return authenticate(session, token, state.settings)
 
 
 async def _unauthorized(send: Send, msg: str) -> None:

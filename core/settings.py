@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     max_datasets_per_user: int = Field(100, ge=1, description="uploaded datasets one user may keep")
     max_dataset_bytes_per_user: int = Field(10 << 30, ge=1024, description="total bytes of one user's uploads")
     max_tokens_per_user: int = Field(20, ge=1, description="live API tokens one user may hold (made through the API)")
+    auth_cache_s: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="seconds an API process remembers an authenticated token: a revoked token, a deleted user or "
+        "changed limits take effect within this bound (at once through the API process that made the change); "
+        "0: look every token up",
+    )
     max_disk_bytes_per_user: int | None = Field(
         None, ge=1, description="disk one user's run directories and uploads may use; at or over it, no submission"
     )

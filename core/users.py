@@ -248,7 +248,7 @@ def authenticate(session: Session, token: str, settings: Settings) -> Principal 
     if match is None:
         return None
     token_id, secret = match.groups()
-    # One indexed look-up (primary key, the user joined): no cache, so a revocation holds at the next request.
+    # One indexed look-up (primary key, the user joined); the API remembers the result (api.authcache).
     row = session.scalar(select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.id == token_id))
     if row is None:
         hmac.compare_digest(hash_secret(secret), "0" * 64)  # the same work as a known id

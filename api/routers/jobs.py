@@ -153,8 +153,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead, responses=documented(404))
-def get_job(job: JobDep, request: Request, session: SessionDep) -> JobRead:
+async def get_job(job: JobDep, request: Request, session: SessionDep) -> JobRead:
     """One job: state, placement, progress with ETA, latest metrics, error, artifacts."""
+    # No I/O here: JobDep loaded the row in the thread pool, read_job finds it in the session.
     return read_job(request, job.id, session)
 
 

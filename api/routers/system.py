@@ -84,10 +84,10 @@ def queue(session: SessionDep, user: CurrentUser) -> QueueView:
     return QueueView(data=data)
 
 
-def metrics_access(request: Request, session: SessionDep, credentials: BearerDep) -> None:
+async def metrics_access(request: Request, credentials: BearerDep) -> None:
     """/metrics needs a token unless TRAINBOX_METRICS_PUBLIC is set (a private scrape network)."""
     if not request.app.state.settings.metrics_public:
-        current_user(request, session, credentials)
+        await current_user(request, credentials)
 
 
 def _check_db(request: Request) -> None:

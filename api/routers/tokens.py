@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import APIRouter, Path, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import CurrentUser, SessionDep
@@ -91,10 +91,13 @@ def revoke_token(
     token_id: Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[0-9a-z]+$")],
     session: SessionDep,
     user: CurrentUser,
+    request: Request,
 ) -> Response:
-    """Revoke one of your tokens (admins: anyone's); requests with it get 401 from now on."""
+    """Revoke one of your tokens (admins: anyone's); requests with it get 401 from now on (through other
+    API processes, within TRAINBOX_AUTH_CACHE_S)."""
     row = session.get(ApiToken, token_id)
     if row is None or not (user.is_admin or row.user_id == user.id):
         raise NotFound(f"no token with id {token_id!r}", ["path", "token_id"])
     service.revoke_token(session, token_id)
+    request.app.state.auth_cache.clear()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
@@ -69,11 +69,12 @@ def list_users(session: SessionDep, settings: SettingsDep, admin: AdminUser) -> 
 
 @router.patch("/{name}", response_model=UserRead, responses=documented(403, 404, 413))
 def set_limits(
-    name: UserName, body: LimitsUpdate, session: SessionDep, settings: SettingsDep, admin: AdminUser
+    name: UserName, body: LimitsUpdate, session: SessionDep, settings: SettingsDep, admin: AdminUser, request: Request
 ) -> UserRead:
     """Set a user's limits (admins only)."""
     try:
         user = service.set_limits(session, name=name, **body.model_dump(exclude_unset=True))
     except service.UserError as e:
         raise NotFound(str(e), ["path", "name"]) from None
+    request.app.state.auth_cache.clear()  # cached principals carry the limits
     return _read(user, settings)

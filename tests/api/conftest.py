@@ -127,6 +127,7 @@ def client(api_env, redis) -> Iterator[TestClient]:
     client.headers.update(make_user(client, "local", admin=True))
     yield client
     client.headers.pop("Authorization", None)
+    client.app.state.auth_cache.clear()  # type: ignore[attr-defined]
     rate_keys = list(redis.scan_iter("trainbox:rate:*"))
     if rate_keys:
         redis.delete(*rate_keys)

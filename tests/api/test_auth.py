@@ -67,14 +67,43 @@ def test_wrong_secret_revoked_and_expired_tokens(client, sessions):
     assert client.get("/users/me", headers=headers).json()["name"] == "ann"
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     only_error(client.get("/users/me", headers={"Authorization": f"Bearer {forged}"}), 401)
-    with sessions() as s:
-        revoke_token(s, token.split("_")[1])
+    # Revoked through the API: 401 at the next request (this process forgets its cached tokens).
+    assert client.delete(f"/tokens/{token.split('_')[1]}", headers=headers).status_code == 204
     only_error(client.get("/users/me", headers=headers), 401)
     with sessions() as s:
         row, short = create_token(s, user_name="ann", expires_in=timedelta(seconds=60))
         row.expires_at = row.created_at - timedelta(seconds=1)
         s.commit()
     only_error(client.get("/users/me", headers={"Authorization": f"Bearer {short}"}), 401)
+
+
+def test_a_token_revoked_elsewhere_stops_working_within_the_cache_bound(client, sessions, monkeypatch):
+    """Revoked outside this API process (trainbox-admin, another replica): the token works until its
+    cached look-up is TRAINBOX_AUTH_CACHE_S old, then never again; an expiry is honoured at once."""
+    import time
+
+    from tests.helpers import wait_for
+
+    monkeypatch.setattr(client.app.state.auth_cache, "ttl_s", 1.0)
+    headers = make_user(client, "ann")
+    token = headers["Authorization"].removeprefix("Bearer ")
+    assert client.get("/users/me", headers=headers).status_code == 200  # looked up, and remembered
+    with sessions() as s:
+        revoke_token(s, token.split("_")[1])
+    revoked_at = time.monotonic()
+    wait_for(lambda: client.get("/users/me", headers=headers).status_code == 401, timeout=5, what="401")
+    assert time.monotonic() - revoked_at <= 1.0 + 0.5, "within the bound"
+    for _ in range(3):
+        only_error(client.get("/users/me", headers=headers), 401)
+    # A token that expires while cached is refused from its expiry, not the cache's.
+    with sessions() as s:
+        row, short = create_token(s, user_name="ann", expires_in=timedelta(seconds=60))
+    monkeypatch.setattr(client.app.state.auth_cache, "ttl_s", 60.0)
+    auth = {"Authorization": f"Bearer {short}"}
+    assert client.get("/users/me", headers=auth).status_code == 200
+    cached = client.app.state.auth_cache.get(short)
+    assert cached is not None
+    assert client.app.state.auth_cache.get(short, now=cached.token_expires_at) is None
 
 
 def test_tokens_are_stored_hashed_and_secrets_appear_nowhere(client, sessions, settings, caplog):
