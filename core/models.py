@@ -115,6 +115,9 @@ class Job(Base):
     # up to 16 string pairs to filter by. NULL for jobs submitted as specs.
     suffix: Mapped[str | None] = mapped_column(String(64))
     job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JsonType)
+    # Set: the job is paused (POST /v1/fine_tuning/jobs/{id}/pause). A queued one is not placed; a running
+    # one is stopped by its worker with a checkpoint and requeued. Cleared by resume.
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -181,12 +181,13 @@ def queued_order(query: Any) -> Any:
 
 
 def iter_queued(session: Session, *, first_page: int = 4, max_page: int = 256) -> Iterator[Job]:
-    """Queued jobs not being cancelled, in scheduling order, read a page at a time (keyset; pages double
-    from `first_page`): a pass that stops at a head that does not fit reads a few rows, however long the queue."""
+    """Queued jobs not being cancelled nor paused, in scheduling order, read a page at a time (keyset; pages
+    double from `first_page`): a pass that stops at a head that does not fit reads a few rows, however long
+    the queue."""
     after: tuple[int, Any, str] | None = None
     page = first_page
     while True:
-        query = queued_order(select(Job).where(Job.cancel_requested.is_(False))).limit(page)
+        query = queued_order(select(Job).where(Job.cancel_requested.is_(False), Job.paused_at.is_(None))).limit(page)
         if after is not None:
             priority, created, job_id = after
             query = query.where(

@@ -116,7 +116,7 @@ class Tick:
     def _check(self, now: float) -> None:
         with session_scope() as session:
             row = session.execute(
-                select(Job.state, Job.attempt, Job.cancel_requested).where(Job.id == self.job_id)
+                select(Job.state, Job.attempt, Job.cancel_requested, Job.paused_at).where(Job.id == self.job_id)
             ).one_or_none()
             if row is None or row.attempt != self.attempt or row.state not in (JobState.RUNNING, JobState.CANCELLING):
                 self.reason = Stop.LOST  # fenced: another attempt (or nobody) owns the job now
@@ -128,6 +128,10 @@ class Tick:
                     self.cancelling = lifecycle.cancel(session, self.job_id, attempt=self.attempt)
                 if self.reason is None:
                     self.reason = Stop.CANCEL
+            elif row.paused_at is not None and self.reason is None:
+                # Paused: the worker's own going-away path (checkpoint, back to the queue, where the
+                # scheduler leaves it until it is resumed).
+                self.reason = Stop.SHUTDOWN
             if now >= self.next_heartbeat:
                 self.next_heartbeat = now + self.settings.heartbeat_s
                 renewed = session.execute(

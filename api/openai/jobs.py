@@ -1,13 +1,17 @@
 """/v1/fine_tuning/jobs: trainbox jobs as OpenAI fine-tuning jobs. A created job goes through POST /jobs's
-own submission (same checks, limits, quotas and scheduling); cancel is POST /jobs/{id}/cancel."""
+own submission (same checks, limits, quotas and scheduling); cancel is POST /jobs/{id}/cancel; pause
+holds a job out of the scheduler (`jobs.paused_at`), and a running one takes the worker's
+checkpoint-and-requeue path."""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, DispatchDep, SessionDep, SettingsDep, job_for_user
 from api.errors import ApiError, NotFound
@@ -16,10 +20,14 @@ from api.openai.errors import BadRequest
 from api.openai.mapping import fine_tuning_job, parse_job_id, request_loc, spec_body, validate_spec
 from api.openai.schemas import CheckpointList, EventList, FineTuningJob, JobCreate, JobList
 from api.routers import jobs as jobs_routes
+from api.validation import schedule_options
 from core.jobs import JobNotFound, get_job
-from core.models import Dataset, Job
+from core.models import Dataset, Job, utcnow
+from core.scheduler import schedule
+from core.states import JobState
 from core.users import Principal
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], include_in_schema=False)
 
 _META_KEY = re.compile(r"metadata\[([^\]]{1,64})\]")
@@ -177,20 +185,60 @@ def list_fine_tuning_checkpoints(
     )
 
 
+def hold(session: Session, job_id: str) -> bool:
+    """Pause a queued, starting or running job and commit; False when it is not in one of those states
+    or already paused. Not a state change: `paused_at` keeps the scheduler from placing it, and the
+    worker of a running one stops it as when the worker goes away (checkpoint, back to the queue)."""
+    running = (JobState.STARTING.value, JobState.RUNNING.value)
+    paused = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_([JobState.QUEUED.value, *running]), Job.paused_at.is_(None))
+        # Stopping a run to pause it costs an attempt (the next one resumes from the checkpoint): it is
+        # given back, so pausing never uses up the attempts a job has for real failures.
+        .values(
+            paused_at=utcnow(),
+            max_attempts=case((Job.state.in_(running), Job.max_attempts + 1), else_=Job.max_attempts),
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    return bool(paused)
+
+
+def release(session: Session, job_id: str) -> bool:
+    """Resume a paused job and commit (the caller runs the scheduler); False when it was not paused."""
+    released = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.paused_at.is_not(None))
+        .values(paused_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    return bool(released)
+
+
 @router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
-def pause_fine_tuning_job(job: FtJobDep) -> FineTuningJob:
-    """Not supported yet (400): a paused job needs a held state the scheduler skips (docs/OPENAI.md)."""
-    raise BadRequest(
-        "pause is not supported yet: cancel the job, or let it run; trainbox resumes a job from its checkpoint "
-        "only when its worker goes away",
-        ["path", "fine_tuning_job_id"],
-        type_="unsupported",
-    )
+def pause_fine_tuning_job(job: FtJobDep, session: SessionDep, settings: SettingsDep) -> FineTuningJob:
+    """Pause: a queued job is not placed until resumed; a running one is stopped by its worker with a
+    checkpoint (the path a worker going away takes) and waits in the queue, paused, to resume from it."""
+    if not hold(session, job.id):
+        session.refresh(job)
+        if job.paused_at is None:
+            raise BadRequest(
+                f"a {job.state} job cannot be paused", ["path", "fine_tuning_job_id"], type_="invalid_state"
+            )
+    return _view(job, session, settings)
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
-def resume_fine_tuning_job(job: FtJobDep) -> FineTuningJob:
-    """Not supported yet (400), as pause."""
-    raise BadRequest(
-        "resume is not supported yet: no job can be paused", ["path", "fine_tuning_job_id"], type_="unsupported"
-    )
+def resume_fine_tuning_job(
+    job: FtJobDep, session: SessionDep, settings: SettingsDep, dispatch: DispatchDep
+) -> FineTuningJob:
+    """Resume a paused job: it is placed again in its turn and continues from its newest checkpoint."""
+    if not release(session, job.id):
+        raise BadRequest("the job is not paused", ["path", "fine_tuning_job_id"], type_="invalid_state")
+    try:
+        schedule(session, dispatch, **schedule_options(settings))
+    except Exception:
+        log.exception("scheduling after resume of %s failed", job.id)  # the periodic sweep will place it
+    return _view(job, session, settings)

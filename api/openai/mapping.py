@@ -64,6 +64,13 @@ STATUS = {
 }
 
 
+def status_of(job: Job) -> str:
+    """The OpenAI status: the state's, and `paused` for a paused job once it is back in the queue."""
+    if job.paused_at is not None and job.state == JobState.QUEUED:
+        return "paused"
+    return STATUS[JobState(job.state)]
+
+
 # --- ids -----------------------------------------------------------------------------------------
 
 
@@ -335,7 +342,7 @@ def fine_tuning_job(job: Job, *, run_dir: Path, now: float | None = None) -> Fin
         model=spec.model,
         created_at=int(job.created_at.timestamp()),
         finished_at=int(job.finished_at.timestamp()) if job.finished_at and terminal else None,
-        status=STATUS[JobState(job.state)],  # type: ignore[arg-type]
+        status=status_of(job),  # type: ignore[arg-type]
         fine_tuned_model=fine_tuned_model(job),
         organization_id=job.owner,
         result_files=[file_id(job.id)] if has_results(job) else [],

@@ -124,7 +124,7 @@ class FineTuningJob(BaseModel):
     model: str
     created_at: int
     finished_at: int | None
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
     fine_tuned_model: str | None
     organization_id: str
     result_files: list[str]

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from api.openai.mapping import BASE_LEARNING_RATE, auto_batch, auto_epochs, auto_lr_multiplier
 from core.models import Job, JobMetric
 from tests.api.conftest import make_user
-from tests.api.test_jobs import only_error
+from tests.api.test_jobs import add_box, only_error
 
 
 def chat_lines(n: int, answer: str = "four") -> bytes:
@@ -295,7 +295,7 @@ def test_list_pages_and_filters_by_metadata(client):
     openai_error(client.get("/v1/fine_tuning/jobs", params={"limit": 0}, headers=ann), 400)
 
 
-def test_cancel_and_unsupported_pause(client):
+def test_cancel(client):
     ann = make_user(client, "ann")
     train = upload(client, CHAT, ann).json()["id"]
     ft = create(client, ann, train).json()
@@ -306,7 +306,50 @@ def test_cancel_and_unsupported_pause(client):
     assert "already cancelled" in err["message"]
     for action in ("pause", "resume"):
         err = openai_error(client.post(f"/v1/fine_tuning/jobs/{ft['id']}/{action}", headers=ann), 400)
-        assert err["code"] == "unsupported" and "not supported yet" in err["message"]
+        assert err["code"] == "invalid_state"
+
+
+def test_a_paused_job_is_not_placed_until_resumed(client, sessions, dispatched):
+    ann = make_user(client, "ann")
+    train = upload(client, CHAT, ann).json()["id"]
+    held = create(client, ann, train).json()  # no box yet: queued
+    r = client.post(f"/v1/fine_tuning/jobs/{held['id']}/pause", headers=ann)
+    assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+    assert client.post(f"/v1/fine_tuning/jobs/{held['id']}/pause", headers=ann).json()["status"] == "paused"
+    add_box(sessions, n=1)
+    later = create(client, ann, train).json()  # its submission runs the scheduler: the paused job is passed over
+    assert later["status"] == "validating_files"
+    assert [c[0] for c in dispatched.calls] == [later["id"].removeprefix("ftjob-")]
+    client.post(f"/v1/fine_tuning/jobs/{later['id']}/cancel", headers=ann)
+    with sessions() as s:  # the worker's part of the cancel: the processes are gone
+        from core import lifecycle
+
+        job = s.get(Job, later["id"].removeprefix("ftjob-"))
+        lifecycle.cancel(s, job.id, attempt=job.attempt, stopped=True)
+        s.commit()
+    r = client.post(f"/v1/fine_tuning/jobs/{held['id']}/resume", headers=ann)
+    assert r.status_code == 200 and r.json()["status"] == "validating_files", r.text
+    assert dispatched.calls[-1][0] == held["id"].removeprefix("ftjob-")
+    err = openai_error(client.post(f"/v1/fine_tuning/jobs/{held['id']}/resume", headers=ann), 400)
+    assert "not paused" in err["message"]
+
+
+def test_pausing_a_running_job_gives_back_the_attempt_it_costs(client, sessions):
+    ann = make_user(client, "ann")
+    ft = create(client, ann, upload(client, CHAT, ann).json()["id"]).json()
+    job_id = ft["id"].removeprefix("ftjob-")
+    with sessions() as s:
+        s.get(Job, job_id).state = "running"
+        s.commit()
+        before = s.get(Job, job_id).max_attempts
+    r = client.post(f"/v1/fine_tuning/jobs/{ft['id']}/pause", headers=ann)
+    assert r.json()["status"] == "running", "until its worker has stopped it"
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.paused_at is not None and job.max_attempts == before + 1 and job.state == "running"
+        job.state = "queued"  # as the worker's requeue leaves it
+        s.commit()
+    assert client.get(f"/v1/fine_tuning/jobs/{ft['id']}", headers=ann).json()["status"] == "paused"
 
 
 def test_a_file_in_use_is_409(client, sessions):

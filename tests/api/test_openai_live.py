@@ -16,6 +16,7 @@ from tests.worker.conftest import start_stack
 openai = pytest.importorskip("openai")
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
+STEPS = 6
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -69,7 +70,7 @@ def test_the_openai_client_fine_tunes_on_the_box(stack: Any) -> None:
         seed=3,
         metadata={"suite": "live", "kind": "main"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
-        extra_body={"trainbox": {"gpus": 2, "seq_len": 64, "max_steps": 6, "checkpoint_every": 3, "eval_every": 3}},
+        extra_body={"trainbox": {"gpus": 2, "seq_len": 64, "max_steps": STEPS, "checkpoint_every": 3, "eval_every": 3}},
     )
     assert job.status in ("queued", "validating_files", "running") and job.metadata == {"suite": "live", "kind": "main"}
     assert job.hyperparameters.batch_size == 4 and job.hyperparameters.n_epochs == 1 and job.seed == 3
@@ -77,16 +78,14 @@ def test_the_openai_client_fine_tunes_on_the_box(stack: Any) -> None:
         client.files.delete(train.id)
     assert in_use.value.code == "file_in_use"
 
-    # A second job waits behind the first (both CPU slots are taken) and is cancelled.
+    # A second job waits behind the first (both CPU slots are taken), paused.
     other = client.fine_tuning.jobs.create(
         model="preset:tiny",
         training_file=train.id,
         metadata={"suite": "live", "kind": "cancelled"},
         extra_body={"trainbox": {"gpus": 2, "seq_len": 64, "max_steps": 1000}},
     )
-    cancelled = client.fine_tuning.jobs.cancel(other.id)
-    assert cancelled.id == other.id and cancelled.status in ("cancelled", "running")
-    wait_for(lambda: client.fine_tuning.jobs.retrieve(other.id).status == "cancelled", timeout=60, what="cancel")
+    assert client.fine_tuning.jobs.pause(other.id).status == "paused"
 
     # Page through the events (newest first, two at a time) until the job has ended.
     def ended() -> Any:
@@ -95,26 +94,30 @@ def test_the_openai_client_fine_tunes_on_the_box(stack: Any) -> None:
         return (current, events) if current.status in TERMINAL else None
 
     done, events = wait_for(ended, timeout=240, interval=1.0, what="the fine-tuning job to end")
+    # The paused job was passed over when the slots came free; resumed, it is placed; then cancelled.
+    assert client.fine_tuning.jobs.retrieve(other.id).status == "paused"
+    assert client.fine_tuning.jobs.resume(other.id).status in ("queued", "validating_files")
+    assert client.fine_tuning.jobs.cancel(other.id).id == other.id
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(other.id).status == "cancelled", timeout=60, what="cancel")
     assert done.status == "succeeded", (done.error, [e.message for e in events])
     messages = [e.message for e in events]
     assert messages[0] == "The job has successfully completed" and messages[-1] == f"Created fine-tuning job: {job.id}"
     metrics = [e for e in events if e.type == "metrics"]
-    assert [e.data["step"] for e in metrics] == [6, 5, 4, 3, 2, 1]
+    assert [e.data["step"] for e in metrics] == list(range(STEPS, 0, -1)), "each step once"
     assert all(e.data["train_loss"] is not None for e in metrics)
     assert any(e.data["valid_loss"] is not None for e in metrics), "eval events are stored with their steps"
-    assert "Step 6/6: training loss=" in messages[1]
+    assert f"Step {STEPS}/{STEPS}: training loss=" in messages[1]
     assert done.fine_tuned_model == f"ft:preset:tiny:{done.organization_id}:adder:{job.id}" and done.trained_tokens
     assert done.finished_at is not None and done.training_file == train.id and done.validation_file == val.id
 
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert checkpoints and checkpoints[0].step_number == 6
-    assert checkpoints[0].metrics.train_loss is not None and checkpoints[0].fine_tuned_model_checkpoint.endswith(
-        ":ckpt-step-6"
-    )
+    assert checkpoints and checkpoints[0].step_number == STEPS
+    assert checkpoints[0].metrics.train_loss is not None
+    assert checkpoints[0].fine_tuned_model_checkpoint.endswith(f":ckpt-step-{STEPS}")
 
     [result] = done.result_files
     csv = client.files.content(result).text.splitlines()
-    assert csv[0] == "step,train_loss,valid_loss,epoch,lr,tokens_per_s" and len(csv) == 7
+    assert csv[0] == "step,train_loss,valid_loss,epoch,lr,tokens_per_s" and len(csv) == STEPS + 1
     assert client.files.retrieve(result).purpose == "fine-tune-results"
 
     # Lists: newest first, `after` pages, the metadata filter.
