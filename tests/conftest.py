@@ -5,9 +5,26 @@ for the checkout's default data dir. Without it each test stack's worker would c
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 SHARED_EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".trainbox" / "torch_extensions"
 
 os.environ.setdefault("TRAINBOX_TORCH_EXTENSIONS_DIR", str(SHARED_EXTENSIONS_DIR))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.environ["TRAINBOX_TORCH_EXTENSIONS_DIR"])
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Settings of an embedded stack in tmp_path (its SQLite, no Redis), none from the environment."""
+    from core.settings import get_settings
+
+    for key in ("TRAINBOX_URL", "TRAINBOX_TOKEN", "TRAINBOX_DATABASE_URL", "TRAINBOX_REDIS_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()

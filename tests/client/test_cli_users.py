@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import uvicorn
@@ -19,17 +18,6 @@ from core.settings import Settings, get_settings
 from tests.helpers import wait_for
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch) -> Iterator[Path]:
-    for key in ("TRAINBOX_URL", "TRAINBOX_TOKEN", "TRAINBOX_DATABASE_URL", "TRAINBOX_REDIS_URL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("COLUMNS", "200")
-    get_settings.cache_clear()
-    yield tmp_path
-    get_settings.cache_clear()
 
 
 def tb(*args: str, ok: bool = True):

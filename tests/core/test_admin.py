@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from core.admin import app
-from core.settings import get_settings
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch) -> Iterator[Path]:
-    for key in ("TRAINBOX_DATABASE_URL", "TRAINBOX_REDIS_URL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("COLUMNS", "200")
-    get_settings.cache_clear()
-    yield tmp_path
-    get_settings.cache_clear()
 
 
 def tb(*args: str, ok: bool = True):
