@@ -119,6 +119,7 @@ window.TrainboxCharts = class {
     const data = this.data(), n = this.steps().length;
     this.container.dataset.steps = String(n);
     this.container.dataset.evals = String(data[3].filter((v) => v != null).length);
+    this.container.dataset.markers = `${this.checkpoints.size} checkpoints, ${this.attempts.size} restarts`;
     this.empty.hidden = data[0].length > 0;
     if (!data[0].length || typeof uPlot === "undefined") return;
     if (!this.plots.length) this.build();

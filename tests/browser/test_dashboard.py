@@ -59,6 +59,8 @@ def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, ap
     expect(state).to_have_text("succeeded", timeout=90_000)
     wait_for(lambda: steps_drawn(page) == 20, timeout=10, what="every step drawn, none lost over the restart")
     assert page.locator("#charts").get_attribute("data-evals") == "2"  # eval loss at steps 10 and 20
+    # Dashed markers where checkpoints were written (every 10 steps); no restart in this run.
+    expect(page.locator("#charts")).to_have_attribute("data-markers", "2 checkpoints, 0 restarts")
     facts = page.locator("#job-facts")
     expect(facts).to_contain_text("20 / 20 steps")
     expect(facts).to_contain_text("elapsed")
