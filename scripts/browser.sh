@@ -18,4 +18,4 @@ if ! { apt-get update -q && apt-get install -y -q --no-install-recommends chromi
   tail -n 30 "$log" >&2
   exit 1
 fi
-"$CHROMIUM" --version
+"$CHROMIUM" --version 2>/dev/null || true  # (Debian's wrapper may warn about its memory check on stderr)
