@@ -177,6 +177,7 @@ async def _follow(
             now = time.time()
             buf = (buf + data).replace(b"\r\n", b"\n")
             *messages, buf = buf.split(b"\n\n")
+            state["messages"] += len(messages)  # every SSE message, steps, logs and keep-alives alike
             for msg in messages:
                 name, payload = b"", b""
                 for line in msg.split(b"\n"):
@@ -196,7 +197,7 @@ async def _follow(
 def followers(a: argparse.Namespace) -> None:
     """`--n` followers until SIGTERM; then (receive time, latency ms, step) per event to `--out`."""
     records: list[tuple[float, float, int]] = []
-    state: dict[str, Any] = {"connected": 0, "retries": 0, "dropped": 0, "errors": []}
+    state: dict[str, Any] = {"connected": 0, "retries": 0, "dropped": 0, "errors": [], "messages": 0}
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -248,14 +249,14 @@ def _cores(before: dict[str, float], after: dict[str, float], seconds: float) ->
     return ", ".join(f"{k} {(after[k] - before[k]) / seconds:.2f}" for k in after if k in before)
 
 
-def _delivery(records: list[tuple[float, float, int]], n: int) -> tuple[int, int, int]:
-    """(steps, receipts missing, receipts repeated) over the steps every follower was connected for:
-    all but the first and last step seen (connecting and stopping cut those)."""
+def _delivery(records: list[tuple[float, float, int]], n: int, t0: float, t1: float) -> tuple[int, int, int]:
+    """(steps, receipts missing, receipts repeated) over the steps written between t0 and t1, while every
+    follower was connected (a step's write time is its receive time less its latency)."""
     counts: dict[int, int] = {}
-    for _at, _lat, step in records:
-        counts[step] = counts.get(step, 0) + 1
-    inner = [c for s, c in counts.items() if min(counts) < s < max(counts)] if counts else []
-    return len(inner), sum(max(0, n - c) for c in inner), sum(max(0, c - n) for c in inner)
+    for at, lat, step in records:
+        if t0 <= at - lat / 1000 <= t1:
+            counts[step] = counts.get(step, 0) + 1
+    return len(counts), sum(max(0, n - c) for c in counts.values()), sum(max(0, c - n) for c in counts.values())
 
 
 def _stream_end(redis_url: str) -> tuple[str, int]:
@@ -409,12 +410,18 @@ def run(a: argparse.Namespace) -> None:
             print(f"  {label:<28}{0:>8}  no step event received")
             continue
         print(f"  {label:<28}{len(lat):>8}{pct(lat, 50):>9.1f}{pct(lat, 95):>9.1f}{pct(lat, 99):>9.1f}{max(lat):>9.1f}")
-    steps, missing, repeated = _delivery(result["records"], a.followers)
+    c_s = phase_c["window"][1] - phase_b[1]  # type: ignore[index]
+    # Steps written from the start of B to 2 s before the followers were stopped: every follower was there.
+    steps, missing, repeated = _delivery(result["records"], a.followers, phase_b[0], phase_c["window"][1] - 2)  # type: ignore[index]
     print(
-        f"  delivery: {steps} steps x {a.followers} followers while all were connected: "
+        f"  delivery: {steps} steps x {a.followers} followers written in B and C: "
         f"{missing} receipts missing, {repeated} repeated"
     )
-    c_s = phase_c["window"][1] - phase_b[1]  # type: ignore[index]
+    lifetime = phase_c["window"][1] - (t_connect + connected_s)  # type: ignore[index]
+    print(
+        f"  {result['messages']:,} SSE messages (steps, logs, keep-alives) to the followers in {lifetime:.0f}s: "
+        f"{result['messages'] / lifetime:,.0f}/s"
+    )
     print(f"  cores used in B: {_cores(cpu0, cpu1, phase_b[1] - phase_b[0])}")
     print(f"  cores used in C: {_cores(cpu1, cpu2, c_s)} (wrk and the bare server not counted)")
     print("\nGET /jobs/{id} (finished and queued jobs, wrk):")
