@@ -5,6 +5,7 @@ validate dry run. Submit and validate run the same checks (`admit`), so validate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,33 @@ def check_files(spec: JobSpec, settings: Settings, session: Session, user: Princ
     try:
         source = resolve_model(spec.model, settings.model_root)
         path = resolve_dataset(spec.dataset, settings.data_root)
-        train = stored_info(train_row, spec.dataset, path) or inspect_dataset(
-            path, spec.dataset, max_records=INSPECT_RECORDS
-        )
+        train = stored_info(train_row, spec.dataset, path) or inspect_first(path, spec.dataset)
         validation = None
         if spec.validation is not None:
             path = resolve_dataset(spec.validation, settings.data_root, "validation")
-            validation = stored_info(val_row, spec.validation, path) or inspect_dataset(
-                path, spec.validation, max_records=INSPECT_RECORDS, what="validation"
+            validation = stored_info(val_row, spec.validation, path) or inspect_first(
+                path, spec.validation, what="validation"
             )
             check_same_format(train, validation)
     except SpecError as e:
         loc: list[str | int] = ["body", *e.field.split(".")] if e.field else ["body"]
         raise Unprocessable(str(e), loc, type_="file_not_usable") from None
     return Files(source, train, validation)
+
+
+def inspect_first(path: Path, ref: DatasetRef | ValidationRef, *, what: str = "dataset") -> DatasetInfo:
+    """The file's first INSPECT_RECORDS records checked; a file unchanged since (same size and mtime) and
+    read the same way is not read again (a sweep submits many jobs on one file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return inspect_dataset(path, ref, max_records=INSPECT_RECORDS, what=what)  # its error names the file
+    return _inspect_unchanged(path, st.st_size, st.st_mtime_ns, ref, what)
+
+
+@lru_cache(maxsize=256)
+def _inspect_unchanged(path: Path, size: int, mtime_ns: int, ref: DatasetRef | ValidationRef, what: str) -> DatasetInfo:
+    return inspect_dataset(path, ref, max_records=INSPECT_RECORDS, what=what)
 
 
 def stored_info(row: Dataset | None, ref: DatasetRef | ValidationRef, path: Path) -> DatasetInfo | None:
@@ -104,10 +118,15 @@ def stored_info(row: Dataset | None, ref: DatasetRef | ValidationRef, path: Path
 
 
 def box_sizes(session: Session) -> dict[str, list[int | None]]:
-    """box -> memory (MB) of each of its GPUs (None for CPU slots)."""
+    """box -> memory (MB) of each of its GPUs (None for CPU slots); read once per session (a request's
+    checks ask twice)."""
+    cached: dict[str, list[int | None]] | None = session.info.get("box_sizes")
+    if cached is not None:
+        return cached
     out: dict[str, list[int | None]] = {}
     for box, memory in session.execute(select(Gpu.box, Gpu.memory_mb).order_by(Gpu.box, Gpu.index)):
         out.setdefault(box, []).append(memory)
+    session.info["box_sizes"] = out
     return out
 
 

@@ -169,3 +169,25 @@ def _debug_statements(client, sessions):  # pragma: no cover - a helper to print
         client.post("/jobs", json=spec())
     for statement, rows in seen:
         print(rows, " ".join(statement.split())[:200])
+
+
+def test_a_dataset_file_is_read_again_only_when_it_changed(client, settings, monkeypatch):
+    """A sweep submits many jobs on one file: its first records are checked once, and again after the
+    file changed (a bad line written since is caught)."""
+    import json
+
+    from api import validation
+
+    reads = []
+    real = validation.inspect_dataset
+    monkeypatch.setattr(validation, "inspect_dataset", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    path = settings.data_root / "sweep.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i} " * 8}) + "\n" for i in range(50)))
+    for _ in range(3):
+        assert client.post("/jobs", json=spec(dataset={"path": "sweep.jsonl"})).status_code == 201
+    assert reads == [path]
+    with path.open("a") as f:
+        f.write("{not json\n")
+    r = client.post("/jobs", json=spec(dataset={"path": "sweep.jsonl"}))
+    assert r.status_code == 422 and "line 51 is not valid JSON" in r.text
+    assert reads == [path, path]
