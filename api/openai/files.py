@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import NotFound
@@ -32,7 +33,7 @@ router = APIRouter(prefix=PATH, tags=["openai"], include_in_schema=False)
 FileRef = Annotated[str, Query(max_length=100)]
 
 
-def _job_results(session: SessionDep, user: Principal, ref: str) -> Job:
+def _job_results(session: Session, user: Principal, ref: str) -> Job:
     """The job whose results file `ref` names, if the caller may see it and it has ended; 404 otherwise."""
     job = session.get(Job, parse_file_id(ref))
     if job is None or not user.can_see(job.owner) or not has_results(job):

@@ -48,7 +48,7 @@ def fine_tuning_job_for_user(
 FtJobDep = Annotated[Job, Depends(fine_tuning_job_for_user)]
 
 
-def _training_data(session: SessionDep, user: Principal, ref: str, param: str) -> Dataset:
+def _training_data(session: Session, user: Principal, ref: str, param: str) -> Dataset:
     """The caller's own upload a file id names (only its owner may train on it); 400 naming `param` otherwise."""
     row = session.get(Dataset, ref.removeprefix("file-")) if ref.startswith("file-d") else None
     if row is None or row.owner != user.name:
