@@ -202,8 +202,10 @@
     })).join("") || '<span class="dim">no boxes registered yet</span>');
   }
 
+  const QUEUE_ROWS = 100;  // a long queue: its head, and how many more wait (the page stays light)
   function renderQueue(ov) {
-    put("queue", ov.queue.data.map((q) => {
+    const more = ov.queue.data.length - QUEUE_ROWS;
+    put("queue", ov.queue.data.slice(0, QUEUE_ROWS).map((q) => {
       const pos = q.queue_position ?? stateBadge(q.state);
       const name = q.id ? `<a href="#/jobs/${esc(q.id)}" data-key="q${esc(q.id)}">${esc(q.name)}</a>` : esc(q.name);
       let start;
@@ -211,7 +213,8 @@
       else if (q.start_eta_s != null) start = `in ~${dur(q.start_eta_s)}`;
       else start = '<span class="dim">unknown</span>';
       return `<tr><td>${pos}</td><td>${name}</td><td>${esc(q.owner)}</td><td>${esc(q.gpus)}</td><td>${esc(q.priority)}</td><td>${start}</td></tr>`;
-    }).join("") || '<tr><td colspan="6" class="dim">nothing queued or running</td></tr>');
+    }).join("") + (more > 0 ? `<tr><td colspan="6" class="dim">and ${more} more waiting</td></tr>` : "") ||
+      '<tr><td colspan="6" class="dim">nothing queued or running</td></tr>');
   }
 
   function jobTime(j) {
