@@ -51,6 +51,11 @@ class JobSummary(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    paused_at: datetime | None = Field(
+        None,
+        description="held by a pause (POST /v1/fine_tuning/jobs/{id}/pause): the scheduler passes it over until "
+        "resumed; a running job was checkpointed and sent back to the queue",
+    )
     progress: Progress
     latest: Latest | None
     error: dict[str, Any] | None = Field(
@@ -83,6 +88,7 @@ class JobSummary(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            paused_at=job.paused_at,
             progress=Progress(**progress_of(job)),
             latest=Latest(**{k: latest.get(k) for k in (*LATEST_FIELDS, "time")}) if latest else None,
             error=job.error,
