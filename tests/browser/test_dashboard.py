@@ -165,7 +165,8 @@ def test_a_wrong_or_revoked_token_clears_the_screen(page: Any, stack: Any, api: 
     # A token revoked while its user watches: the next refresh clears what it showed.
     made = api.http.post("/tokens", json={"name": "browser"}).json()
     sign_in(page, made["token"])
-    expect(page.locator("#jobs tr.job").first).to_be_visible()
+    expect(page.locator("#session")).to_contain_text("signed in as admin")
+    expect(page.locator("#jobs tr").first).to_be_visible()
     assert api.http.delete(f"/tokens/{made['id']}").status_code == 204
     expect(page.locator("#notice")).to_contain_text("token rejected", timeout=20_000)
     expect(page.locator("#jobs tr")).to_have_count(0)
@@ -187,3 +188,12 @@ def test_phone_width_is_one_column(page: Any, stack: Any, api: Api, shots: Path)
     wait_for(lambda: steps_drawn(page), timeout=20, what="the charts")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.screenshot(path=str(shots / "phone-job.png"), full_page=True)
+
+
+def test_a_job_url_that_names_no_job_says_so(page: Any, stack: Any):
+    sign_in(page, stack.token())
+    page.goto(f"{stack.url}/#/jobs/jnosuchjob")
+    expect(page.locator("#job-error")).to_contain_text("no such job")
+    page.get_by_role("link", name="all jobs").click()
+    expect(page.locator("#list-view")).to_be_visible()
+    expect(page.locator("#job-view")).to_be_hidden()
