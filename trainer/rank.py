@@ -164,7 +164,8 @@ def train(args: Any, stop: StopFlag, events: EventWriter | None) -> int:
             dataset_tokens=int(len(batches.tokens)),
             data=data.stats | {"cache": str(cache_dir / f"data-{key}")},
             eval_every=loop.eval_every,
-            optimizer=opt,
+            # What actually runs: `fused` says whether AdamW is one kernel for all parameters (GPU).
+            optimizer=opt | {"fused": bool(optimizer.defaults.get("fused"))},
             deepspeed_config=ds_config,
             checkpoint_estimate_bytes=ckpt_bytes,
         )

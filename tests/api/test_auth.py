@@ -56,7 +56,9 @@ def test_public_routes(client):
     anonymous = {"Authorization": ""}
     assert client.get("/healthz", headers=anonymous).status_code == 200
     page = client.get("/", headers=anonymous)
-    assert page.status_code == 200 and "Authorization" in page.text  # the page sends the token itself
+    assert page.status_code == 200 and '<script src="/static/app.js"' in page.text
+    script = client.get("/static/app.js", headers=anonymous)  # the page sends the token itself
+    assert script.status_code == 200 and 'Authorization: "Bearer "' in script.text
     spec_doc = client.get("/openapi.json", headers=anonymous).json()
     assert spec_doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
