@@ -17,7 +17,7 @@ from tests.client.test_cli_users import tb
 from tests.core.test_admin import tb as admin  # trainbox-admin, on the database
 from trainer.spec import JobSpec
 
-data_dir, served = test_cli_users.data_dir, test_cli_users.served  # the fixtures: an API served on SQLite
+served = test_cli_users.served  # the fixture: an API served on SQLite (data_dir: tests/conftest.py)
 
 
 def _finished_job_with_checkpoints(days_ago: float) -> str:
