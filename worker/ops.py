@@ -10,6 +10,7 @@ stale: the worker removes it at start and before each launch, with a log line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.launch import set_pdeathsig
 from trainer.ops import OPS
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ def prepare_ops(*, accelerator: str, root: Path, timeout_s: float, env: dict[str
         accelerator,
         root,
     )
+    from worker.supervisor import kill_session  # (the supervisor imports this module)
+
     t0 = time.monotonic()
     env = env | {"TORCH_EXTENSIONS_DIR": str(root)}
     proc = subprocess.Popen(
@@ -114,12 +118,16 @@ def prepare_ops(*, accelerator: str, root: Path, timeout_s: float, env: dict[str
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # Fate sharing: a worker killed mid-build takes its builder along (its lock is then stale,
+        # and the next start removes it).
+        preexec_fn=functools.partial(set_pdeathsig, signal.SIGKILL, os.getpid()),
         text=True,
     )
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the compiler too: it is in the same session
+        # The whole session: ninja starts the compilers in process groups of their own.
+        kill_session(proc.pid)
         proc.communicate()
         locks = describe_locks(root)
         raise OpsError(
@@ -128,7 +136,7 @@ def prepare_ops(*, accelerator: str, root: Path, timeout_s: float, env: dict[str
         ) from None
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.wait()
     seconds = time.monotonic() - t0
     if proc.returncode != 0:

@@ -101,3 +101,36 @@ def test_the_worker_points_itself_and_its_ranks_at_the_cache_from_the_settings(c
         assert os.environ["TORCH_EXTENSIONS_DIR"] == str(cache)
     finally:
         get_settings.cache_clear()
+
+
+def test_a_worker_killed_mid_build_takes_its_builder_along(cache, tmp_path):
+    """The worker dies (SIGKILL) while its op build waits behind another builder's lock: the build
+    process does not live on as an orphan (it would hold the cache's next lock and a CPU)."""
+    lock = cache / SHM_OP / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # a build that never ends holds it
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from worker.ops import prepare_ops; "
+            "from worker.supervisor import child_env; "
+            "prepare_ops(accelerator='cpu', root=Path(sys.argv[1]), timeout_s=600, env=child_env('cpu', []))",
+            str(cache),
+        ]
+    )
+    try:
+        from tests.helpers import wait_for
+
+        builder = wait_for(
+            lambda: next((c for c in psutil.Process(worker.pid).children() if "trainer.ops" in c.cmdline()), None),
+            timeout=60,
+            what="the op build started",
+        )
+        worker.kill()
+        worker.wait()
+        gone, alive = psutil.wait_procs([builder], timeout=10)
+        assert alive == [], "the builder outlived its worker"
+    finally:
+        os.close(fd)
+        if worker.poll() is None:
+            worker.kill()
