@@ -16,6 +16,7 @@ import os
 import random
 from collections import defaultdict
 
+import pytest
 import schemathesis
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 from schemathesis.core.failures import Failure
@@ -69,6 +70,8 @@ def _refused_by_stated_rule(case, response) -> bool:
     return False
 
 
+# The schema is the same on either database; the run that finds database-specific 500s is Postgres's.
+@pytest.mark.parametrize("api_env", ["postgres"], indirect=True)
 def test_api_conforms_to_its_schema(client, settings):
     seed = int(os.environ.get("TRAINBOX_SCHEMATHESIS_SEED") or random.randrange(2**32))
     token = client.headers["Authorization"]
