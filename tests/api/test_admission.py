@@ -77,9 +77,8 @@ def test_the_sdk_waits_out_a_short_busy_answer_and_gives_up_on_a_long_one(client
     script sees its answer. The submit rate limit's long Retry-After reaches the caller at once."""
     import threading
 
-    from client.sdk import Client, TrainboxError
-
     from api.limits import RATE_WINDOW_S
+    from client.sdk import Client, TrainboxError
 
     small = settings.model_copy(update={"api_max_inflight_per_user": 1, "submit_rate_per_minute": 1})
     ann = make_user(client, "ann")
