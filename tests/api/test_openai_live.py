@@ -89,9 +89,11 @@ def test_the_openai_client_fine_tunes_on_the_box(stack: Any) -> None:
 
     # Page through the events (newest first, two at a time) until the job has ended.
     def ended() -> Any:
-        events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # the client follows `after`
         current = client.fine_tuning.jobs.retrieve(job.id)
-        return (current, events) if current.status in TERMINAL else None
+        if current.status not in TERMINAL:
+            return None
+        # Read after the job ended (read before, its last events may not be there yet).
+        return current, list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # the client follows `after`
 
     done, events = wait_for(ended, timeout=240, interval=1.0, what="the fine-tuning job to end")
     # The paused job was passed over when the slots came free; resumed, it is placed; then cancelled.
