@@ -36,7 +36,7 @@ def served(tmp_path, monkeypatch) -> Iterator[tuple[str, Settings]]:
     from api.app import create_app
     from core.db import upgrade
 
-    for key in ("TRAINBOX_URL", "TRAINBOX_TOKEN", "TRAINBOX_DATABASE_URL", "TRAINBOX_REDIS_URL"):
+    for key in ("TRAINBOX_URL", "TRAINBOX_TOKEN", "TRAINBOX_DATABASE_URL", "TRAINBOX_REDIS_URL", "TRAINBOX_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("COLUMNS", "200")

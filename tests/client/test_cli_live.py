@@ -8,57 +8,24 @@ import json
 import os
 import socket
 import tarfile
-import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
 import yaml
-from redis import Redis
 from typer.testing import CliRunner
 
 from client import cli_common as cc
 from client.cli import app
 from client.cli_download import extract_tar
 from core.models import Job, utcnow
-from core.settings import Settings, get_settings
-from tests.helpers import wait_for
+from core.settings import get_settings
+from tests.client import test_cli_jobs
 
-REDIS_URL = "redis://127.0.0.1:6379/6"
+REDIS_URL = test_cli_jobs.REDIS_URL
+served = test_cli_jobs.served  # the fixture: the API on a real socket (SQLite, Redis DB 6)
+
 runner = CliRunner()
-
-
-@pytest.fixture
-def served(tmp_path, monkeypatch) -> Iterator[tuple[str, Settings]]:
-    """The API on a real socket: the data dir's SQLite database and a real Redis."""
-    from api.app import create_app
-    from core.db import upgrade
-
-    for key in ("TRAINBOX_URL", "TRAINBOX_TOKEN", "TRAINBOX_DATABASE_URL", "TRAINBOX_REDIS_URL", "TRAINBOX_TIMEOUT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("COLUMNS", "200")
-    get_settings.cache_clear()
-    try:
-        Redis.from_url(REDIS_URL).ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
-    settings = Settings(data_dir=tmp_path, redis_url=REDIS_URL, sse_block_ms=100)
-    upgrade(settings.database_url)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    api = create_app(settings, dispatch=None)
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=10, what="uvicorn start")
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", settings
-    server.should_exit = True
-    thread.join(10)
-    api.state.engine.dispose()
-    get_settings.cache_clear()
 
 
 def tb(*args: str, code: int = 0, env: dict[str, str] | None = None, input: str | None = None):
