@@ -13,7 +13,7 @@ transaction lock, or SQLite's BEGIN IMMEDIATE. The GPU claim is also guarded row
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -275,7 +275,7 @@ def held_gpus(session: Session) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-def report_gpu_memory(session: Session, box: str, used_mb: dict[int, int | None]) -> None:
+def report_gpu_memory(session: Session, box: str, used_mb: Mapping[int, int | None]) -> None:
     """Store each GPU's memory in use (from NVML) for GET /gpus. Does not commit."""
     for index, used in used_mb.items():
         session.execute(

@@ -7,14 +7,14 @@ import threading
 from datetime import timedelta
 
 from redis import Redis
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from core.db import session_scope
 from core.events import settings_publisher
 from core.keys import box_queue
 from core.lifecycle import announcing
-from core.models import Gpu, Job, utcnow
-from core.scheduler import GpuInfo, heartbeat_box, register_box, schedule
+from core.models import Job, utcnow
+from core.scheduler import GpuInfo, heartbeat_box, register_box, report_gpu_memory, schedule
 from core.settings import get_settings
 from core.states import JobState
 from trainer.hardware import nvml
@@ -103,13 +103,7 @@ def sweep(box: str) -> None:
     used = gpu_memory_used()
     with session_scope() as session:
         heartbeat_box(session, box)
-        for index, mb in used.items():
-            session.execute(
-                update(Gpu)
-                .where(Gpu.box == box, Gpu.index == index)
-                .values(memory_used_mb=mb)
-                .execution_options(synchronize_session=False)
-            )
+        report_gpu_memory(session, box, used)
     refresh_busy(box)
     resend_stale_starting(box, older_than_s=max(settings.sweep_interval_s, settings.lease_s))
     redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
