@@ -6,20 +6,17 @@ attempt the stop costs is given back. The real runner and relay on SQLite and Po
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
-from redis import Redis
 
 from api.openai.jobs import hold, release
 from core import lifecycle
-from core.db import session_scope, upgrade
+from core.db import session_scope
 from core.jobs import create_job
-from core.scheduler import GpuInfo, register_box, schedule
+from core.scheduler import schedule
 from core.settings import get_settings
-from tests.core.databases import BACKENDS, fresh_database
 from tests.helpers import wait_for
-from tests.worker.conftest import BOX, fake  # noqa: F401 (a fixture)
+from tests.worker.conftest import db, fake, redis  # noqa: F401 (fixtures)
 from tests.worker.test_runner import _held, _job, _placed_job, _runs_started, _trainers_left
 from trainer.spec import JobSpec
 from worker import runner
@@ -27,31 +24,10 @@ from worker import runner
 REDIS_URL = "redis://127.0.0.1:6379/7"
 
 
-@pytest.fixture(params=BACKENDS)
-def db(request, tmp_path, monkeypatch) -> Iterator[str]:
-    """A migrated database with a 2-slot box, and settings pointing the worker code at it and at Redis db 7."""
-    r = Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
-    r.flushdb()
-    with fresh_database(request.param, tmp_path) as url:
-        upgrade(url)
-        monkeypatch.setenv("TRAINBOX_DATABASE_URL", url)
-        monkeypatch.setenv("TRAINBOX_REDIS_URL", REDIS_URL)
-        monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
-        monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
-        get_settings.cache_clear()
-        with session_scope() as s:
-            register_box(s, BOX, [GpuInfo(0, "cpu-slot"), GpuInfo(1, "cpu-slot")])
-        yield url
-        from core.db import get_engine
-
-        get_engine(url).dispose()
-    get_settings.cache_clear()
-    r.flushdb()
-    r.close()
+@pytest.fixture
+def redis_url() -> str:
+    """Redis db 7, not the worker tests' db 12 (the `db` and `redis` fixtures come from tests/worker)."""
+    return REDIS_URL
 
 
 def _schedule() -> list[tuple[str, int, str]]:
@@ -89,7 +65,7 @@ def test_a_paused_running_job_checkpoints_waits_and_resumes(db, fake):  # noqa: 
     assert _runs_started(job_id) == 2 and _job(job_id).state == "succeeded"
 
 
-def test_a_paused_queued_job_is_passed_over_by_the_scheduler(db):
+def test_a_paused_queued_job_is_passed_over_by_the_scheduler(db):  # noqa: F811
     first, attempt = _placed_job(gpus=2)  # holds both slots
     spec = JobSpec.model_validate(
         {"name": "later", "model": "preset:tiny", "dataset": {"path": "x.jsonl"}, "deepspeed": {"train_batch_size": 2}}

@@ -67,12 +67,18 @@ def fake(monkeypatch) -> dict[str, list[str]]:
 
 
 @pytest.fixture
-def redis() -> Iterator[Redis]:
-    r = Redis.from_url(RELAY_REDIS_URL, decode_responses=True)
+def redis_url() -> str:
+    """The Redis database of the tests here; a test module may override it to keep its own."""
+    return RELAY_REDIS_URL
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[Redis]:
+    r = Redis.from_url(redis_url, decode_responses=True)
     try:
         r.ping()
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {RELAY_REDIS_URL}: {e}")
+        pytest.skip(f"Redis not reachable at {redis_url}: {e}")
     r.flushdb()
     yield r
     r.flushdb()
@@ -80,12 +86,12 @@ def redis() -> Iterator[Redis]:
 
 
 @pytest.fixture(params=BACKENDS)
-def db(request, tmp_path, monkeypatch, redis) -> Iterator[str]:
-    """A migrated database, and settings pointing the worker code at it and at Redis db 12."""
+def db(request, tmp_path, monkeypatch, redis, redis_url) -> Iterator[str]:
+    """A migrated database with a 2-slot box, and settings pointing the worker code at it and at `redis_url`."""
     with fresh_database(request.param, tmp_path) as url:
         upgrade(url)
         monkeypatch.setenv("TRAINBOX_DATABASE_URL", url)
-        monkeypatch.setenv("TRAINBOX_REDIS_URL", RELAY_REDIS_URL)
+        monkeypatch.setenv("TRAINBOX_REDIS_URL", redis_url)
         monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path / "data"))
         monkeypatch.setenv("TRAINBOX_CANCEL_GRACE_S", "5")
         get_settings.cache_clear()
