@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -331,10 +331,11 @@ _ONE_OF_PATH_OR_ID = {
 DataFormat = Literal["auto", "text", "prompt_completion", "chat", "jsonl"]
 
 
-class DatasetRef(_Strict):
-    """Where the training text comes from: a path under the data root, or an uploaded dataset id."""
+class _FileRef(_Strict):
+    """A data file: a path under the data root or an upload id, and how to read it."""
 
     model_config = ConfigDict(json_schema_extra=_ONE_OF_PATH_OR_ID)
+    _field: ClassVar[str]  # the spec field it is, for the messages
 
     path: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": PATH_PATTERN})
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
@@ -342,6 +343,21 @@ class DatasetRef(_Strict):
     # auto: detected from the records (docs/DATA.md); jsonl: text records from JSONL (as `text`, kept
     # for specs written before the formats); text: a text field in JSONL, or plain text lines.
     format: DataFormat = "auto"
+
+    @model_validator(mode="after")
+    def _path_or_id(self) -> Self:
+        if (self.path is None) == (self.id is None):
+            raise ValueError(f"{self._field} needs exactly one of 'path' (under the data root) or 'id' (an upload)")
+        if self.path is not None:
+            check_relative_path(self.path, f"{self._field}.path")
+        return self
+
+
+class DatasetRef(_FileRef):
+    """Where the training text comes from: a path under the data root, or an uploaded dataset id."""
+
+    _field = "dataset"
+
     train_on: Literal["completions", "all"] | None = Field(
         None, description="completions (default for chat and prompt_completion): loss only on answers; all: every token"
     )
@@ -349,32 +365,11 @@ class DatasetRef(_Strict):
         "drop", description="a chat or prompt_completion example longer than seq_len is dropped or truncated"
     )
 
-    @model_validator(mode="after")
-    def _path_or_id(self) -> DatasetRef:
-        if (self.path is None) == (self.id is None):
-            raise ValueError("dataset needs exactly one of 'path' (under the data root) or 'id' (an upload)")
-        if self.path is not None:
-            check_relative_path(self.path, "dataset.path")
-        return self
 
-
-class ValidationRef(_Strict):
+class ValidationRef(_FileRef):
     """Held-out data judged by eval loss: a path under the data root or an upload id, in the training format."""
 
-    model_config = ConfigDict(json_schema_extra=_ONE_OF_PATH_OR_ID)
-
-    path: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": PATH_PATTERN})
-    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    text_field: str = Field("text", min_length=1, max_length=100)
-    format: DataFormat = "auto"
-
-    @model_validator(mode="after")
-    def _path_or_id(self) -> ValidationRef:
-        if (self.path is None) == (self.id is None):
-            raise ValueError("validation needs exactly one of 'path' (under the data root) or 'id' (an upload)")
-        if self.path is not None:
-            check_relative_path(self.path, "validation.path")
-        return self
+    _field = "validation"
 
 
 class JobSpec(_Strict):
