@@ -21,7 +21,7 @@ stream with one log line; the client resumes with Last-Event-ID.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import re
 import time
@@ -33,11 +33,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from api.admission import stream_slot
 from api.deps import JobDep, RedisDep
 from api.errors import Unprocessable, documented
+from api.fanout import BATCH, Fanout, id_key, message, stream_id
 from core import events, keys
 from core.models import Job, JobMetric
 from core.states import JobState
@@ -49,7 +50,6 @@ T = TypeVar("T")
 RESUME_ID = re.compile(r"^(\d{1,20})-(\d{1,20}):(\d{1,10})$")
 ID_MAX = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
 STEP_MAX = 2**31 - 1  # job_metrics.step is a 32-bit INTEGER
-BATCH = 200
 # A refilled step event carries what its history row holds (every column but the keys).
 STEP_ROW_FIELDS = tuple(c.name for c in JobMetric.__table__.columns if c.name not in ("id", "job_id", "attempt"))
 PING_S = 10  # keep-alive comment on a quiet stream (proxies drop idle connections)
@@ -57,37 +57,34 @@ WARN_EVERY_S = 10.0  # Redis errors of many streams at once: one log line per th
 _warned = {"at": 0.0, "quiet": 0}
 
 
-async def _in_stream_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+async def _in_stream_thread(app: Any, fn: Callable[..., T], *args: Any) -> T:
     """Run a short DB read on the threads every open stream shares (never the request threads)."""
-    return await anyio.to_thread.run_sync(fn, request, *args, limiter=request.app.state.admission.stream_db)
+    return await anyio.to_thread.run_sync(fn, app, *args, limiter=app.state.admission.stream_db)
 
 
-def _read_state(request: Request, job_id: str) -> tuple[str, dict[str, Any] | None]:
-    with request.app.state.read_sessions() as session:
+def _read_state(app: Any, job_id: str) -> tuple[bool, str, dict[str, Any] | None]:
+    with app.state.read_sessions() as session:
         job = session.get(Job, job_id)
-        return (job.state, job.error) if job else (JobState.CANCELLED.value, None)
+        state, error = (job.state, job.error) if job else (JobState.CANCELLED.value, None)
+        return JobState(state).is_terminal(), state, error
 
 
-def _sse(event: dict[str, Any], position: str, step: int) -> ServerSentEvent:
-    name = str(event.get("type") or "message")
-    return ServerSentEvent(data=json.dumps(event, separators=(",", ":")), event=name, id=f"{position}:{step}")
+def _fanout(request: Request, redis: Redis) -> Fanout:
+    """The app's fan-out (made on first use, again for a new Redis client: a new lifespan, a new loop)."""
+    app = request.app
+    fanout = getattr(app.state, "fanout", None)
+    if fanout is None or fanout.redis is not redis:
+        read_state = functools.partial(_in_stream_thread, app, _read_state)
+        fanout = app.state.fanout = Fanout(redis, app.state.settings.sse_block_ms, read_state)
+    return fanout
 
 
-def _stream_id(entry_id: Any) -> str:
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-
-
-def _id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _metrics_after(request: Request, job_id: str, after_step: int, below_step: int | None) -> list[Any]:
+def _metrics_after(app: Any, job_id: str, after_step: int, below_step: int | None) -> list[Any]:
     """Step rows after `after_step` (and below `below_step`, where the stream takes over), by step."""
     query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > after_step)
     if below_step is not None:
         query = query.where(JobMetric.step < below_step)
-    with request.app.state.read_sessions() as session:
+    with app.state.read_sessions() as session:
         return list(session.scalars(query.order_by(JobMetric.step)).all())
 
 
@@ -95,7 +92,7 @@ async def _lost_steps(request: Request, redis: Redis, job_id: str, position: str
     """The step rows after `step` that the stream no longer holds past `position` ([] when it does)."""
     key = keys.job_events(job_id)
     head = await redis.xrange(key, count=1)
-    if head and _id(_stream_id(head[0][0])) <= _id(position):
+    if head and id_key(stream_id(head[0][0])) <= id_key(position):
         return []  # the stream still reaches back to the client's position
     first_step, start = None, "-"
     while first_step is None:  # the first step the stream still has: the DB fills in below it
@@ -103,13 +100,11 @@ async def _lost_steps(request: Request, redis: Redis, job_id: str, position: str
         if not batch:
             break
         first_step = next((e["step"] for _i, f in batch if (e := events.decode(f)).get("type") == "step"), None)
-        start = "(" + _stream_id(batch[-1][0])
-    return await _in_stream_thread(request, _metrics_after, job_id, step, first_step)
+        start = "(" + stream_id(batch[-1][0])
+    return await _in_stream_thread(request.app, _metrics_after, job_id, step, first_step)
 
 
-async def _stream(
-    request: Request, redis: Redis, job_id: str, position: str, step: int
-) -> AsyncIterator[ServerSentEvent]:
+async def _stream(request: Request, redis: Redis, job_id: str, position: str, step: int) -> AsyncIterator[bytes]:
     """The events; a Redis error ends the stream with a log line (no traceback): the client resumes."""
     try:
         async for sse in _events(request, redis, job_id, position, step):
@@ -124,45 +119,13 @@ async def _stream(
         log.warning("event stream of job %s ended: Redis: %s: %s; clients resume%s", job_id, type(e).__name__, e, more)
 
 
-async def _events(
-    request: Request, redis: Redis, job_id: str, position: str, step: int
-) -> AsyncIterator[ServerSentEvent]:
-    key = keys.job_events(job_id)
-    block_ms = request.app.state.settings.sse_block_ms
+async def _events(request: Request, redis: Redis, job_id: str, position: str, step: int) -> AsyncIterator[bytes]:
+    """The steps the stream lost, from the DB; then the stream, through the job's shared reader (api/fanout.py)."""
     for row in await _lost_steps(request, redis, job_id, position, step):
         step = row.step
-        yield _sse({"type": "step", **{f: getattr(row, f) for f in STEP_ROW_FIELDS}}, position, step)
-
-    async def terminal() -> tuple[bool, str, dict[str, Any] | None]:
-        state, error = await _in_stream_thread(request, _read_state, job_id)
-        return JobState(state).is_terminal(), state, error
-
-    done, state, error = await terminal()
-    while True:
-        # Once the job is terminal, read without blocking: what is left is drained, then the end.
-        entries = await redis.xread({key: position}, count=BATCH, block=None if done else block_ms)
-        if not entries:
-            if done:
-                yield _sse({"type": "end", "state": state, "error": error}, position, step)
-                return
-            if await request.is_disconnected():
-                return
-            done, state, error = await terminal()
-            continue
-        saw_state = False
-        for _key, items in entries:
-            for entry_id, raw in items:
-                position, event = _stream_id(entry_id), events.decode(raw)
-                if event.get("type") == "step":
-                    # Steps already sent (or refilled from the DB) are not sent again: the relay re-sends
-                    # what it held while Redis was away.
-                    if not isinstance(event.get("step"), int) or event["step"] <= step:
-                        continue
-                    step = event["step"]
-                saw_state = saw_state or event.get("type") in ("state", "end")
-                yield _sse(event, position, step)
-        if saw_state and not done:
-            done, state, error = await terminal()
+        yield message({"type": "step", **{f: getattr(row, f) for f in STEP_ROW_FIELDS}}, position, step)
+    async for sse in _fanout(request, redis).follow(job_id, position, step, request.is_disconnected):
+        yield sse
 
 
 @router.get(
