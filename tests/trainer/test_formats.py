@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ CHAT = {
         {"role": "assistant", "content": "A2", "weight": 0},
     ]
 }
+
+# Data options for the cache tests: chat, no split.
+CHAT_OPTS = DataOptions(
+    format="chat",
+    text_field="text",
+    val_text_field="text",
+    train_all=False,
+    overlong="drop",
+    seq_len=64,
+    split=0.0,
+    seed=1,
+    tokenizer="t",
+    template="x",
+)
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -223,18 +238,7 @@ def test_every_validation_block_is_evaluated_once_with_equal_passes_per_rank() -
 def test_prepared_data_is_cached_and_split_by_the_seed(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 20)
     info = inspect_dataset(path, DatasetRef(path="d.jsonl"))
-    opts = DataOptions(
-        format="chat",
-        text_field="text",
-        val_text_field="text",
-        train_all=False,
-        overlong="drop",
-        seq_len=64,
-        split=0.25,
-        seed=1,
-        tokenizer="t",
-        template="x",
-    )
+    opts = dataclasses.replace(CHAT_OPTS, split=0.25)
     data = prepare(info, None, opts, ENC, tmp_path / "cache", build=True)
     assert data.stats["train"]["records"] == 15 and data.stats["validation"]["records"] == 5
     assert data.stats["validation"]["source"] == "split" and data.val is not None
@@ -283,18 +287,7 @@ def test_spec_validation_options(extra: dict[str, Any], expected: str) -> None:
 def test_the_cache_key_follows_the_content_not_the_path(tmp_path: Path) -> None:
     from trainer.data import cache_key
 
-    opts = DataOptions(
-        format="chat",
-        text_field="text",
-        val_text_field="text",
-        train_all=False,
-        overlong="drop",
-        seq_len=64,
-        split=0.0,
-        seed=1,
-        tokenizer="t",
-        template="x",
-    )
+    opts = CHAT_OPTS
     a = inspect_dataset(write_jsonl(tmp_path / "a.jsonl", [CHAT]), DatasetRef(path="a.jsonl"))
     b = inspect_dataset(write_jsonl(tmp_path / "b.jsonl", [CHAT]), DatasetRef(path="b.jsonl"))
     assert cache_key(a, None, opts) == cache_key(b, None, opts)
