@@ -24,7 +24,7 @@ from api.hardening import AuthFirst, RequestLimits, SecurityHeaders
 from api.observability import MetricsMiddleware, make_registry
 from api.routers import admin, datasets, events, files, jobs, overview, system, tokens, users
 from core import events as job_events
-from core.db import make_engine, make_sessionmaker
+from core.db import make_engine, make_sessionmaker, read_only_engine
 from core.lifecycle import announcing
 from core.scheduler import Dispatch
 from core.settings import Settings, get_settings
@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
-    app.state.read_sessions = make_sessionmaker(engine, read_only=True)
+    app.state.read_engine = read_only_engine(engine)
+    app.state.read_sessions = make_sessionmaker(app.state.read_engine)
     app.state.redis = None
     app.state.sync_redis = sync_redis
     app.state.publish = job_events.publisher(sync_redis, maxlen=settings.stream_maxlen)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import Forbidden, ServiceUnavailable, Unauthorized
-from core.jobs import JobNotFound, get_job
+from core.jobs import JobNotFound
 from core.models import Job
 from core.scheduler import Dispatch
 from core.settings import Settings
@@ -98,15 +98,20 @@ def require_admin(user: CurrentUser) -> Principal:
 
 AdminUser = Annotated[Principal, Depends(require_admin)]
 
+J = TypeVar("J")
 JobId = Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-def job_for_user(job_id: JobId, session: SessionDep, user: CurrentUser) -> Job:
-    """The job named in the path, if the caller owns it or is an admin; 404 otherwise (ids are not confirmed)."""
-    job = get_job(session, job_id)
-    if not user.can_see(job.owner):
+def visible(job: J | None, job_id: str, user: Principal) -> J:
+    """The job (or its row) if the caller owns it or is an admin; 404 otherwise (ids are not confirmed)."""
+    if job is None or not user.can_see(job.owner):
         raise JobNotFound(job_id)
     return job
+
+
+def job_for_user(job_id: JobId, session: SessionDep, user: CurrentUser) -> Job:
+    """The job named in the path (see visible)."""
+    return visible(session.get(Job, job_id), job_id, user)
 
 
 JobDep = Annotated[Job, Depends(job_for_user)]

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
+from sqlalchemy import Row
 
 from core.models import Job
 from core.progress import LATEST_FIELDS, progress_of
@@ -70,8 +71,9 @@ class JobSummary(BaseModel):
     )
 
     @classmethod
-    def of(cls, job: Job, **extra: Any) -> Any:
-        """The job as the API shows it; its queue position and start ETA are the stored ones (core.queue)."""
+    def of(cls, job: Job | Row[Any], **extra: Any) -> Any:
+        """The job as the API shows it, from a Job or a row of core.jobs.JOB_COLUMNS; its queue position and
+        start ETA are the stored ones (core.queue)."""
         latest = job.latest
         return cls(
             id=job.id,
@@ -130,6 +132,18 @@ class JobRead(JobSummary):
     artifacts: ArtifactsLink | None = Field(
         None, description="where the artifacts are listed (GET /jobs/{id}/artifacts); disk_bytes gives their size"
     )
+
+    @classmethod
+    def of(cls, job: Job | Row[Any], **extra: Any) -> Any:
+        """The job as GET /jobs/{id} shows it, from its row alone (queue position and ETA are stored on it)."""
+        return super().of(
+            job,
+            spec=job.spec,
+            max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested,
+            artifacts=artifacts_link(job.id),
+            **extra,
+        )
 
 
 class JobPage(BaseModel):

@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("path")
     p.add_argument("-n", type=int, default=300)
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--jobs", type=int, default=60, help="finished jobs of the caller's stored (a list page is full)")
     args = p.parse_args()
 
     import psycopg
@@ -87,7 +88,11 @@ def run(args: argparse.Namespace, url: str, yappi) -> None:  # noqa: ANN001 - an
     with make_sessionmaker(engine)() as s:
         create_user(s, name="u")
         _, token = create_token(s, user_name="u")
-        s.add(Job(id="j1", name="n", owner="u", state="succeeded", spec={"name": "n"}, gpus=1, attempt=1))
+        latest = {"step": 100, "epoch": 1, "loss": 1.25, "lr": 5e-05, "tokens_per_s": 6400.0, "time": 1.7e9}
+        for i in range(1, args.jobs + 1):
+            job = Job(id=f"j{i}", name="n", owner="u", state="succeeded", spec=SPEC, gpus=1, attempt=1)
+            job.step, job.total_steps, job.latest = 100, 100, latest
+            s.add(job)
         s.commit()
     engine.dispose()
     get_settings.cache_clear()

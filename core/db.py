@@ -77,14 +77,17 @@ def get_engine(url: str | None = None) -> Engine:
         return _engines[url]
 
 
+def read_only_engine(engine: Engine) -> Engine:
+    """The engine for connections that never write: on SQLite they do not take the write lock."""
+    return engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}) if engine.dialect.name == "sqlite" else engine
+
+
 def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
     """Sessions that keep loaded values readable after commit (routes serialize after the service commits).
 
-    `read_only=True`: for sessions that never write; on SQLite they do not take the write lock.
+    `read_only=True`: for sessions that never write (see read_only_engine).
     """
-    if read_only and engine.dialect.name == "sqlite":
-        engine = engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    return sessionmaker(bind=read_only_engine(engine) if read_only else engine, expire_on_commit=False)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Connection, Row, and_, inspect, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -128,6 +128,18 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
+# Every mapped column of a job, named as the model names it: a row of these reads like a Job. A list
+# leaves out the spec (the largest column; a summary does not show it).
+JOB_COLUMNS = tuple(getattr(Job, c.key).label(c.key) for c in inspect(Job).column_attrs)
+SUMMARY_COLUMNS = tuple(c for c in JOB_COLUMNS if c.key != "spec")
+
+
+def job_row(conn: Connection, job_id: str) -> Row[Any] | None:
+    """The job's columns in one Core SELECT: no ORM identity map or instance (GET /jobs/{id} is the API's
+    hottest path; an ORM load is most of its cost)."""
+    return conn.execute(select(*JOB_COLUMNS).where(Job.id == job_id)).first()
+
+
 def request_cancel(*, session: Session, job_id: str, publish: Publish | None = None) -> Job:
     """Cancel a job and commit: queued -> cancelled at once; starting/running -> cancelling (the worker
     stops the processes and finishes it); cancelling or terminal: nothing to do (idempotent). The
@@ -153,7 +165,7 @@ _CURSOR = re.compile(CURSOR_PATTERN.removeprefix("^").removesuffix("$"))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job | Row[Any]) -> str:
     return f"{(job.created_at - _EPOCH) // timedelta(microseconds=1)}.{job.id}"
 
 
@@ -171,9 +183,10 @@ def list_jobs(
     owner: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
-) -> tuple[list[Job], str | None]:
-    """One page of jobs, newest first, and the cursor of the next page (None on the last one)."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+) -> tuple[list[Row[Any]], str | None]:
+    """One page of jobs (rows of SUMMARY_COLUMNS: no ORM instances), newest first, and the cursor of the
+    next page (None on the last one)."""
+    query = select(*SUMMARY_COLUMNS).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if states:
         query = query.where(Job.state.in_([s.value for s in states]))
     if owner is not None:
@@ -181,7 +194,7 @@ def list_jobs(
     if cursor:
         created, job_id = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    jobs = list(session.scalars(query))
+    jobs = list(session.connection().execute(query).all())  # Core: no ORM loading of the rows
     if len(jobs) > limit:
         return jobs[:limit], encode_cursor(jobs[limit - 1])
     return jobs, None

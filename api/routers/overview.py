@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import CurrentUser, JobId, SessionDep, job_for_user
 from api.errors import documented
-from api.routers.jobs import list_jobs, read_job
+from api.routers.jobs import job_page, read_job
 from api.routers.system import list_gpus, queue
 from api.schemas import GpuView, JobPage, JobRead, QueueView
 
@@ -48,12 +48,12 @@ def overview(
     limit: Annotated[int, Query(ge=1, le=200, description="how many of the newest jobs")] = 50,
 ) -> Overview:
     """The dashboard's view in one request: who you are, GPUs, queue, your newest jobs, and one job."""
-    opened = read_job(request, job_for_user(job, session, user).id, session) if job is not None else None
+    opened = read_job(session, job_for_user(job, session, user).id) if job is not None else None
     return Overview(
         now=datetime.now(UTC),
         user=Me(name=user.name, is_admin=user.is_admin),
         gpus=list_gpus(session, user),
         queue=queue(session, user),
-        jobs=list_jobs(session, user, state=None, owner=None, limit=limit, cursor=None),
+        jobs=job_page(session, user, states=None, owner=None, limit=limit, cursor=None),
         job=opened,
     )

@@ -191,3 +191,20 @@ def test_a_dataset_file_is_read_again_only_when_it_changed(client, settings, mon
     r = client.post("/jobs", json=spec(dataset={"path": "sweep.jsonl"}))
     assert r.status_code == 422 and "line 51 is not valid JSON" in r.text
     assert reads == [path, path]
+
+
+def test_reading_a_job_is_one_statement_and_a_page_leaves_the_specs(client):
+    """GET /jobs/{id} reads one row (no session's extra statements); GET /jobs does not load each job's spec
+    (the largest column, which a summary does not show)."""
+    ids = [client.post("/jobs", json=spec()).json()["id"] for _ in range(3)]
+    engine = client.app.state.engine
+    assert client.get(f"/jobs/{ids[0]}").status_code == 200  # the caller's token is remembered from here on
+    with statements(engine) as seen:
+        got = client.get(f"/jobs/{ids[0]}").json()
+    selects = [s for s, _ in seen if not s.startswith("BEGIN")]  # SQLite's BEGIN is a statement of ours
+    assert len(selects) == 1 and "FROM jobs" in selects[0], seen
+    assert got["spec"]["name"] == spec()["name"] and got["id"] == ids[0]
+    with statements(engine) as seen:
+        page = client.get("/jobs", params={"limit": 2}).json()
+    assert len(page["data"]) == 2 and page["next_cursor"]
+    assert [s for s, _ in seen if "jobs.spec" in s] == [], seen
