@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from core import keys
 from core.db import upgrade
 from core.settings import Settings
 from tests.core.databases import BACKENDS, clear_tables, fresh_database
+from tests.helpers import serve  # noqa: F401 (tests/api/test_events.py imports it from here)
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 
@@ -150,27 +150,3 @@ def client(api_env, redis) -> Iterator[TestClient]:
 @pytest.fixture
 def sessions(client):
     return client.app.state.sessions
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread on a free port (a real socket); yields its base URL."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    from tests.helpers import wait_for
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, timeout=10, what="uvicorn start")
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        app.state.engine.dispose()

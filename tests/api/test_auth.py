@@ -280,7 +280,7 @@ def _post_headers_only(
 def test_an_upload_is_authenticated_before_its_body_is_read(client, settings):
     """200 MiB announced, 64 KiB sent: without a valid token the 401 comes at once; nothing is spooled."""
     from api.app import create_app
-    from tests.api.conftest import serve
+    from tests.helpers import serve
 
     big = settings.model_copy(update={"max_upload_bytes": 256 << 20})
     first = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n' + b"x" * 65536

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from redis import Redis
 from typer.testing import CliRunner
 
@@ -19,7 +16,7 @@ from core import events, keys
 from core.models import Job, utcnow
 from core.scheduler import GpuInfo, register_box
 from core.settings import Settings, get_settings
-from tests.helpers import wait_for
+from tests.helpers import serve
 
 REDIS_URL = "redis://127.0.0.1:6379/6"  # the client tests' own DB
 runner = CliRunner()
@@ -47,17 +44,8 @@ def served(tmp_path, monkeypatch) -> Iterator[tuple[str, Settings]]:
         pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
     settings = Settings(data_dir=tmp_path, redis_url=REDIS_URL, sse_block_ms=100)
     upgrade(settings.database_url)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    api = create_app(settings, dispatch=None)
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=10, what="uvicorn start")
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", settings
-    server.should_exit = True
-    thread.join(10)
-    api.state.engine.dispose()
+    with serve(create_app(settings, dispatch=None)) as url:
+        yield url, settings
     get_settings.cache_clear()
 
 

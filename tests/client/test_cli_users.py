@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from client.cli import app
 from core.db import get_engine, session_scope
 from core.settings import Settings, get_settings
-from tests.helpers import wait_for
+from tests.helpers import serve
 
 runner = CliRunner()
 
@@ -41,17 +38,8 @@ def served(data_dir) -> Iterator[str]:
 
     settings = Settings(data_dir=data_dir)
     upgrade(settings.database_url)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    api = create_app(settings, dispatch=None)
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=10, what="uvicorn start")
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    api.state.engine.dispose()
+    with serve(create_app(settings, dispatch=None)) as url:
+        yield url
 
 
 def test_whoami_datasets_and_queue_with_a_token(served, data_dir):
