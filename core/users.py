@@ -93,11 +93,10 @@ def effective_limits(user: User, settings: Settings) -> Limits:
 
     return Limits(
         max_gpus=pick(user.max_gpus, settings.max_gpus_per_user),
-        max_queued=pick(user.max_queued, settings.max_queued_per_user) or settings.max_queued_per_user,
-        max_runtime_s=pick(user.max_runtime_s, settings.max_runtime_s) or settings.max_runtime_s,
+        max_queued=user.max_queued or settings.max_queued_per_user,
+        max_runtime_s=user.max_runtime_s or settings.max_runtime_s,
         max_priority=None if user.is_admin else pick(user.max_priority, settings.max_priority),
-        submit_rate_per_minute=pick(user.submit_rate_per_minute, settings.submit_rate_per_minute)
-        or settings.submit_rate_per_minute,
+        submit_rate_per_minute=user.submit_rate_per_minute or settings.submit_rate_per_minute,
         max_datasets=user.max_datasets or settings.max_datasets_per_user,
         max_dataset_bytes=user.max_dataset_bytes or settings.max_dataset_bytes_per_user,
         max_tokens=user.max_tokens or settings.max_tokens_per_user,
