@@ -24,6 +24,7 @@ from tests.client import test_cli_jobs
 
 REDIS_URL = test_cli_jobs.REDIS_URL
 served = test_cli_jobs.served  # the fixture: the API on a real socket (SQLite, Redis DB 6)
+_user = test_cli_jobs._user  # a user and its token
 
 runner = CliRunner()
 
@@ -41,15 +42,6 @@ def one_line_error(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     return lines[0]
-
-
-def _user(name: str) -> str:
-    from core.db import session_scope
-    from core.users import create_token, create_user
-
-    with session_scope() as s:
-        create_user(s, name=name)
-        return create_token(s, user_name=name)[1]
 
 
 def _job(owner: str, state: str, **fields) -> str:
