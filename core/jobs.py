@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, inspect, or_, select
+from sqlalchemy import Connection, Row, and_, bindparam, inspect, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -134,10 +134,13 @@ JOB_COLUMNS = tuple(getattr(Job, c.key).label(c.key) for c in inspect(Job).colum
 SUMMARY_COLUMNS = tuple(c for c in JOB_COLUMNS if c.key != "spec")
 
 
+_JOB_BY_ID = select(*JOB_COLUMNS).where(Job.id == bindparam("job_id"))  # built once: its cache key too
+
+
 def job_row(conn: Connection, job_id: str) -> Row[Any] | None:
     """The job's columns in one Core SELECT: no ORM identity map or instance (GET /jobs/{id} is the API's
-    hottest path; an ORM load is most of its cost)."""
-    return conn.execute(select(*JOB_COLUMNS).where(Job.id == job_id)).first()
+    hottest path; an ORM load was most of its cost)."""
+    return conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
 
 
 def request_cancel(*, session: Session, job_id: str, publish: Publish | None = None) -> Job:
