@@ -22,19 +22,11 @@ from core.models import Dataset, Job, utcnow
 from core.states import JobState
 from trainer import tokencache
 from trainer.events import CHECKPOINTS_DIR
+from trainer.units import human_bytes
 
 log = logging.getLogger(__name__)
 
 TERMINAL = [s.value for s in JobState if s.is_terminal()]
-
-
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as disks are sold and `df -H` shows)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def tree_bytes(path: Path) -> int:

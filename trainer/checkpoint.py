@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.events import CHECKPOINTS_DIR
+from trainer.units import human_bytes
 
 CKPT_DIR = CHECKPOINTS_DIR
 META = "trainbox.json"
@@ -53,14 +54,6 @@ def estimate_bytes(n_params: int, precision: str, zero_stage: int, world_size: i
     weights = 0 if zero_stage == 3 else (4 if precision == "fp32" else 2)
     body = n_params * (weights + OPTIMIZER_BYTES_PER_PARAM) * ESTIMATE_MARGIN
     return int(body) + OVERHEAD_PER_FILE * 2 * world_size
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def out_of_space(exc: BaseException) -> bool:
