@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,19 @@ def serve(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         app.state.engine.dispose()
+
+
+@contextmanager
+def lock_holder(lock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A live DeepSpeed builder: a process that created `lock` (O_EXCL) and holds it until the block ends."""
+    code = "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import SHARED_EXTENSIONS_DIR
+from tests.helpers import lock_holder
 from worker.ops import OpsError, prepare_box_ops, prepare_ops, remove_stale_locks
 from worker.supervisor import child_env
 
@@ -66,17 +67,7 @@ def test_worker_start_removes_a_killed_builders_lock_and_ranks_load_without_wait
 
 def test_a_live_builders_lock_is_kept_and_a_build_stuck_behind_it_fails_the_start_naming_it(cache):
     lock = cache / SHM_OP / "lock"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)",
-            str(lock),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline()
+    with lock_holder(lock) as holder:
         assert remove_stale_locks(cache) == [] and lock.exists()
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         with pytest.raises(OpsError) as e:
@@ -85,9 +76,6 @@ def test_a_live_builders_lock_is_kept_and_a_build_stuck_behind_it_fails_the_star
         assert f"{lock} (held by pid {holder.pid})" in str(e.value)
         left = {p.pid for p in psutil.Process().children(recursive=True)} - before
         assert left == set(), "the stuck build is killed"
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_worker_points_itself_and_its_ranks_at_the_cache_from_the_settings(cache, monkeypatch):

@@ -20,7 +20,7 @@ from core.jobs import create_job, request_cancel
 from core.models import Gpu, Job, JobMetric
 from core.scheduler import schedule
 from core.settings import get_settings
-from tests.helpers import wait_for
+from tests.helpers import lock_holder, wait_for
 from tests.worker.conftest import BOX, RELAY_REDIS_URL
 from trainer.spec import JobSpec
 from worker import runner
@@ -242,33 +242,17 @@ def _run_bounded(job_id: str, attempt: int, timeout: float) -> str:
 def test_a_job_whose_ranks_never_start_fails_as_launch_error_and_leaves_nothing(db, monkeypatch, tmp_path):
     """The ranks wait on a DeepSpeed build lock a hung builder holds: the job fails `launch_error`
     after the start-up timeout, naming the lock and its holder, instead of sitting `running`."""
-    import subprocess
-    import sys
-
     monkeypatch.setattr(runner, "reschedule", lambda: None)
     ext = tmp_path / "ext"
     lock = ext / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)",
-            str(lock),
-        ],
-        stdout=subprocess.PIPE,
-    )
     monkeypatch.setenv("TRAINBOX_TORCH_EXTENSIONS_DIR", str(ext))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
     monkeypatch.setenv("TRAINBOX_START_TIMEOUT_S", "20")
     get_settings.cache_clear()
-    try:
-        assert holder.stdout is not None and holder.stdout.readline()
+    with lock_holder(lock) as holder:
         job_id, attempt = _placed_real_job()
         assert _run_bounded(job_id, attempt, timeout=150) == "failed"
-    finally:
-        holder.kill()
-        holder.wait()
     job = _job(job_id)
     assert job.error["type"] == "launch_error"
     assert job.error["message"].startswith("no rank started within 20 s; DeepSpeed build locks: "), job.error

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 
+from tests.helpers import lock_holder
 from worker.supervisor import Launch, Stop, session_members, supervise, trainer_command, trainer_env
 
 
@@ -170,24 +171,11 @@ def test_a_slow_start_within_the_timeout_is_not_stopped(make_launch):
 
 
 def test_a_stale_build_lock_is_removed_before_launch_and_a_held_one_is_named(make_launch, tmp_path, caplog):
-    import subprocess
-    import sys
-
     ext = tmp_path / "ext"
     (ext / "stale_op").mkdir(parents=True)
     (ext / "stale_op" / "lock").touch()  # what a SIGKILLed builder leaves
     (ext / "busy_op").mkdir()
-    holder = subprocess.Popen(  # a live builder holds its lock open until it removes it
-        [
-            sys.executable,
-            "-c",
-            "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print(1, flush=True); time.sleep(600)",
-            str(ext / "busy_op" / "lock"),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline()
+    with lock_holder(ext / "busy_op" / "lock") as holder:  # a live builder holds its lock open until it removes it
         with caplog.at_level("WARNING", logger="worker.ops"):
             outcome = supervise(make_launch("--start-after", "3600", extensions_dir=ext, start_timeout_s=2.0))
         assert not (ext / "stale_op" / "lock").exists()
@@ -195,6 +183,3 @@ def test_a_stale_build_lock_is_removed_before_launch_and_a_held_one_is_named(mak
         assert (ext / "busy_op" / "lock").exists(), "a live builder's lock is left alone"
         assert outcome.error["type"] == "launch_error"
         assert f"{ext / 'busy_op' / 'lock'} (held by pid {holder.pid})" in outcome.error["message"]
-    finally:
-        holder.kill()
-        holder.wait()
