@@ -133,8 +133,8 @@ def box_sizes(session: Session) -> dict[str, list[int | None]]:
 def check_fits_a_box(spec: JobSpec, session: Session) -> None:
     """422 when boxes are registered and none has as many GPUs as the spec asks for."""
     sizes = box_sizes(session)
-    if sizes and spec.gpus > max(len(v) for v in sizes.values()):
-        biggest = max(len(v) for v in sizes.values())
+    biggest = max((len(v) for v in sizes.values()), default=0)
+    if sizes and spec.gpus > biggest:
         raise Unprocessable(
             f"gpus {spec.gpus} is more than any box has (the largest has {biggest}); a job runs on one box",
             ["body", "gpus"],
@@ -295,11 +295,9 @@ def nearest_fits(spec: JobSpec, cfg: dict[str, Any], precision: str, limit_gb: f
         )
         seq = spec.seq_len // 2
         while seq >= 8:
-            if gb(_variant(base, seq_len=seq)) <= limit_gb:
-                out.append(
-                    f"seq_len {seq} with micro batch 1 and gradient_checkpointing true: "
-                    f"~{gb(_variant(base, seq_len=seq)):.1f} GB"
-                )
+            need = gb(_variant(base, seq_len=seq))
+            if need <= limit_gb:
+                out.append(f"seq_len {seq} with micro batch 1 and gradient_checkpointing true: ~{need:.1f} GB")
                 break
             seq //= 2
     return out[:4]
