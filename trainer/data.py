@@ -70,11 +70,6 @@ def read_items(info: DatasetInfo, text_field: str) -> Iterator[Any]:
                 yield record_text(json.loads(line) if info.format == "jsonl" else line, info.data_format, text_field)
 
 
-def read_texts(info: DatasetInfo, text_field: str) -> Iterator[str]:
-    """Each text record's text: one JSON object per line, or for plain text each non-blank line."""
-    yield from read_items(info, text_field)
-
-
 def split(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """(train, held out): `held_out(records, fraction)` records, chosen by the seed alone."""
     n_val = held_out(len(items), fraction)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trainer.batch import BatchPlan
-from trainer.data import PackedBatches, read_texts, tokenize
+from trainer.data import PackedBatches, read_items, tokenize
 from trainer.paths import SpecError, inspect_dataset
 from trainer.spec import DatasetRef
 
@@ -30,9 +30,9 @@ def test_jsonl_and_plain_text_are_read(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text("line one\n\nline two\n")
     info = inspect_dataset(tmp_path / "a.jsonl", DatasetRef(path="a.jsonl", text_field="body"))
     assert info.format == "jsonl" and info.records == 2
-    assert list(read_texts(info, "body")) == ["hello", "world"]
+    assert list(read_items(info, "body")) == ["hello", "world"]
     info = inspect_dataset(tmp_path / "b.txt", DatasetRef(path="b.txt"))
-    assert info.format == "text" and list(read_texts(info, "text")) == ["line one", "line two"]
+    assert info.format == "text" and list(read_items(info, "text")) == ["line one", "line two"]
 
 
 @pytest.mark.parametrize(
