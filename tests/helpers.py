@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+from redis import Redis
+
 T = TypeVar("T")
 
 
@@ -23,6 +26,16 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def redis_or_skip(url: str, **options: Any) -> Redis:
+    """A client of the Redis at url once it answers a ping; the test is skipped where none does."""
+    r = Redis.from_url(url, **options)
+    try:
+        r.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Redis not reachable at {url}: {e}")
+    return r
 
 
 @contextmanager
@@ -64,8 +77,6 @@ def lock_holder(lock: Path) -> Iterator[subprocess.Popen[bytes]]:
 def small_filesystem(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` (e.g. "20m") mounted at path, unmounted after; skips the test where mounting
     is not allowed (not root, no tmpfs). A full disk, for real, without filling the machine's."""
-    import pytest
-
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, text=True

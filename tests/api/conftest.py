@@ -17,7 +17,7 @@ from core import keys
 from core.db import upgrade
 from core.settings import Settings
 from tests.core.databases import BACKENDS, clear_tables, fresh_database
-from tests.helpers import serve  # noqa: F401 (tests/api/test_events.py imports it from here)
+from tests.helpers import redis_or_skip, serve  # noqa: F401 (serve: tests/api/test_events.py imports it from here)
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 
@@ -49,11 +49,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def redis() -> Iterator[Redis]:
-    r = Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    r = redis_or_skip(REDIS_URL)
     yield r
     r.close()
 

@@ -16,7 +16,7 @@ from core import events, keys
 from core.models import Job, utcnow
 from core.scheduler import GpuInfo, register_box
 from core.settings import Settings, get_settings
-from tests.helpers import serve
+from tests.helpers import redis_or_skip, serve
 
 REDIS_URL = "redis://127.0.0.1:6379/6"  # the client tests' own DB
 runner = CliRunner()
@@ -38,10 +38,7 @@ def served(tmp_path, monkeypatch) -> Iterator[tuple[str, Settings]]:
     monkeypatch.setenv("TRAINBOX_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("COLUMNS", "200")
     get_settings.cache_clear()
-    try:
-        Redis.from_url(REDIS_URL).ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    redis_or_skip(REDIS_URL)
     settings = Settings(data_dir=tmp_path, redis_url=REDIS_URL, sse_block_ms=100)
     upgrade(settings.database_url)
     with serve(create_app(settings, dispatch=None)) as url:

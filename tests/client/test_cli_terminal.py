@@ -22,7 +22,7 @@ from core.db import get_engine, session_scope, upgrade
 from core.models import Job, utcnow
 from core.settings import Settings
 from tests.client.conftest import REPO, trainbox_argv
-from tests.helpers import wait_for
+from tests.helpers import redis_or_skip, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 
@@ -38,10 +38,7 @@ def _healthy(url: str) -> bool:
 def api_server(tmp_path: Path, user_env: dict[str, str]) -> Iterator[tuple[str, Settings, Callable[[], None]]]:
     """The real app under uvicorn in its own process, on SQLite and Redis DB 6; the third value stops it
     and starts it again on the same port."""
-    try:
-        Redis.from_url(REDIS_URL).ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    redis_or_skip(REDIS_URL)
     data_dir = tmp_path / "server"
     settings = Settings(data_dir=data_dir, redis_url=REDIS_URL)
     upgrade(settings.database_url)

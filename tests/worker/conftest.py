@@ -15,6 +15,7 @@ from core.db import session_scope, upgrade
 from core.scheduler import GpuInfo, register_box
 from core.settings import get_settings
 from tests.core.databases import BACKENDS, fresh_database
+from tests.helpers import redis_or_skip
 from worker.supervisor import Launch
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
@@ -74,11 +75,7 @@ def redis_url() -> str:
 
 @pytest.fixture
 def redis(redis_url: str) -> Iterator[Redis]:
-    r = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        r.ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {redis_url}: {e}")
+    r = redis_or_skip(redis_url, decode_responses=True)
     r.flushdb()
     yield r
     r.flushdb()
@@ -149,11 +146,7 @@ def start_stack(data_dir: Path, redis_url: str, **settings: str) -> Any:
     """uvicorn + a Celery worker (2 CPU slots) as real processes on SQLite, a corpus in the data root."""
     from client.stack import Stack, StackError, free_port
 
-    r = Redis.from_url(redis_url)
-    try:
-        r.ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"Redis not reachable at {redis_url}: {e}")
+    r = redis_or_skip(redis_url)
     r.flushdb()
     r.close()
     env = {
