@@ -69,9 +69,15 @@ def test_a_child_that_ran_stably_starts_its_crash_count_over(tmp_path: Path) -> 
 
 
 def _path_without_redis(tmp_path: Path) -> str:
-    """A PATH holding every system program but redis-server (the venv's bin, which has one, left out)."""
+    """A PATH holding every system program but redis-server (the venv's bin, which has one, left out),
+    and the venv's ninja: the one that built the shared DeepSpeed op cache (tests/conftest.py). The
+    system's ninja, another version, hashes build commands differently: the worker here would compile
+    the ops again (half a minute to a minute), and so would the next stack that builds with the venv's."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
+    ninja = Path(sys.executable).parent / "ninja"
+    if ninja.exists():
+        (bindir / "ninja").symlink_to(ninja)
     for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
         for program in Path(folder).iterdir() if Path(folder).is_dir() else []:
             link = bindir / program.name
