@@ -5,6 +5,7 @@ for the checkout's default data dir. Without it each test stack's worker would c
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,3 +29,12 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()
+
+
+# The venv's programs first, as scripts/test.sh has them (it activates the venv), also for a run of the
+# venv's python without activation: its ninja is the one that built the shared op cache. The system's
+# ninja (another version) hashes build commands differently and would compile the ops again, and the
+# next build with the venv's ninja once more.
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = os.pathsep.join(p for p in (_VENV_BIN, os.environ.get("PATH", "")) if p)
