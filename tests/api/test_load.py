@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from api.admission import STREAM_DB_THREADS
@@ -31,7 +30,7 @@ from core.settings import Settings
 from core.users import create_token, create_user
 from tests.api.conftest import REDIS_URL
 from tests.core.databases import BACKENDS, fresh_database
-from tests.helpers import wait_for
+from tests.helpers import healthy, wait_for
 from trainer.spec import JobSpec
 
 BURST = 200  # half from one user, half from CROWD users (more than the global cap admits at once)
@@ -92,7 +91,9 @@ def stack(request, tmp_path, redis) -> Iterator[Stack]:
         with log.open("w") as out:
             proc = subprocess.Popen(argv + ["--log-level", "warning"], env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: _healthy(port) or proc.poll() is not None, timeout=60, what="uvicorn up")
+            wait_for(
+                lambda: healthy(f"http://127.0.0.1:{port}") or proc.poll() is not None, timeout=60, what="uvicorn up"
+            )
             assert proc.poll() is None, log.read_text()
             pg = url.rpartition("/")[2] if request.param == "postgres" else None
             yield Stack(port, f"http://127.0.0.1:{port}", tokens, jobs, log, pg)
@@ -100,13 +101,6 @@ def stack(request, tmp_path, redis) -> Iterator[Stack]:
             proc.terminate()
             proc.wait(30)
             redis.delete(*[f"job:{j}:events" for j in jobs.values()])
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _request(method: str, path: str, token: str | None, *, keep_alive: bool = False) -> bytes:

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pexpect
 import pytest
 from redis import Redis
@@ -22,16 +21,9 @@ from core.db import get_engine, session_scope, upgrade
 from core.models import Job, utcnow
 from core.settings import Settings
 from tests.client.conftest import REPO, trainbox_argv
-from tests.helpers import redis_or_skip, wait_for
+from tests.helpers import healthy, redis_or_skip, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
@@ -56,7 +48,7 @@ def api_server(tmp_path: Path, user_env: dict[str, str]) -> Iterator[tuple[str, 
 
     def start() -> None:
         procs.append(subprocess.Popen(argv + ["--log-level", "warning"], env=env, cwd=REPO, stdout=log, stderr=log))
-        wait_for(lambda: _healthy(url) or procs[-1].poll() is not None, timeout=60, what="the API up")
+        wait_for(lambda: healthy(url) or procs[-1].poll() is not None, timeout=60, what="the API up")
         assert procs[-1].poll() is None, (tmp_path / "api.log").read_text()[-3000:]
 
     def restart() -> None:
