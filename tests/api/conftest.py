@@ -144,5 +144,15 @@ def client(api_env, redis) -> Iterator[TestClient]:
 
 
 @pytest.fixture
+def clean_uploads(settings):
+    """The uploaded files gone after the test (clear_tables removes their rows, not the files)."""
+    yield
+    uploads = settings.data_root / "uploads"
+    if uploads.is_dir():
+        for p in uploads.iterdir():
+            p.unlink()
+
+
+@pytest.fixture
 def sessions(client):
     return client.app.state.sessions

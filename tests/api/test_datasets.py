@@ -13,6 +13,7 @@ from tests.api.conftest import make_user, spec
 from tests.api.test_jobs import only_error
 from trainer.paths import uploaded_dataset_path
 
+pytestmark = pytest.mark.usefixtures("clean_uploads")
 JSONL = "".join(json.dumps({"text": f"line {i} " * 10}) + "\n" for i in range(50)).encode()
 
 
@@ -25,15 +26,6 @@ def stored(sessions, settings) -> tuple[int, list[str]]:
         rows = s.scalar(select(func.count()).select_from(Dataset)) or 0
     uploads = settings.data_root / "uploads"
     return rows, sorted(p.name for p in uploads.iterdir()) if uploads.is_dir() else []
-
-
-@pytest.fixture(autouse=True)
-def _clean_uploads(settings):
-    yield
-    uploads = settings.data_root / "uploads"
-    if uploads.is_dir():
-        for p in uploads.iterdir():
-            p.unlink()
 
 
 def test_upload_list_and_train_on_it(client, sessions, settings):

@@ -15,6 +15,8 @@ from core.models import Job, JobMetric
 from tests.api.conftest import make_user
 from tests.api.test_jobs import add_box, only_error
 
+pytestmark = pytest.mark.usefixtures("clean_uploads")
+
 
 def chat_lines(n: int, answer: str = "four") -> bytes:
     rows = [
@@ -43,15 +45,6 @@ def create(client, headers, training_file: str, **fields):
     body = {"model": "preset:tiny", "training_file": training_file, **fields}
     body.setdefault("trainbox", {"seq_len": 64, "max_steps": 5})
     return client.post("/v1/fine_tuning/jobs", json=body, headers=headers)
-
-
-@pytest.fixture(autouse=True)
-def _clean_uploads(settings):
-    yield
-    uploads = settings.data_root / "uploads"
-    if uploads.is_dir():
-        for p in uploads.iterdir():
-            p.unlink()
 
 
 def test_a_file_is_an_upload(client, settings):
