@@ -200,7 +200,9 @@ class Fanout:
         """The job's SSE messages after `position`, no step at or below `step`, then the `end`. Raises RedisError."""
         key = keys.job_events(job_id)
         while True:
-            stalled = False  # a read that found nothing: the next one waits (nothing to catch up on)
+            # Reads of its own until it can join the reader; once one came short of a batch (the stream's
+            # end), it may start the reader, and a next read (a reader ahead of a lost stream) waits for news.
+            stalled = False
             while (reader := await self._join(job_id, position, step, start=stalled)) is None:
                 entries = await self.redis.xread({key: position}, count=BATCH, block=self.block_ms if stalled else None)
                 items = entries[0][1] if entries else []

@@ -104,6 +104,25 @@ def test_late_and_fresh_followers_join_a_running_reader(client, sessions, redis,
     assert received(late) == all_events[5:], "exactly the events after its Last-Event-ID"
 
 
+def test_a_made_up_position_does_not_hide_events_from_the_others(client, settings, sessions, redis):
+    """A client that resumes past the stream's end starts the job's reader: it starts at the stream's end."""
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "running")
+    auth = {"Authorization": client.headers["Authorization"]}
+    app = create_app(settings, dispatch=None)
+    with serve(app) as url:
+        future = Follower(url, job_id, auth, **{"Last-Event-ID": f"{2**63}-0:0"})
+        reader = wait_for(lambda: readers(app).get(job_id), timeout=10, what="the reader it starts")
+        now = Follower(url, job_id, auth, **{"Last-Event-ID": f"{steps(redis, job_id, 1, 2)[0]}:1"})
+        wait_for(lambda: reader.followers == 2, timeout=10, what="the other follower on the same reader")
+        steps(redis, job_id, 2, 4)
+        wait_for(lambda: len(now.events()) == 2, timeout=10, what="steps 2 and 3")
+        set_state(sessions, job_id, "succeeded")
+        assert now.ended.wait(15) and future.ended.wait(15)
+    assert [(e[1], e[2].get("step")) for e in now.events()] == [("step", 2), ("step", 3), ("end", None)]
+    assert [e[1] for e in future.events()] == ["end"]
+
+
 class SlowFollower(threading.Thread):
     """Opens the stream, reads nothing until `go` is set, then reads it to its end."""
 
