@@ -81,6 +81,38 @@ def test_followers_of_a_job_share_one_xread_per_batch(client, settings, sessions
     assert calls <= 3 * batches + 2, f"{calls} XREADs counted for {batches} batches and {n} followers"
 
 
+def test_a_quiet_jobs_followers_share_its_state_reads(client, settings, sessions):
+    """A quiet stream's state is read once per block time for all the job's followers, not once per follower."""
+    if not settings.is_sqlite:
+        pytest.skip("the fan-out does not depend on the database (run once)")
+    from sqlalchemy import event
+
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "running")
+    auth = {"Authorization": client.headers["Authorization"]}
+    app = create_app(settings, dispatch=None)
+    reads = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        if "FROM jobs" in statement:
+            reads.append(statement)
+
+    event.listen(app.state.engine, "before_cursor_execute", count)
+    n, quiet_s = 10, 1.0
+    with serve(app) as url:
+        followers = []
+        for _ in range(n):  # one at a time: a user's requests in flight are capped (429)
+            followers.append(Follower(url, job_id, auth))
+            wait_for(lambda: followers[-1].events(), timeout=10, what="the queued state event")
+        before = len(reads)
+        time.sleep(quiet_s)  # the quiet being measured
+        during = len(reads) - before
+        set_state(sessions, job_id, "succeeded")
+        for f in followers:
+            assert f.ended.wait(15)
+    assert during <= quiet_s / (settings.sse_block_ms / 1000) + 3, f"{during} state reads for {n} quiet followers"
+
+
 def test_late_and_fresh_followers_join_a_running_reader(client, sessions, redis, live_server):
     job_id = client.post("/jobs", json=spec()).json()["id"]  # the API publishes state=queued
     set_state(sessions, job_id, "running")
