@@ -49,12 +49,13 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The async client belongs to the server's event loop: made here, closed here.
         app.state.redis = async_redis(settings)
+        app.state.fanout = events.make_fanout(app, app.state.redis) if app.state.redis is not None else None
         try:
             yield
         finally:
             if app.state.redis is not None:
                 await app.state.redis.aclose()
-            app.state.redis = None
+            app.state.redis = app.state.fanout = None
 
     app = FastAPI(
         title="trainbox",
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.state.sessions = make_sessionmaker(engine)
     app.state.read_engine = read_only_engine(engine)
     app.state.read_sessions = make_sessionmaker(app.state.read_engine)
-    app.state.redis = None
+    app.state.redis = app.state.fanout = None
     app.state.sync_redis = sync_redis
     app.state.publish = job_events.publisher(sync_redis, maxlen=settings.stream_maxlen)
     app.state.dispatch = announcing(dispatch, app.state.publish)

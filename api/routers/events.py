@@ -15,8 +15,9 @@ the stream is drained, then the response closes.
 
 A quiet stream stays open (a keep-alive comment every PING_S) as long as the client does. While it
 streams it holds no DB connection (the request's session ended with the route; the state checks
-open short sessions on the streams' own threads) and one Redis connection. A Redis error ends the
-stream with one log line; the client resumes with Last-Event-ID.
+open short sessions on the streams' own threads), and once caught up no Redis connection of its own:
+the job's one reader (api/fanout.py) reads for all its followers. A Redis error ends the stream with
+one log line; the client resumes with Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -69,14 +70,9 @@ def _read_state(app: Any, job_id: str) -> tuple[bool, str, dict[str, Any] | None
         return JobState(state).is_terminal(), state, error
 
 
-def _fanout(request: Request, redis: Redis) -> Fanout:
-    """The app's fan-out (made on first use, again for a new Redis client: a new lifespan, a new loop)."""
-    app = request.app
-    fanout = getattr(app.state, "fanout", None)
-    if fanout is None or fanout.redis is not redis:
-        read_state = functools.partial(_in_stream_thread, app, _read_state)
-        fanout = app.state.fanout = Fanout(redis, app.state.settings.sse_block_ms, read_state)
-    return fanout
+def make_fanout(app: Any, redis: Redis) -> Fanout:
+    """The app's fan-out over its async Redis client (made with it, in the app's lifespan)."""
+    return Fanout(redis, app.state.settings.sse_block_ms, functools.partial(_in_stream_thread, app, _read_state))
 
 
 def _metrics_after(app: Any, job_id: str, after_step: int, below_step: int | None) -> list[Any]:
@@ -124,7 +120,7 @@ async def _events(request: Request, redis: Redis, job_id: str, position: str, st
     for row in await _lost_steps(request, redis, job_id, position, step):
         step = row.step
         yield message({"type": "step", **{f: getattr(row, f) for f in STEP_ROW_FIELDS}}, position, step)
-    async for sse in _fanout(request, redis).follow(job_id, position, step, request.is_disconnected):
+    async for sse in request.app.state.fanout.follow(job_id, position, step, request.is_disconnected):
         yield sse
 
 
