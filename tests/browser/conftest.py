@@ -53,7 +53,10 @@ def shots() -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+# The stack, its API client and the browser are the module's (tests/browser has one): they go when its
+# tests are done, not at the end of the whole run, where an idle stack's worker would sweep every second
+# and chromium would idle beside the rest of the suite.
+@pytest.fixture(scope="module")
 def stack() -> Iterator[Any]:
     # Its own folder, not pytest's numbered ones: another pytest run on the machine prunes those.
     folder = Path(tempfile.mkdtemp(prefix="trainbox-browser-stack-"))
@@ -78,16 +81,16 @@ class Api:
         return self.http.get(f"/jobs/{job_id}").json()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api(stack: Any) -> Iterator[Api]:
     a = Api(stack.url, stack.token())
     yield a
     a.http.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One chromium for the suite, on a new empty profile."""
+    """One chromium for the dashboard tests, on a new empty profile."""
     profile = tempfile.mkdtemp(prefix="trainbox-chromium-")
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
