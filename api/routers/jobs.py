@@ -16,6 +16,7 @@ from api.limits import check_disk_quota, check_queue_limit, check_submit_rate
 from api.schemas import JobPage, JobRead, JobSummary, MetricPage, ValidateResult
 from api.validation import admit, dry_run, schedule_options, with_defaults
 from core import jobs as service
+from core.jobs import JobNotFound
 from core.scheduler import schedule
 from core.states import JobState
 from core.users import Principal
@@ -25,13 +26,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def read_job(session: Session, job_id: str, *, fresh: bool = False) -> JobRead:
-    """The job as GET /jobs/{id} shows it. `fresh`: read the row again (after a scheduling pass in this
-    session wrote its queue position)."""
-    job = service.get_job(session, job_id)
-    if fresh:
-        session.refresh(job)
-    return JobRead.of(job)
+def read_job(session: Session, job_id: str) -> JobRead:
+    """The job as GET /jobs/{id} shows it, read now: a scheduling pass in this session may just have stored
+    its queue position."""
+    row = service.job_row(session.connection(), job_id)
+    if row is None:
+        raise JobNotFound(job_id)
+    return JobRead.of(row)
 
 
 def _job_row(engine: Engine, job_id: str) -> Row[Any] | None:
@@ -117,7 +118,7 @@ def submit_job(
             log.exception("scheduling after submit of %s failed", submitted.job.id)
     else:
         response.headers["Idempotent-Replayed"] = "true"
-    return read_job(session, submitted.job.id, fresh=True)
+    return read_job(session, submitted.job.id)
 
 
 @router.post(
