@@ -29,7 +29,9 @@ def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, ap
     expect(page.locator("#notice")).to_contain_text("Sign in")
     sign_in(page, stack.token())
     expect(page.locator("#session")).to_contain_text("signed in as admin (admin)")
-    job = api.submit(tiny_spec("browser-ok", steps=20, checkpoint_every=10, validation_split=0.1, eval_every=10))
+    # 100 steps (about 8 s on a quiet box): the page, which opens the job after two list refreshes (3 s
+    # each), still finds it in progress; with 20 steps it could be over by then on a quiet machine.
+    job = api.submit(tiny_spec("browser-ok", steps=100, checkpoint_every=50, validation_split=0.1, eval_every=50))
     row = page.locator(f'#jobs tr[data-id="{job["id"]}"]')
     expect(row).to_be_visible()  # the next refresh lists it
     # Refreshes (the row's times change each time) keep the keyboard focus where it was.
@@ -57,12 +59,12 @@ def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, ap
     # Its stream resumed (Last-Event-ID): following again, or over if the job ended meanwhile.
     expect(page.locator("#job-live")).to_contain_text(re.compile("following live|the job is over"), timeout=10_000)
     expect(state).to_have_text("succeeded", timeout=90_000)
-    wait_for(lambda: steps_drawn(page) == 20, timeout=10, what="every step drawn, none lost over the restart")
-    assert page.locator("#charts").get_attribute("data-evals") == "2"  # eval loss at steps 10 and 20
-    # Dashed markers where checkpoints were written (every 10 steps); no restart in this run.
+    wait_for(lambda: steps_drawn(page) == 100, timeout=10, what="every step drawn, none lost over the restart")
+    assert page.locator("#charts").get_attribute("data-evals") == "2"  # eval loss at steps 50 and 100
+    # Dashed markers where checkpoints were written (every 50 steps); no restart in this run.
     expect(page.locator("#charts")).to_have_attribute("data-markers", "2 checkpoints, 0 restarts")
     facts = page.locator("#job-facts")
-    expect(facts).to_contain_text("20 / 20 steps")
+    expect(facts).to_contain_text("100 / 100 steps")
     expect(facts).to_contain_text("elapsed")
     expect(page.locator("#log")).to_contain_text("step")
     # The final model and the checkpoints are listed, and a download really downloads (bearer header, blob).
