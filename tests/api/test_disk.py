@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 
 from core.models import Job, utcnow
 from tests.api.conftest import make_user, spec
-from tests.api.test_datasets import JSONL, _clean_uploads, upload  # noqa: F401 - the fixture cleans uploads
+from tests.api.test_datasets import JSONL, upload
 from tests.api.test_jobs import only_error
+
+pytestmark = pytest.mark.usefixtures("clean_uploads")
 
 
 def _submit(client, headers=None) -> str:
