@@ -39,7 +39,11 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     settings = settings or get_settings()
     # Sized from the admission caps (api/admission.py): an admitted request never waits for a connection.
     engine = make_engine(settings.database_url, pool_size=db_pool_size(settings), max_overflow=0)
-    sync_redis = SyncRedis.from_url(settings.redis_url, socket_timeout=5) if settings.redis_url else None
+    sync_redis = (
+        SyncRedis.from_url(settings.redis_url, socket_timeout=5, retry=job_events.reconnecting())
+        if settings.redis_url
+        else None
+    )
     if dispatch is _DEFAULT:
         from core.dispatch import celery_dispatcher
 
@@ -117,6 +121,7 @@ def async_redis(settings: Settings) -> Redis | None:
         socket_connect_timeout=5,
         max_connections=redis_pool_size(settings),
         client_name="trainbox-api",
+        retry=job_events.reconnecting(asyncio=True),
     )
 
 

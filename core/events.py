@@ -10,7 +10,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis import Redis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from core import keys
 
@@ -87,11 +90,19 @@ def settings_publisher() -> Publish:
     return publisher(_redis(settings.redis_url) if settings.redis_url else None, maxlen=settings.stream_maxlen)
 
 
+def reconnecting(*, asyncio: bool = False) -> Any:
+    """A client's retry policy (`retry=` of Redis.from_url): a command that finds its pooled connection
+    closed is sent again on a new one. A Redis restart closes every idle pooled connection, and redis-py's
+    from_url clients retry nothing, so the first command on each used to fail ("Connection closed by
+    server"): a follower's resumed stream ended at once."""
+    return (AsyncRetry if asyncio else Retry)(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
+
+
 _clients: dict[str, Redis] = {}
 
 
 def _redis(url: str) -> Redis:
     """One client (and connection pool) per URL for the process."""
     if url not in _clients:
-        _clients[url] = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        _clients[url] = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, retry=reconnecting())
     return _clients[url]

@@ -318,6 +318,31 @@ def _pings(r: Redis) -> bool:
         return False
 
 
+def test_a_stream_after_a_redis_restart_reconnects_instead_of_ending(client, settings, sessions, own_redis):
+    """A Redis restart closes the API's idle pooled connections. The next stream's first command must go
+    out again on a new connection: it ended the stream at once (the client had nothing to resume from)."""
+    if not settings.is_sqlite:
+        pytest.skip("the stream's Redis handling does not depend on the database (run once)")
+    redis_url, start_redis, stop_redis = own_redis
+    r = start_redis()
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "succeeded")
+    auth = {"Authorization": client.headers["Authorization"]}
+    app = create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)
+    with serve(app) as url:
+        steps(r, job_id, 1, 3)
+        first = Follower(url, job_id, auth)
+        assert first.ended.wait(15) and [e[1] for e in first.events()] == ["step", "step", "end"]
+        wait_for(lambda: not app.state.fanout.readers, timeout=10, what="the job's reader gone")
+        assert app.state.redis.connection_pool._available_connections, "idle pooled connections to go stale"
+        stop_redis()
+        r = start_redis()  # empty: the stream is lost
+        steps(r, job_id, 3, 4)
+        resumed = Follower(url, job_id, auth, **{"Last-Event-ID": first.events()[-1][0]})
+        assert resumed.ended.wait(15)
+    assert [(e[1], e[2].get("step")) for e in resumed.events()] == [("step", 3), ("end", None)]
+
+
 def test_a_redis_failure_ends_the_stream_with_one_line_and_the_resume_works(
     client, settings, sessions, own_redis, caplog, monkeypatch
 ):
