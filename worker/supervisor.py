@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,10 @@ def child_env(
     if spec is not None and spec.origin:
         root = str(Path(spec.origin).parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # DeepSpeed's ops build with the ninja installed beside this interpreter, not whichever ninja is first
+    # on PATH: a stack started without activating its venv built with the system's (or found none), and
+    # two ninjas see each other's build commands as changed and rebuild the shared op cache.
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
     if extensions_dir is not None:
         env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
     if accelerator == "cuda":

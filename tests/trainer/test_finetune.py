@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,9 @@ def pretrained(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str
     run_dir = data_root / f"pretrain-{tmp_path_factory.mktemp('p').name}"
     run_dir.mkdir()
     (run_dir / "spec.json").write_text(json.dumps(tiny_spec(max_steps=15, checkpoint_every=0)))
-    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    # The other trainer runs' environment (tests/trainer/conftest.py): the shared op cache and the venv's
+    # ninja. A bare PATH and no TORCH_EXTENSIONS_DIR compiled the op again into ~/.cache (about 30 s).
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         trainer_cmd(run_dir / "spec.json", run_dir, data_root),
         cwd=REPO,

@@ -122,3 +122,12 @@ def test_a_worker_killed_mid_build_takes_its_builder_along(cache, tmp_path):
         os.close(fd)
         if worker.poll() is None:
             worker.kill()
+
+
+def test_ranks_and_op_builds_find_the_ninja_beside_the_workers_interpreter():
+    """A stack started without activating its venv (PATH without it): the ranks still build with the venv's
+    ninja, not the system's (two ninjas rebuild each other's op cache) or none."""
+    env = child_env("cpu", [], base={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    beside = Path(sys.executable).parent / "ninja"
+    assert beside.exists(), "the venv installs ninja (DeepSpeed's op builds need it)"
+    assert shutil.which("ninja", path=env["PATH"]) == str(beside)
