@@ -26,12 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from core import events, keys
 
 BATCH = 200
 BUFFER = 1000  # events a reader keeps for its followers; one further behind reads for itself
+BUFFER_BYTES = 16 * 2**20  # and at most this much of them (log events carry up to 200 lines each)
 # The job's state as the reader last read it: (terminal, state, error).
 ReadState = Callable[[str], Awaitable[tuple[bool, str, dict[str, Any] | None]]]
 
@@ -61,6 +64,10 @@ class Entry:
     data: str
     wire_step: int  # `wire` is the message for a follower whose last step is this one
     wire: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + len(self.wire)
 
     @classmethod
     def of(cls, position: str, event: dict[str, Any], step: int) -> Entry:
@@ -98,6 +105,7 @@ class Reader:
         self.position, self.step = start, step
         self.buffer: deque[Entry] = deque()
         self.end = 0  # the number of entries read; the buffer holds numbers end - len(buffer) .. end - 1
+        self.bytes = 0  # what the buffer holds
         self.followers = 0
         self.ended: tuple[str, dict[str, Any] | None] | None = None  # (state, error) once terminal and drained
         self.failed: Exception | None = None  # what ended it otherwise (a Redis error): its followers raise it
@@ -125,6 +133,8 @@ class Reader:
         except Exception as e:  # noqa: BLE001 - each follower ends its stream with it (a RedisError: resume)
             self.failed = e
         finally:
+            if self.ended is None and self.failed is None:  # cancelled (its last follower left, or shutdown)
+                self.failed = RedisConnectionError("the job's event reader stopped")
             self.fanout.forget(self)
             self._notify()
 
@@ -148,9 +158,12 @@ class Reader:
                 for entry_id, raw in items:
                     event = events.decode(raw)
                     entry = Entry.of(stream_id(entry_id), event, self.step)
-                    if len(self.buffer) == BUFFER:
-                        self.start = self.buffer.popleft().key
                     self.buffer.append(entry)
+                    self.bytes += entry.size
+                    while len(self.buffer) > BUFFER or (self.bytes > BUFFER_BYTES and len(self.buffer) > 1):
+                        old = self.buffer.popleft()
+                        self.bytes -= old.size
+                        self.start = old.key
                     self.end += 1
                     self.position, self.step = entry.position, entry.wire_step
                     saw_state = saw_state or event.get("type") in ("state", "end")
@@ -178,8 +191,9 @@ class Fanout:
             # Not past the stream's last entry: a client's made-up position must not hide newer events
             # from the reader's other followers.
             last = await self.redis.xrevrange(keys.job_events(job_id), count=1)
-            if last and id_key(stream_id(last[0][0])) < id_key(position):
-                position = stream_id(last[0][0])
+            end = stream_id(last[0][0]) if last else "0-0"
+            if id_key(end) < id_key(position):
+                position = end
             reader = self.readers.get(job_id)  # another follower may have started one meanwhile
             if reader is None:
                 reader = self.readers[job_id] = Reader(self, job_id, position, step)
@@ -225,7 +239,8 @@ class Fanout:
                             if msg is not None:
                                 yield msg
                     elif reader.failed is not None:
-                        raise reader.failed
+                        # A fresh error per follower (one shared object's traceback would grow with each).
+                        raise RedisError(f"{type(reader.failed).__name__}: {reader.failed}") from reader.failed
                     elif reader.ended is not None:
                         state, error = reader.ended
                         yield message({"type": "end", "state": state, "error": error}, position, step)

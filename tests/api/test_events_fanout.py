@@ -14,7 +14,7 @@ from redis import Redis
 
 from api import fanout
 from api.app import create_app
-from core import events
+from core import events, keys
 from tests.api import test_events
 from tests.api.conftest import spec
 from tests.api.test_events import Follower, parse, set_state, steps
@@ -153,6 +153,49 @@ def test_a_made_up_position_does_not_hide_events_from_the_others(client, setting
         assert now.ended.wait(15) and future.ended.wait(15)
     assert [(e[1], e[2].get("step")) for e in now.events()] == [("step", 2), ("step", 3), ("end", None)]
     assert [e[1] for e in future.events()] == ["end"]
+
+
+def test_a_made_up_position_on_an_empty_stream_does_not_take_the_reader(client, settings, sessions, redis):
+    """With no stream at all (Redis lost it), a client resuming past its end starts the reader at the
+    beginning: the job's other followers still share it."""
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "running")
+    redis.delete(keys.job_events(job_id))
+    auth = {"Authorization": client.headers["Authorization"]}
+    app = create_app(settings, dispatch=None)
+    with serve(app) as url:
+        future = Follower(url, job_id, auth, **{"Last-Event-ID": f"{2**63}-0:0"})
+        reader = wait_for(lambda: readers(app).get(job_id), timeout=10, what="the reader it starts")
+        fresh = Follower(url, job_id, auth)
+        wait_for(lambda: reader.followers == 2, timeout=10, what="the fresh follower on the same reader")
+        steps(redis, job_id, 1, 3)
+        wait_for(lambda: len(fresh.events()) == 2, timeout=10, what="steps 1 and 2")
+        set_state(sessions, job_id, "succeeded")
+        assert fresh.ended.wait(15) and future.ended.wait(15)
+    assert [(e[1], e[2].get("step")) for e in fresh.events()] == [("step", 1), ("step", 2), ("end", None)]
+
+
+def test_the_readers_buffer_is_bounded_in_bytes(client, settings, sessions, redis, monkeypatch):
+    """Large events (a log event carries up to 200 lines) are kept up to BUFFER_BYTES, not BUFFER of them."""
+    if not settings.is_sqlite:
+        pytest.skip("the fan-out does not depend on the database (run once)")
+    cap = 2_000_000
+    monkeypatch.setattr(fanout, "BUFFER_BYTES", cap)
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "running")
+    auth = {"Authorization": client.headers["Authorization"]}
+    app = create_app(settings, dispatch=None)
+    with serve(app) as url:
+        follower = Follower(url, job_id, auth)
+        reader = wait_for(lambda: readers(app).get(job_id), timeout=10, what="the job's reader")
+        wait_for(lambda: follower.events(), timeout=10, what="the queued state event")
+        events.publish_many(redis, job_id, step_events(1, 101, pad="x" * 100_000), maxlen=10000)
+        wait_for(lambda: count_events(follower) == 101, timeout=30, what="every step")
+        assert reader.bytes <= cap and len(reader.buffer) <= cap // 200_000, (reader.bytes, len(reader.buffer))
+        set_state(sessions, job_id, "succeeded")
+        events.publish(redis, job_id, {"type": "state", "state": "succeeded"}, maxlen=1000)
+        assert follower.ended.wait(15)
+    assert [s for _i, name, s in received(follower) if name == "step"] == list(range(1, 101))
 
 
 class SlowFollower(threading.Thread):
