@@ -121,7 +121,6 @@ def async_redis(settings: Settings) -> Redis | None:
         socket_connect_timeout=5,
         max_connections=redis_pool_size(settings),
         client_name="trainbox-api",
-        retry=job_events.reconnecting(asyncio=True),
     )
 
 

@@ -10,7 +10,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis import Redis
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -91,16 +90,17 @@ def settings_publisher() -> Publish:
     return publisher(_redis(settings.redis_url) if settings.redis_url else None, maxlen=settings.stream_maxlen)
 
 
-def reconnecting(*, asyncio: bool = False) -> Any:
-    """A client's retry policy (`retry=` of Redis.from_url): a command that finds its pooled connection
-    closed is sent again on a new one. A Redis restart closes every idle pooled connection, and redis-py's
-    from_url clients retry nothing, so the first command on each used to fail ("Connection closed by
-    server"): a follower's resumed stream ended at once. Timeouts are not retried: a server that does not
+def reconnecting() -> Retry:
+    """The retry policy (`retry=` of Redis.from_url) of clients whose commands stand alone (the publishers,
+    the submit rate): a command that finds its pooled connection closed is sent again on a new one. A Redis
+    restart closes every idle pooled connection, and redis-py's from_url clients retry nothing, so the first
+    command on each failed ("Connection closed by server"). Not for the event stream's reads: a read from a
+    position, sent again after a reconnect, would skip what the restarted Redis lost (api/routers/events.py
+    retries only a stream's first read). Timeouts are not retried: a server that does not
     answer in time is not helped by asking again (a blocking read would wait its timeout thrice). A write
     whose connection broke after it was sent may land twice: followers skip a repeated step, and the other
     events say the same thing again."""
-    cls = AsyncRetry if asyncio else Retry
-    return cls(ExponentialBackoff(cap=1.0, base=0.05), retries=2, supported_errors=(RedisConnectionError,))
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2, supported_errors=(RedisConnectionError,))
 
 
 _clients: dict[str, Redis] = {}

@@ -32,6 +32,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse
@@ -87,7 +88,15 @@ def _metrics_after(app: Any, job_id: str, after_step: int, below_step: int | Non
 async def _lost_steps(request: Request, redis: Redis, job_id: str, position: str, step: int) -> list[Any]:
     """The step rows after `step` that the stream no longer holds past `position` ([] when it does)."""
     key = keys.job_events(job_id)
-    head = await redis.xrange(key, count=1)
+    try:
+        head = await redis.xrange(key, count=1)
+    except RedisConnectionError:
+        # The stream's first command: a Redis restart closed the pool's idle connections. Drop them and
+        # ask once more on a new one (safe: nothing was read yet). Later reads are not retried: a read
+        # from a position after a reconnect would skip what the restarted Redis lost; the stream ends
+        # instead, and the client's resume gets those steps from the DB.
+        await redis.connection_pool.disconnect(inuse_connections=False)
+        head = await redis.xrange(key, count=1)
     if head and id_key(stream_id(head[0][0])) <= id_key(position):
         return []  # the stream still reaches back to the client's position
     first_step, start = None, "-"
