@@ -127,7 +127,9 @@ def child_env(
     # DeepSpeed's ops build with the ninja installed beside this interpreter, not whichever ninja is first
     # on PATH: a stack started without activating its venv built with the system's (or found none), and
     # two ninjas see each other's build commands as changed and rebuild the shared op cache.
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
+    # Only for a virtual environment: a system interpreter's bin (/usr/bin) must not go ahead of the rest.
+    if sys.prefix != sys.base_prefix and sys.executable:
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
     if extensions_dir is not None:
         env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
     if accelerator == "cuda":

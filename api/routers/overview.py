@@ -14,11 +14,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import CurrentUser, JobId, SessionDep, job_for_user
+from api.deps import CurrentUser, JobId, SessionDep, visible
 from api.errors import documented
-from api.routers.jobs import job_page, read_job
+from api.routers.jobs import job_page
 from api.routers.system import list_gpus, queue
 from api.schemas import GpuView, JobPage, JobRead, QueueView
+from core.jobs import job_row
 
 router = APIRouter(tags=["system"])
 
@@ -48,7 +49,7 @@ def overview(
     limit: Annotated[int, Query(ge=1, le=200, description="how many of the newest jobs")] = 50,
 ) -> Overview:
     """The dashboard's view in one request: who you are, GPUs, queue, your newest jobs, and one job."""
-    opened = read_job(session, job_for_user(job, session, user).id) if job is not None else None
+    opened = JobRead.of(visible(job_row(session.connection(), job), job, user)) if job is not None else None
     return Overview(
         now=datetime.now(UTC),
         user=Me(name=user.name, is_admin=user.is_admin),
