@@ -285,3 +285,35 @@ def test_the_reader_goes_with_its_last_follower(client, settings, sessions, redi
         steps(redis, job_id, 2, 3)
         threads[0].join(10)
         wait_for(lambda: not readers(app), timeout=10, what="no reader")
+
+
+def test_a_redis_restart_while_a_follower_catches_up_ends_its_stream_without_a_gap(
+    client, settings, sessions, own_redis
+):
+    """A follower reading for itself (catching up) when Redis restarts and loses the stream: its next read
+    must fail and end the stream (the client resumes; the DB refills the steps), not go on from the new,
+    empty stream as if the lost steps had been sent."""
+    if not settings.is_sqlite:
+        pytest.skip("the stream's Redis handling does not depend on the database (run once)")
+    redis_url, start_redis, stop_redis = own_redis
+    r = start_redis()
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, "running")
+    auth = {"Authorization": client.headers["Authorization"]}
+    pad, count = "x" * 120_000, 400  # more than both socket buffers hold: the server's sends block mid-batch
+    events.publish_many(r, job_id, step_events(1, count + 1, pad=pad), maxlen=10000)
+    with serve(create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)) as url:
+        slow = SlowFollower(url, job_id, auth)
+        assert slow.connected.wait(10)
+        time.sleep(1.0)  # the stream's first batch fills the sockets; its generator waits to send more
+        stop_redis()
+        r = start_redis()  # empty: the stream is lost
+        steps(r, job_id, count + 1, count + 3)
+        set_state(sessions, job_id, "succeeded")
+        slow.go.set()
+        slow.join(60)
+        assert not slow.is_alive()
+    got = [(e[1], e[2].get("step")) for e in parse(slow.lines)]
+    sent = [s for name, s in got if name == "step"]
+    assert sent == list(range(1, len(sent) + 1)), "no step skipped"
+    assert len(sent) < count and ("end", None) not in got, "the stream ends without its end: the client resumes"
