@@ -56,6 +56,13 @@ def set_state(sessions, job_id, state):
         s.commit()
 
 
+def posted_job(client, sessions, state: str = "running") -> tuple[str, dict[str, str]]:
+    """A job submitted and set to `state`, and the caller's token header (for a client on a real socket)."""
+    job_id = client.post("/jobs", json=spec()).json()["id"]
+    set_state(sessions, job_id, state)
+    return job_id, {"Authorization": client.headers["Authorization"]}
+
+
 def steps(redis, job_id, start, stop):
     return [
         events.publish(
@@ -325,9 +332,7 @@ def test_a_stream_after_a_redis_restart_reconnects_instead_of_ending(client, set
         pytest.skip("the stream's Redis handling does not depend on the database (run once)")
     redis_url, start_redis, stop_redis = own_redis
     r = start_redis()
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "succeeded")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions, "succeeded")
     app = create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)
     with serve(app) as url:
         steps(r, job_id, 1, 3)
@@ -353,9 +358,7 @@ def test_a_redis_failure_ends_the_stream_with_one_line_and_the_resume_works(
     caplog.set_level(logging.INFO)
     redis_url, start_redis, stop_redis = own_redis
     r = start_redis()
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     with serve(create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)) as url:
         steps(r, job_id, 1, 3)
         followers = [Follower(url, job_id, auth) for _ in range(3)]

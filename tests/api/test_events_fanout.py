@@ -16,8 +16,7 @@ from api import fanout
 from api.app import create_app
 from core import events, keys
 from tests.api import test_events
-from tests.api.conftest import spec
-from tests.api.test_events import Follower, parse, set_state, steps
+from tests.api.test_events import Follower, parse, posted_job, set_state, steps
 from tests.helpers import serve, wait_for
 
 live_server, own_redis = test_events.live_server, test_events.own_redis  # fixtures
@@ -47,10 +46,8 @@ def test_followers_of_a_job_share_one_xread_per_batch(client, settings, sessions
         pytest.skip("the fan-out does not depend on the database (run once)")
     redis_url, start_redis, _stop = own_redis
     r = start_redis()
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
+    job_id, auth = posted_job(client, sessions)
     events.publish(r, job_id, {"type": "state", "state": "running"}, maxlen=1000)
-    auth = {"Authorization": client.headers["Authorization"]}
     # Production's block time: a quiet reader's XREAD BLOCK does not end (and count) within the test.
     app = create_app(settings.model_copy(update={"redis_url": redis_url, "sse_block_ms": 5000}), dispatch=None)
     n, batches, size = 20, 10, 5
@@ -87,9 +84,7 @@ def test_a_quiet_jobs_followers_share_its_state_reads(client, settings, sessions
         pytest.skip("the fan-out does not depend on the database (run once)")
     from sqlalchemy import event
 
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     app = create_app(settings, dispatch=None)
     reads = []
 
@@ -114,9 +109,7 @@ def test_a_quiet_jobs_followers_share_its_state_reads(client, settings, sessions
 
 
 def test_late_and_fresh_followers_join_a_running_reader(client, sessions, redis, live_server):
-    job_id = client.post("/jobs", json=spec()).json()["id"]  # the API publishes state=queued
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)  # the API publishes state=queued
     early = Follower(live_server, job_id, auth)
     wait_for(lambda: early.events(), timeout=10, what="the queued state event")
     ids = steps(redis, job_id, 1, 11)
@@ -138,9 +131,7 @@ def test_late_and_fresh_followers_join_a_running_reader(client, sessions, redis,
 
 def test_a_made_up_position_does_not_hide_events_from_the_others(client, settings, sessions, redis):
     """A client that resumes past the stream's end starts the job's reader: it starts at the stream's end."""
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     app = create_app(settings, dispatch=None)
     with serve(app) as url:
         future = Follower(url, job_id, auth, **{"Last-Event-ID": f"{2**63}-0:0"})
@@ -158,10 +149,8 @@ def test_a_made_up_position_does_not_hide_events_from_the_others(client, setting
 def test_a_made_up_position_on_an_empty_stream_does_not_take_the_reader(client, settings, sessions, redis):
     """With no stream at all (Redis lost it), a client resuming past its end starts the reader at the
     beginning: the job's other followers still share it."""
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
+    job_id, auth = posted_job(client, sessions)
     redis.delete(keys.job_events(job_id))
-    auth = {"Authorization": client.headers["Authorization"]}
     app = create_app(settings, dispatch=None)
     with serve(app) as url:
         future = Follower(url, job_id, auth, **{"Last-Event-ID": f"{2**63}-0:0"})
@@ -181,9 +170,7 @@ def test_the_readers_buffer_is_bounded_in_bytes(client, settings, sessions, redi
         pytest.skip("the fan-out does not depend on the database (run once)")
     cap = 2_000_000
     monkeypatch.setattr(fanout, "BUFFER_BYTES", cap)
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     app = create_app(settings, dispatch=None)
     with serve(app) as url:
         follower = Follower(url, job_id, auth)
@@ -225,9 +212,7 @@ def test_a_follower_behind_the_buffer_reads_for_itself_and_misses_nothing(
         pytest.skip("the fan-out does not depend on the database (run once)")
     buffer, batch = 60, 50  # a follower that keeps up never falls behind (a batch fits in the buffer)
     monkeypatch.setattr(fanout, "BUFFER", buffer)
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     # More than the kernel can hold for a client that does not read (both socket buffers at their
     # largest): the slow follower's sends block while the reader moves on past its buffer.
     pad, count = "x" * 120_000, 400
@@ -254,9 +239,7 @@ def test_a_follower_behind_the_buffer_reads_for_itself_and_misses_nothing(
 
 
 def test_the_reader_goes_with_its_last_follower(client, settings, sessions, redis):
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     app = create_app(settings, dispatch=None)
 
     def follow_one_step(**headers: str) -> None:
@@ -297,15 +280,14 @@ def test_a_redis_restart_while_a_follower_catches_up_ends_its_stream_without_a_g
         pytest.skip("the stream's Redis handling does not depend on the database (run once)")
     redis_url, start_redis, stop_redis = own_redis
     r = start_redis()
-    job_id = client.post("/jobs", json=spec()).json()["id"]
-    set_state(sessions, job_id, "running")
-    auth = {"Authorization": client.headers["Authorization"]}
+    job_id, auth = posted_job(client, sessions)
     pad, count = "x" * 120_000, 400  # more than both socket buffers hold: the server's sends block mid-batch
     events.publish_many(r, job_id, step_events(1, count + 1, pad=pad), maxlen=10000)
     with serve(create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)) as url:
         slow = SlowFollower(url, job_id, auth)
         assert slow.connected.wait(10)
-        time.sleep(1.0)  # the stream's first batch fills the sockets; its generator waits to send more
+        # Its first read returned a batch whose sends fill the sockets: the generator waits to send more.
+        wait_for(lambda: xread_calls(r) >= 1, timeout=10, what="the follower's first read")
         stop_redis()
         r = start_redis()  # empty: the stream is lost
         steps(r, job_id, count + 1, count + 3)
