@@ -5,7 +5,7 @@
 # service job on the embedded stack, the goals). What it writes goes under $OUT (the device tool
 # brings that folder back); stdout is also kept there as gpu_check.log.
 #
-#   ../shared/device/make-wheels.sh          # here, once: fills .whl/ (see ../shared/device/README.md)
+#   scripts/gpu_wheels.sh                    # here, once: fills .whl/ (see ../shared/device/README.md)
 #   scripts/gpu_check.sh                     # on the GPU machine; the device call carries .whl
 #   scripts/gpu_check.sh --cpu               # here: the same stages on CPU, preset:tiny, a few minutes
 #
@@ -35,6 +35,8 @@ if [ "$mode" = gpu ]; then
       say "FAIL: the carried wheels did not install (the end of $log says why)"; exit 2
     fi
     export PYTHONPATH=$PWD:/tmp/site
+    # The embedded stack's Redis travels beside the wheels (scripts/gpu_wheels.sh says why).
+    [ -x .whl/bin/redis-server ] && export PATH=$PWD/.whl/bin:$PATH
   elif $py -c 'import deepspeed, fastapi, sqlalchemy, celery' >/dev/null 2>&1; then
     say "no .whl/: this Python already has DeepSpeed and the service's packages; using them"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
