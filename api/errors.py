@@ -185,20 +185,18 @@ def _api(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc.msg, exc.loc, exc.type), status_code=exc.status_code, headers=exc.headers)
 
 
-def _not_found(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), ["path", "job_id"], "not_found"), status_code=404)
+# Domain exceptions of core, each with its status, where it applies and its type.
+_DOMAIN: dict[type[Exception], tuple[int, list[Any], str]] = {
+    JobNotFound: (404, ["path", "job_id"], "not_found"),
+    IdempotencyConflict: (409, ["header", "Idempotency-Key"], "conflict"),
+    InvalidCursor: (422, ["query", "cursor"], "value_error"),
+    UserError: (422, ["body"], "value_error"),
+}
 
 
-def _conflict(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), ["header", "Idempotency-Key"], "conflict"), status_code=409)
-
-
-def _bad_cursor(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), ["query", "cursor"], "value_error"), status_code=422)
-
-
-def _user_error(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), ["body"], "value_error"), status_code=422)
+def _domain(_: Request, exc: Exception) -> JSONResponse:
+    status, loc, type_ = next(v for k, v in _DOMAIN.items() if isinstance(exc, k))
+    return JSONResponse(error_body(str(exc), loc, type_), status_code=status)
 
 
 def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -211,8 +209,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(ApiError, _api)
-    app.add_exception_handler(JobNotFound, _not_found)
-    app.add_exception_handler(IdempotencyConflict, _conflict)
-    app.add_exception_handler(InvalidCursor, _bad_cursor)
-    app.add_exception_handler(UserError, _user_error)
+    for domain_error in _DOMAIN:
+        app.add_exception_handler(domain_error, _domain)
     app.add_exception_handler(Exception, _unexpected)
