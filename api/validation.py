@@ -4,6 +4,7 @@ validate dry run. Submit and validate run the same checks (`admit`), so validate
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +18,7 @@ from api.errors import Unprocessable
 from api.estimate import GB, estimate_memory, model_config
 from api.limits import check_spec_limits
 from core.models import Dataset, Gpu
-from core.scheduler import queue_position_for
+from core.scheduler import Dispatch, queue_position_for, schedule
 from core.settings import Settings
 from core.users import Principal
 from trainer import dsconfig
@@ -37,6 +38,8 @@ from trainer.spec import DEFAULT_MAX_RUNTIME_S, MAX_GRAD_ACCUM, MAX_STEPS, Datas
 
 # Lines of the dataset read at submission: enough to catch a wrong format or text field early.
 INSPECT_RECORDS = 200
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -424,6 +427,9 @@ def dry_run(spec: JobSpec, settings: Settings, session: Session, user: Principal
     }
 
 
-def schedule_options(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments the API passes to core.scheduler.schedule."""
-    return {"box_ttl_s": settings.box_ttl_s, "max_gpus_per_user": settings.max_gpus_per_user}
+def reschedule(session: Session, dispatch: Dispatch | None, settings: Settings, after: str) -> None:
+    """A scheduling pass after a change the caller committed; a failure is logged (the sweep places the jobs)."""
+    try:
+        schedule(session, dispatch, box_ttl_s=settings.box_ttl_s, max_gpus_per_user=settings.max_gpus_per_user)
+    except Exception:
+        log.exception("scheduling after %s failed", after)

@@ -5,7 +5,6 @@ checkpoint-and-requeue path."""
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Annotated
 
@@ -20,14 +19,12 @@ from api.openai.errors import BadRequest
 from api.openai.mapping import fine_tuning_job, parse_job_id, request_loc, spec_body, validate_spec
 from api.openai.schemas import CheckpointList, EventList, FineTuningJob, JobCreate, JobList
 from api.routers import jobs as jobs_routes
-from api.validation import schedule_options
+from api.validation import reschedule
 from core.jobs import JobNotFound, get_job
 from core.models import Dataset, Job, utcnow
-from core.scheduler import schedule
 from core.states import JobState
 from core.users import Principal
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], include_in_schema=False)
 
 _META_KEY = re.compile(r"metadata\[([^\]]{1,64})\]")
@@ -237,8 +234,5 @@ def resume_fine_tuning_job(
     """Resume a paused job: it is placed again in its turn and continues from its newest checkpoint."""
     if not release(session, job.id):
         raise BadRequest("the job is not paused", ["path", "fine_tuning_job_id"], type_="invalid_state")
-    try:
-        schedule(session, dispatch, **schedule_options(settings))
-    except Exception:
-        log.exception("scheduling after resume of %s failed", job.id)  # the periodic sweep will place it
+    reschedule(session, dispatch, settings, f"resume of {job.id}")
     return _view(job, session, settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -14,15 +13,13 @@ from api.deps import CurrentUser, DispatchDep, JobDep, JobId, SessionDep, Settin
 from api.errors import documented
 from api.limits import check_disk_quota, check_queue_limit, check_submit_rate
 from api.schemas import JobPage, JobRead, JobSummary, MetricPage, ValidateResult
-from api.validation import admit, dry_run, schedule_options, with_defaults
+from api.validation import admit, dry_run, reschedule, with_defaults
 from core import jobs as service
 from core.jobs import JobNotFound
-from core.scheduler import schedule
 from core.states import JobState
 from core.users import Principal
 from trainer.spec import DEFAULT_MAX_RUNTIME_S, JobSpec
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
@@ -111,11 +108,7 @@ def submit_job(
     )
     if submitted.created:
         request.app.state.publish(submitted.job.id, {"type": "state", "state": JobState.QUEUED.value})
-        try:
-            schedule(session, dispatch, **schedule_options(settings))
-        except Exception:
-            # The job is committed; the periodic sweep will place it.
-            log.exception("scheduling after submit of %s failed", submitted.job.id)
+        reschedule(session, dispatch, settings, f"submit of {submitted.job.id}")
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return read_job(session, submitted.job.id)
@@ -189,11 +182,8 @@ def cancel_job(
     before = job.state
     after = service.request_cancel(session=session, job_id=job.id, publish=request.app.state.publish)
     if after.state == JobState.CANCELLED and before == JobState.QUEUED:
-        try:
-            # The cancelled job may have been the head that blocked the queue.
-            schedule(session, dispatch, **schedule_options(settings))
-        except Exception:
-            log.exception("scheduling after cancel of %s failed", job.id)
+        # The cancelled job may have been the head that blocked the queue.
+        reschedule(session, dispatch, settings, f"cancel of {job.id}")
     return read_job(session, job.id)
 
 
