@@ -72,31 +72,21 @@ class JobSummary(BaseModel):
 
     @classmethod
     def of(cls, job: Job | Row[Any], **extra: Any) -> Any:
-        """The job as the API shows it, from a Job or a row of core.jobs.JOB_COLUMNS; its queue position and
-        start ETA are the stored ones (core.queue)."""
+        """The job as the API shows it, from a Job or a row of core.jobs.JOB_COLUMNS: every field not derived
+        is the column of its name; its queue position and start ETA are the stored ones (core.queue)."""
         latest = job.latest
         return cls(
-            id=job.id,
-            name=job.name,
-            owner=job.owner,
-            state=job.state,
-            gpus=job.gpus,
-            gpu_ids=job.gpu_ids,
-            box=job.box,
-            priority=job.priority,
-            attempt=job.attempt,
+            **{name: getattr(job, name) for name in cls.model_fields if name not in _DERIVED},
             queue_position=queue_position(job),
             start_eta_s=start_eta_s(job),
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            paused_at=job.paused_at,
             progress=Progress(**progress_of(job)),
             latest=Latest(**{k: latest.get(k) for k in (*LATEST_FIELDS, "time")}) if latest else None,
-            error=job.error,
-            disk_bytes=job.disk_bytes,
             **extra,
         )
+
+
+# The fields of JobSummary and JobRead that are not a column of the job.
+_DERIVED = frozenset({"queue_position", "start_eta_s", "progress", "latest", "artifacts"})
 
 
 class Artifact(BaseModel):
@@ -136,14 +126,7 @@ class JobRead(JobSummary):
     @classmethod
     def of(cls, job: Job | Row[Any], **extra: Any) -> Any:
         """The job as GET /jobs/{id} shows it, from its row alone (queue position and ETA are stored on it)."""
-        return super().of(
-            job,
-            spec=job.spec,
-            max_attempts=job.max_attempts,
-            cancel_requested=job.cancel_requested,
-            artifacts=artifacts_link(job.id),
-            **extra,
-        )
+        return super().of(job, artifacts=artifacts_link(job.id), **extra)
 
 
 class JobPage(BaseModel):

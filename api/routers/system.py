@@ -66,21 +66,20 @@ def queue(session: SessionDep, user: CurrentUser) -> QueueView:
     active = [s.value for s in ACTIVE_STATES]
     running = session.scalars(select(Job).where(Job.state.in_(active)).order_by(Job.started_at, Job.created_at)).all()
     waiting = session.scalars(queued_order(select(Job))).all()
-    data = []
-    for position, job in [(None, j) for j in running] + list(enumerate(waiting, 1)):
-        data.append(
-            QueueEntry(
-                **public_job(job, user),
-                gpus=job.gpus,
-                priority=job.priority,
-                queue_position=position,
-                start_eta_s=start_eta_s(job),
-                box=job.box,
-                gpu_ids=job.gpu_ids,
-                created_at=job.created_at,
-                started_at=job.started_at,
-            )
+    data = [
+        QueueEntry(
+            **public_job(job, user),
+            gpus=job.gpus,
+            priority=job.priority,
+            queue_position=position,
+            start_eta_s=start_eta_s(job),
+            box=job.box,
+            gpu_ids=job.gpu_ids,
+            created_at=job.created_at,
+            started_at=job.started_at,
         )
+        for position, job in [(None, j) for j in running] + list(enumerate(waiting, 1))
+    ]
     return QueueView(data=data)
 
 
