@@ -77,10 +77,7 @@ def _require_head(engine: Any) -> None:
         current = MigrationContext.configure(conn).get_current_revision()
     head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
     if current != head:
-        err_console.print(
-            f"[red]error:[/] the database is at revision {current}, not {head}: "
-            "run `python -m migrations upgrade` first"
-        )
+        print_error(f"the database is at revision {current}, not {head}: run `python -m migrations upgrade` first")
         raise typer.Exit(1)
 
 
@@ -120,18 +117,8 @@ def users_list() -> None:
             "disk bytes",
         )
         for u in list_users(session):
-            limits = (
-                u.max_gpus,
-                u.max_queued,
-                u.max_runtime_s,
-                u.max_priority,
-                u.submit_rate_per_minute,
-                u.max_datasets,
-                u.max_dataset_bytes,
-                u.max_tokens,
-                u.max_disk_bytes,
-            )
-            table.add_row(escape(u.name), "yes" if u.is_admin else "", *(_limit(v) for v in limits))
+            limits = (_limit(getattr(u, f)) for f in LIMIT_FIELDS)
+            table.add_row(escape(u.name), "yes" if u.is_admin else "", *limits)
         console.print(table)
 
 
@@ -169,12 +156,8 @@ def users_set(
             print_error(f"unknown limit {field!r}; limits: {', '.join(LIMIT_FIELDS)}")
             raise typer.Exit(2)
         changes[field] = None
-    with database() as session:
-        try:
-            user = set_limits(session, name=name, is_admin=admin, **changes)
-        except UserError as exc:
-            print_error(exc)
-            raise typer.Exit(1) from None
+    with database() as session:  # a UserError: its message, exit 1
+        user = set_limits(session, name=name, is_admin=admin, **changes)
         console.print(
             f"{user.name}: " + ", ".join(f"{f}={_limit(getattr(user, f))}" for f in LIMIT_FIELDS),
             markup=False,
