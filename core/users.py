@@ -125,8 +125,11 @@ def create_user(session: Session, *, name: str, is_admin: bool = False) -> User:
     return user
 
 
-def get_user(session: Session, name: str) -> User:
-    user = session.scalar(select(User).where(User.name == name))
+def get_user(session: Session, name: str, *, lock: bool = False) -> User:
+    """The user; `lock`: their row, locked until the transaction ends (Postgres: FOR UPDATE; SQLite's
+    writing transactions already hold the database's write lock): per-user caps are counted under it."""
+    query = select(User).where(User.name == name)
+    user = session.scalar(query.with_for_update() if lock else query)
     if user is None:
         raise UserError(f"no user named {name!r}")
     return user
@@ -156,15 +159,6 @@ def set_limits(session: Session, *, name: str, is_admin: bool | None = None, **l
 # --- tokens --------------------------------------------------------------------------------------
 
 
-def lock_user(session: Session, name: str) -> User:
-    """The user's row, locked until the transaction ends (Postgres: FOR UPDATE; SQLite's writing
-    transactions already hold the database's write lock): per-user caps are counted under it."""
-    user = session.scalar(select(User).where(User.name == name).with_for_update())
-    if user is None:
-        raise UserError(f"no user named {name!r}")
-    return user
-
-
 def live_tokens(session: Session, user_id: int, now: datetime | None = None) -> int:
     """How many of the user's tokens still authenticate (neither revoked nor expired)."""
     now = now or utcnow()
@@ -191,7 +185,7 @@ def create_token(
         raise UserError("token names are 1-100 letters, digits, spaces or . @ : ( ) - _")
     if expires_in is not None and expires_in.total_seconds() <= 0:
         raise UserError("a token's lifetime must be positive")
-    user = lock_user(session, user_name)
+    user = get_user(session, user_name, lock=True)
     now = utcnow()
     if max_live is not None and (live := live_tokens(session, user.id, now)) >= max_live:
         session.rollback()

@@ -26,7 +26,7 @@ from api.schemas import DatasetPage, DatasetRead
 from core.datasets import DatasetInUse, delete_dataset
 from core.models import Dataset, new_job_id, utcnow
 from core.settings import Settings
-from core.users import Principal, lock_user
+from core.users import Principal, get_user
 from trainer.paths import UPLOADS_DIR, DatasetInfo, SpecError, inspect_dataset, uploaded_dataset_path
 from trainer.spec import DatasetRef
 
@@ -129,7 +129,7 @@ def receive_upload(
             raise Unprocessable(f"upload refused: {e}", ["body", field]) from None
         os.replace(part, final)
         # Counted again under the user's lock: concurrent uploads cannot pass the quota together.
-        lock_user(session, user.name)
+        get_user(session, user.name, lock=True)
         check_upload_quota(session, user, adding=size)
         row = Dataset(
             id=dataset_id,
