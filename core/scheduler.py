@@ -253,26 +253,12 @@ def heartbeat_box(session: Session, name: str) -> bool:
     )
 
 
-def queue_positions(session: Session) -> dict[str, int]:
-    """1-based position of every queued job in scheduling order."""
-    ids = session.scalars(queued_order(select(Job.id))).all()
-    return {job_id: i for i, job_id in enumerate(ids, 1)}
-
-
 def queue_position_for(session: Session, *, priority: int) -> int:
     """The position a job submitted now with this priority would get."""
     ahead = session.scalar(
         select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED.value, Job.priority >= priority)
     )
     return int(ahead or 0) + 1
-
-
-def held_gpus(session: Session) -> dict[str, list[tuple[str, int]]]:
-    """job id -> [(box, gpu index)] for every allocated GPU (a consistency view for tests and /gpus)."""
-    out: dict[str, list[tuple[str, int]]] = {}
-    for box, index, job_id in session.execute(select(Gpu.box, Gpu.index, Gpu.job_id).where(Gpu.job_id.is_not(None))):
-        out.setdefault(job_id, []).append((box, index))
-    return out
 
 
 def report_gpu_memory(session: Session, box: str, used_mb: Mapping[int, int | None]) -> None:

@@ -57,10 +57,6 @@ class InvalidTransition(ValueError):
     """A transition the table does not allow (a programming error, not a lost race)."""
 
 
-def can_transition(src: JobState | str, dst: JobState | str) -> bool:
-    return JobState(dst) in ALLOWED[JobState(src)]
-
-
 def sources_of(dst: JobState | str) -> frozenset[JobState]:
     """States from which `dst` may be reached."""
     dst = JobState(dst)

@@ -158,12 +158,6 @@ def pack(
     return tokens, mask
 
 
-def tokenize(texts: Iterator[str], encode: EncodeBatch, eos_id: int) -> np.ndarray:
-    """All texts as one token stream, each document followed by EOS so the model learns to stop."""
-    pieces = [ids for ids, _ in encode_examples(texts, "text", Encoder(encode, eos_id), train_all=True)]
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
-
-
 @dataclass(frozen=True)
 class DataOptions:
     """Everything the prepared blocks depend on besides the files' contents: part of the cache key."""

@@ -10,10 +10,11 @@ from contextlib import contextmanager
 from sqlalchemy import event, update
 
 from core.models import Gpu, Job, new_job_id, utcnow
-from core.scheduler import queue_positions, schedule
+from core.scheduler import schedule
 from tests.api.conftest import make_user, spec
 from tests.api.test_datasets import JSONL, upload
 from tests.api.test_jobs import add_box
+from tests.core.factories import queue_positions
 from trainer.paths import uploaded_dataset_path
 
 

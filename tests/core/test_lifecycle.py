@@ -11,9 +11,9 @@ from sqlalchemy import select
 
 from core import lifecycle
 from core.models import Gpu, Job
-from core.scheduler import GpuInfo, held_gpus, register_box, schedule
+from core.scheduler import GpuInfo, register_box, schedule
 from core.states import JobState as S
-from tests.core.factories import add_job
+from tests.core.factories import add_job, held_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 # Where a job's state may be written: the lifecycle, and the compare-and-set it uses.

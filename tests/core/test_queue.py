@@ -11,8 +11,8 @@ from core import lifecycle
 from core.eta import start_etas
 from core.models import Gpu, Job
 from core.queue import start_eta_s
-from core.scheduler import GpuInfo, queue_positions, register_box, schedule
-from tests.core.factories import add_job
+from core.scheduler import GpuInfo, register_box, schedule
+from tests.core.factories import add_job, queue_positions
 
 
 def stored(session) -> dict[str, int]:

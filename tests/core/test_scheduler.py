@@ -10,15 +10,13 @@ from core.models import Gpu, Job
 from core.scheduler import (
     GpuInfo,
     free_gpus,
-    held_gpus,
     queue_position_for,
-    queue_positions,
     register_box,
     report_gpu_memory,
     schedule,
 )
 from core.states import JobState, transition
-from tests.core.factories import add_job
+from tests.core.factories import add_job, held_gpus, queue_positions
 
 
 def box(session, name="box1", n=3, memory_mb=24564):

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 
 from trainer.batch import BatchPlan
-from trainer.data import PackedBatches, read_items, tokenize
+from trainer.data import Encoder, PackedBatches, encode_examples, read_items
 from trainer.paths import SpecError, inspect_dataset
 from trainer.spec import DatasetRef
 
 EOS = 0
+
+
+def tokenize(texts, encode, eos_id) -> np.ndarray:
+    """All texts as one token stream, each document followed by EOS so the model learns to stop."""
+    pieces = [ids for ids, _ in encode_examples(texts, "text", Encoder(encode, eos_id), train_all=True)]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
 
 
 def encode(texts: list[str]) -> list[list[int]]:
