@@ -44,6 +44,10 @@ if [ "$mode" = gpu ]; then
     say "FAIL: no .whl/ to install and this Python lacks DeepSpeed or the service's packages:"
     say "  run ../shared/device/make-wheels.sh here and carry .whl with the device call"; exit 2
   fi
+  # DeepSpeed's JIT builder parses TORCH_CUDA_ARCH_LIST as numbers and fails on Hopper's "9.0a"
+  # (the image sets it): build FusedAdam, for the plain loop, for plain 9.0.
+  [ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed 's/\([0-9]\)a\b/\1/g')
+  say "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} (for DeepSpeed's JIT builds)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total,driver_version \
     --format=csv,noheader 2>&1 | tee -a "$log"
 else

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -239,6 +240,11 @@ class Launcher:
 
         rank_class = _rank_handler_class()
         rank_class.launcher = self
+        # The ranks' grace between SIGTERM and SIGKILL: torch 2.13's LaunchConfig takes it; a GPU box's
+        # own older CUDA build of torch (2.11 on the H200 check) has no such field and keeps elastic's 30 s.
+        grace = {"shutdown_timeout": int(self.args.stop_grace)}
+        if "shutdown_timeout" not in {f.name for f in dataclasses.fields(LaunchConfig)}:
+            grace = {}
         config = LaunchConfig(
             min_nodes=1,
             max_nodes=1,
@@ -249,7 +255,7 @@ class Launcher:
             local_addr="127.0.0.1",
             max_restarts=0,  # a failed run is the worker's to retry, from its checkpoint
             logs_specs=_logs_specs(),
-            shutdown_timeout=int(self.args.stop_grace),
+            **grace,
         )
         args = [
             "-m",
