@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, make_client, text
+from client.cli_common import api_errors, console, make_client, text, when
 
 
 def human_bytes(n: float) -> str:
@@ -40,7 +40,7 @@ def prune(
         table.add_row(
             text(j["id"]),
             text(j["owner"]),
-            text(str(j["finished_at"] or "")[:19].replace("T", " ")),
+            text(when(j["finished_at"])),
             text(", ".join(c.removeprefix("checkpoints/") for c in j["checkpoints"]) or "-"),
             text(human_bytes(j["bytes"])),
         )

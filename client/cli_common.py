@@ -185,6 +185,11 @@ def duration(seconds: object) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def when(value: object) -> str:
+    """An API time as people read it: `2026-01-02 03:04:05` (UTC); "" for none."""
+    return str(value or "")[:19].replace("T", " ")
+
+
 def gpus_cell(job: dict[str, Any]) -> str:
     """How many GPUs a job asked for, and which it holds: `2 (ids 0,1)` while it holds them, `2` else."""
     count = "" if job.get("gpus") is None else str(job["gpus"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, duration, gpus_cell, make_client, target, text
+from client.cli_common import api_errors, console, duration, gpus_cell, make_client, target, text, when
 
 datasets_app = typer.Typer(help="Upload training files, list and delete yours.", no_args_is_help=True)
 
@@ -43,7 +43,7 @@ def list_datasets(as_json: bool = typer.Option(False, "--json")) -> None:
             text(d["format"]),
             text(d["records"]),
             text(d["bytes"]),
-            text(str(d["created_at"])[:19].replace("T", " ")),
+            text(when(d["created_at"])),
         )
     console.print(table)
 

@@ -24,14 +24,11 @@ from client.cli_common import (
     load_spec,
     make_client,
     text,
+    when,
 )
 from client.cli_download import download
 from client.follow import follow, summary
 from client.sdk import TERMINAL_STATES
-
-
-def _age(job: dict[str, Any]) -> str:
-    return str(job.get("created_at") or "")[:19].replace("T", " ")
 
 
 def _progress(job: dict[str, Any]) -> str:
@@ -174,7 +171,7 @@ def list_jobs(
             text(gpus_cell(job)),
             text(_progress(job)),
             f"{loss:.4f}" if isinstance(loss, int | float) else "",
-            text(_age(job)),
+            text(when(job.get("created_at"))),
         )
     console.print(table)
     if page.get("next_cursor"):
@@ -188,10 +185,6 @@ def _instant(value: object) -> datetime | None:
     except ValueError:
         return None
     return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
-
-
-def _when(value: object) -> str:
-    return str(value or "")[:19].replace("T", " ")
 
 
 def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
@@ -223,12 +216,12 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         console.print(f"  gpus {gpus_cell(job)}{box}, attempt {job.get('attempt')}", markup=False, highlight=False)
     else:
         console.print(f"  gpus {gpus_cell(job)}", markup=False, highlight=False)
-    times = [f"submitted {_when(job.get('created_at'))}"]
+    times = [f"submitted {when(job.get('created_at'))}"]
     started, finished = _instant(job.get("started_at")), _instant(job.get("finished_at"))
     if job.get("started_at"):
-        times.append(f"started {_when(job['started_at'])}")
+        times.append(f"started {when(job['started_at'])}")
     if job.get("finished_at"):
-        times.append(f"finished {_when(job['finished_at'])}")
+        times.append(f"finished {when(job['finished_at'])}")
     if started and finished:
         times.append(f"ran {duration((finished - started).total_seconds())}")
     elif started and job["state"] not in TERMINAL_STATES:

@@ -18,7 +18,7 @@ from rich.markup import escape
 from client import config
 from client.cli_common import api_errors, console, err_console, options, target
 from client.config import default_data_dir, normalize_url, stack_pointer
-from client.follow import FollowView, summary
+from client.follow import follow, summary
 from client.sdk import Client
 from client.stack import STACK_FILE, Stack, StackError
 
@@ -124,11 +124,6 @@ def demo_spec(steps: int, dataset_id: str | None = None) -> dict[str, Any]:
     }
 
 
-def _read_token(data_dir: Path) -> str | None:
-    path = data_dir / "token"
-    return path.read_text().strip() if path.is_file() else None
-
-
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200
@@ -142,10 +137,7 @@ def _run_demo(client: Client, data_dir: Path, steps: int) -> tuple[dict[str, Any
     dataset = client.upload_dataset(corpus, text_field="text")
     job = client.submit(demo_spec(steps, dataset["id"]))
     console.print(f"submitted [bold]{job['id']}[/]: preset:tiny on 2 slots, {steps} steps")
-    with FollowView(console, job) as view:
-        for event in client.events(job["id"], on_connection=view.connection):
-            view.handle(event.type, event.data)
-    return client.get(job["id"]), view.first_loss
+    return follow(client, job["id"], console)
 
 
 def demo(
@@ -164,7 +156,7 @@ def demo(
     if url and _healthy(url):
         console.print(f"using the running stack at {url}")
         token = found.token if normalize_url(url) == found.url else None
-        token = token or (_read_token(data_dir) if normalize_url(url) == recorded else None)
+        token = token or (Stack(data_dir=data_dir).token() if normalize_url(url) == recorded else None)
         with api_errors():
             final, first_loss = _run_demo(Client(url, token), data_dir, steps)
     else:

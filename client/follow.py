@@ -104,9 +104,9 @@ class FollowView:
             self.progress.update(self.task, total=data["total_steps"], completed=resumed)
         elif event_type == "step":
             self.last_step = data
-            if self.first_loss is None and isinstance(data.get("loss"), int | float):
-                self.first_loss = float(data["loss"])
             loss = data.get("loss")
+            if self.first_loss is None and isinstance(loss, int | float):
+                self.first_loss = float(loss)
             self.progress.update(
                 self.task,
                 completed=data.get("step", 0),
@@ -150,14 +150,12 @@ def follow(
     """Show a job's progress until it ends (through server restarts); return the final job and the
     first loss seen."""
     job = client.get(job_id)
-    first_loss = None
-    if job["state"] not in TERMINAL_STATES:
-        with FollowView(console, job, show_logs) as view:
-            for event in client.events(job_id, on_connection=view.connection):
-                view.handle(event.type, event.data)
-        first_loss = view.first_loss
-        return _get_through_restart(client, job_id), first_loss
-    return job, first_loss
+    if job["state"] in TERMINAL_STATES:
+        return job, None
+    with FollowView(console, job, show_logs) as view:
+        for event in client.events(job_id, on_connection=view.connection):
+            view.handle(event.type, event.data)
+    return _get_through_restart(client, job_id), view.first_loss
 
 
 def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
@@ -185,9 +183,4 @@ def summary(job: dict[str, Any], first_loss: float | None = None) -> str:
     artifacts = job.get("artifacts") or {}
     if artifacts.get("href") and job.get("state") == "succeeded":
         lines.append(f"  artifacts: {escape('GET ' + str(artifacts['href']))}")
-    if artifacts.get("model"):
-        where = escape(f"GET /jobs/{job['id']}/artifacts")
-        lines.append(f"  model: {len(artifacts['model'])} files ({where} to download)")
-    if artifacts.get("checkpoints"):
-        lines.append(f"  checkpoints: {escape(', '.join(str(c['name']) for c in artifacts['checkpoints']))}")
     return "\n".join(lines)

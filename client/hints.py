@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any
 
+from client.sdk import format_detail
+
 UNKNOWN_DS_KEY = re.compile(r"unknown DeepSpeed key '([^']+)'; allowed keys: (.+)$")
 MISSING_FILE = re.compile(r"file '([^']+)' not found under the data root")
 
@@ -88,15 +90,4 @@ def hint(item: dict[str, Any]) -> str | None:
 
 def explain_422(detail: Any) -> str:
     """The 422's problems as one line, each with its hint."""
-    if not isinstance(detail, list):
-        return str(detail)
-    parts = []
-    for item in detail:
-        if not isinstance(item, dict):
-            parts.append(str(item))
-            continue
-        loc = ".".join(str(p) for p in _loc(item))
-        text = f"{loc}: {item.get('msg')}" if loc else str(item.get("msg"))
-        extra = hint(item)
-        parts.append(f"{text} ({extra})" if extra else text)
-    return "; ".join(parts)
+    return format_detail(detail, hint)

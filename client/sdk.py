@@ -28,18 +28,19 @@ class TrainboxError(Exception):
         super().__init__(f"HTTP {status_code}: {format_detail(detail)}")
 
 
-def format_detail(detail: Any) -> str:
-    """The API's `{"detail": [{"loc", "msg", "type"}]}` as one readable line."""
-    if isinstance(detail, list):
-        parts = []
-        for item in detail:
-            if isinstance(item, dict):
-                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
-                parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
-            else:
-                parts.append(str(item))
-        return "; ".join(parts)
-    return str(detail)
+def format_detail(detail: Any, hint: Callable[[dict[str, Any]], str | None] = lambda item: None) -> str:
+    """The API's `{"detail": [{"loc", "msg", "type"}]}` as one readable line (each item with its `hint`)."""
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for item in detail:
+        if not isinstance(item, dict):
+            parts.append(str(item))
+            continue
+        loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+        line = f"{loc}: {item.get('msg')}" if loc else str(item.get("msg"))
+        parts.append(f"{line} ({extra})" if (extra := hint(item)) else line)
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,7 @@ class Client:
             time.sleep(wait)
             response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise TrainboxError(response.status_code, detail)
+            raise TrainboxError(response.status_code, _detail(response))
         if "application/json" in response.headers.get("content-type", ""):
             return response.json()
         return response.text

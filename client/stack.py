@@ -31,13 +31,9 @@ _PR_SET_PDEATHSIG = 1
 # Migrations, then the local admin and its token file (in a child: `up` itself imports no server code).
 BOOTSTRAP = """
 from core.db import upgrade
+from core.users import bootstrap_local_admin
 upgrade()
-try:
-    from core.users import bootstrap_local_admin
-except ImportError:  # a server without users and tokens
-    bootstrap_local_admin = None
-if bootstrap_local_admin is not None:
-    bootstrap_local_admin()
+bootstrap_local_admin()
 """
 # The record of a running stack in its data dir: URL, pid, and each child's restarts. The CLI finds
 # the stack through it; the API reads it (TRAINBOX_STACK_FILE) to report restarts in /healthz.
