@@ -13,7 +13,6 @@ import re
 import stat
 import tarfile
 import weakref
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,7 +189,7 @@ def artifact_path(run_dir: Path, name: str) -> Path:
 
 
 def tail_lines(path: Path, n: int, block: int = 64 * 1024) -> list[str]:
-    """The last n lines of a text file, reading from the end (logs can be large)."""
+    """The last n (>= 1) lines of a text file, reading from the end (logs can be large)."""
     with path.open("rb") as f:
         f.seek(0, os.SEEK_END)
         end = f.tell()
@@ -200,7 +199,4 @@ def tail_lines(path: Path, n: int, block: int = 64 * 1024) -> list[str]:
             f.seek(start)
             data = f.read(end - start) + data
             end = start
-    lines: deque[str] = deque(maxlen=n)
-    for line in data.decode("utf-8", "replace").splitlines():
-        lines.append(line)
-    return list(lines)
+    return data.decode("utf-8", "replace").splitlines()[-n:]

@@ -75,6 +75,11 @@ class NotFound(ApiError):
     type = "not_found"
 
 
+class Conflict(ApiError):
+    status_code = 409
+    type = "conflict"
+
+
 class Unprocessable(ApiError):
     status_code = 422
     type = "value_error"

@@ -25,11 +25,6 @@ class BadRequest(ApiError):
     type = "invalid_request_error"
 
 
-class Conflict(ApiError):
-    status_code = 409
-    type = "conflict"
-
-
 _TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 _CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}
 # Where a trainbox error says it applies (`loc`) starts with the part of the request; OpenAI's `param`

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.errors import NotFound
-from api.openai.errors import BadRequest, Conflict
+from api.errors import Conflict, NotFound
+from api.openai.errors import BadRequest
 from api.openai.mapping import (
     dataset_for,
     file_object,
@@ -29,8 +29,6 @@ from trainer.paths import uploaded_dataset_path
 
 PATH = "/v1/files"
 router = APIRouter(prefix=PATH, tags=["openai"], include_in_schema=False)
-
-FileRef = Annotated[str, Query(max_length=100)]
 
 
 def _job_results(session: Session, user: Principal, ref: str) -> Job:

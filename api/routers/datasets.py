@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.errors import ERROR_SCHEMA, ApiError, NotFound, PayloadTooLarge, Unprocessable, documented
+from api.errors import ERROR_SCHEMA, ApiError, Conflict, NotFound, PayloadTooLarge, Unprocessable, documented
 from api.limits import check_upload_quota, upload_bytes_exceeded
 from api.schemas import DatasetPage, DatasetRead
 from core.datasets import DatasetInUse, delete_dataset
@@ -35,11 +35,6 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 COPY_CHUNK = 1 << 20
 DatasetId = Annotated[str, PathParam(min_length=1, max_length=32, pattern=r"^[0-9a-z]+$")]
-
-
-class Conflict(ApiError):
-    status_code = 409
-    type = "conflict"
 
 
 IN_USE: dict[int | str, dict[str, Any]] = {
