@@ -10,18 +10,16 @@ from redis import Redis
 from sqlalchemy import select
 
 from core.db import session_scope
-from core.events import settings_publisher
 from core.keys import box_queue
-from core.lifecycle import announcing
 from core.models import Job, utcnow
-from core.scheduler import GpuInfo, heartbeat_box, register_box, report_gpu_memory, schedule
+from core.scheduler import GpuInfo, heartbeat_box, register_box, report_gpu_memory
 from core.settings import get_settings
 from core.states import JobState
 from trainer.hardware import nvml
 from worker import retention
 from worker.gpucheck import refresh_busy
 from worker.reaper import reap_expired, reap_orphans
-from worker.runner import shutting_down
+from worker.runner import reschedule, shutting_down
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +95,6 @@ def gpu_memory_used() -> dict[int, int]:
 def sweep(box: str) -> None:
     """One sweep: the box is alive (GPU memory in use, busy GPUs flagged), stale `starting` re-sent, schedule;
     hourly, finished jobs' checkpoints past the retention deleted."""
-    from worker.celery_app import dispatch
-
     settings = get_settings()
     used = gpu_memory_used()
     with session_scope() as session:
@@ -113,8 +109,7 @@ def sweep(box: str) -> None:
     finally:
         if redis is not None:
             redis.close()
-    with session_scope() as session:
-        schedule(session, announcing(dispatch, settings_publisher()), box_ttl_s=settings.box_ttl_s)
+    reschedule()
     try:
         retention.maybe_prune()  # last: a slow disk must not hold up placing jobs
     except Exception:
