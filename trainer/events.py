@@ -75,17 +75,19 @@ def trainer_argv(
     data_root: Path | str,
     save: bool = True,
     token_cache_bytes: int | None = None,
-    python: str | None = None,
+    command: str = "run",
+    spec: Path | str | None = None,
 ) -> list[str]:
-    """The trainer's command line: `python -m trainer run` on the run dir's spec.json (docs/TRAINER.md)."""
-    argv = [python or sys.executable, "-m", "trainer", "run"]
+    """The trainer's command line: `python -m trainer run` on the run dir's spec.json (docs/TRAINER.md);
+    `command="rank"` is how the launcher starts each rank, on the spec it was given."""
+    argv = [sys.executable, "-m", "trainer", command]
     if not save:
         argv.append("--no-save")
     if token_cache_bytes is not None:
         argv += ["--token-cache-bytes", str(token_cache_bytes)]
     return argv + [
         "--spec",
-        str(Path(run_dir) / SPEC_FILE),
+        str(spec or Path(run_dir) / SPEC_FILE),
         "--run-dir",
         str(run_dir),
         "--model-root",

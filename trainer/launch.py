@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from trainer.events import (
     ERRORS_DIR,
+    EVENTS_FILE,
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_OK,
@@ -48,6 +49,7 @@ from trainer.events import (
     EventWriter,
     read_events,
     remove_error_reserves,
+    trainer_argv,
 )
 from trainer.hardware import nvml
 from trainer.paths import SpecError, inspect_data, resolve_model
@@ -216,7 +218,7 @@ class Launcher:
         errors = self.run_dir / ERRORS_DIR
         for f in errors.glob("rank-*.json") if errors.is_dir() else []:
             f.unlink()
-        offset = (self.run_dir / "events.jsonl").stat().st_size if (self.run_dir / "events.jsonl").exists() else 0
+        offset = (self.run_dir / EVENTS_FILE).stat().st_size if (self.run_dir / EVENTS_FILE).exists() else 0
 
         self.world = spec.gpus
         self.rank_env = self._env(spec.gpus, gpus)
@@ -257,23 +259,15 @@ class Launcher:
             logs_specs=_logs_specs(),
             **grace,
         )
-        args = [
-            "-m",
-            "trainer",
-            "rank",
-            "--spec",
-            str(self.args.spec),
-            "--run-dir",
-            str(self.run_dir),
-            "--model-root",
-            str(self.args.model_root),
-            "--data-root",
-            str(self.args.data_root),
-            "--token-cache-bytes",
-            str(self.args.token_cache_bytes),
-        ]
-        if self.args.no_save:
-            args.append("--no-save")
+        args = trainer_argv(
+            self.run_dir,
+            model_root=self.args.model_root,
+            data_root=self.args.data_root,
+            save=not self.args.no_save,
+            token_cache_bytes=self.args.token_cache_bytes,
+            command="rank",
+            spec=self.args.spec,
+        )[1:]  # elastic runs them with sys.executable
         order: list[int] = []
         # Elastic's SubprocessContext makes each rank's handler through this module-level function.
         make_handler = mp_api.get_subprocess_handler
