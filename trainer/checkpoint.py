@@ -27,7 +27,6 @@ import torch.distributed as dist
 from trainer.events import CHECKPOINTS_DIR
 from trainer.units import human_bytes
 
-CKPT_DIR = CHECKPOINTS_DIR
 META = "trainbox.json"
 
 # What a DeepSpeed checkpoint holds per parameter, all ranks together (measured on DeepSpeed 0.19 for
@@ -90,7 +89,7 @@ def _fsync_dir(path: Path) -> None:
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first."""
-    root = run_dir / CKPT_DIR
+    root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
@@ -111,7 +110,7 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
 def remove_partial(run_dir: Path) -> None:
     """Delete what a save that died half-way left behind (rank 0 before anyone saves; the launcher
     once every rank is gone)."""
-    root = run_dir / CKPT_DIR
+    root = run_dir / CHECKPOINTS_DIR
     if root.is_dir():
         for d in root.iterdir():
             if d.name.startswith(".tmp-"):
@@ -166,7 +165,7 @@ def save(
     `needed`: bytes that must be free first (estimate_bytes), else DiskFull on every rank; None: no check.
     `also_keep`: a step kept out of the rotation (the best checkpoint, keep_best)."""
     t0 = time.perf_counter()
-    root = run_dir / CKPT_DIR
+    root = run_dir / CHECKPOINTS_DIR
     root.mkdir(exist_ok=True)
     tmp_tag, final = f".tmp-step-{step}", root / f"step-{step}"
     tmp = root / tmp_tag

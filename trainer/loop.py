@@ -18,7 +18,7 @@ import torch.distributed as dist
 from trainer import checkpoint
 from trainer.data import PackedBatches
 from trainer.evaluate import EvalBlocks, evaluate, loss_sum, perplexity
-from trainer.events import EXIT_OK, EXIT_PREEMPTED, EventWriter
+from trainer.events import CHECKPOINTS_DIR, EXIT_OK, EXIT_PREEMPTED, MODEL_DIR, EventWriter
 from trainer.spec import JobSpec
 
 GiB = 1024**3
@@ -86,7 +86,7 @@ class Loop:
         state = checkpoint.load(self.engine, found[1])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.trained_tokens = int(state.get("trained_tokens", 0))
-        best_file = self.run_dir / checkpoint.CKPT_DIR / BEST_FILE
+        best_file = self.run_dir / CHECKPOINTS_DIR / BEST_FILE
         if self.spec.keep_best and best_file.is_file():
             self.best = json.loads(best_file.read_text())
         self.say(f"resumed from {found[1].name}: step {self.step}, {self.tokens} tokens seen")
@@ -221,7 +221,7 @@ class Loop:
     def _mark_best(self) -> None:
         """After the best checkpoint is sealed: remember it (a resumed run keeps protecting it)."""
         if self.rank == 0 and self.best is not None:
-            path = self.run_dir / checkpoint.CKPT_DIR / BEST_FILE
+            path = self.run_dir / CHECKPOINTS_DIR / BEST_FILE
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.best))
             os.replace(tmp, path)
@@ -262,7 +262,7 @@ class Loop:
             return None
         step = int(self.best["step"])
         if step != self.step:
-            path = self.run_dir / checkpoint.CKPT_DIR / f"step-{step}"
+            path = self.run_dir / CHECKPOINTS_DIR / f"step-{step}"
             self.engine.load_checkpoint(
                 str(path.parent), tag=path.name, load_optimizer_states=False, load_lr_scheduler_states=False
             )
@@ -272,7 +272,7 @@ class Loop:
 
 def save_final_model(engine: Any, tokenizer: Any, run_dir: Path, zero_stage: int) -> Path:
     """The trained model in Hugging Face format, written by rank 0 (gathered first under ZeRO-3)."""
-    out, tmp = run_dir / "model", run_dir / ".tmp-model"
+    out, tmp = run_dir / MODEL_DIR, run_dir / ".tmp-model"
     module = engine.module
     module.config.use_cache = True
     if module.generation_config.eos_token_id is None:  # presets: generate() stops after an answer's EOS
