@@ -25,7 +25,6 @@ by client address.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections import OrderedDict, deque
@@ -36,12 +35,13 @@ import anyio
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ServiceUnavailable, TooManyRequests, error_body
+from api.errors import ServiceUnavailable, TooManyRequests, error_body, json_reply
 from core.settings import Settings
 
 STREAM_DB_THREADS = 4  # DB reads of every open SSE stream together (state checks, history refills)
 HEALTH_DB_THREADS = 1  # the /healthz database check
 RETRY_AFTER_S = 1
+_RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 EXEMPT = frozenset({"/healthz"})  # answered even when every slot is taken (it must tell "busy" from "dead")
 _TOKEN_ID = re.compile(rb"^\s*bearer\s+tbx_([0-9a-z]{12})_", re.IGNORECASE)
 _KNOWN_TOKENS = 10_000
@@ -56,6 +56,14 @@ def db_pool_size(settings: Settings) -> int:
 def redis_pool_size(settings: Settings) -> int:
     """Connections of the API's async Redis client: one per open stream (a blocking XREAD) and a few more."""
     return settings.api_max_streams + settings.api_max_inflight + 4
+
+
+def _add(counts: dict[str, int], key: str, n: int) -> None:
+    """Count `n` more for `key`; a key whose count reaches 0 goes (the dicts hold active users only)."""
+    if (total := counts.get(key, 0) + n) > 0:
+        counts[key] = total
+    else:
+        counts.pop(key, None)
 
 
 class Slots:
@@ -129,29 +137,23 @@ class Admission:
                 while len(self._users) > _KNOWN_TOKENS:
                     self._users.popitem(last=False)
             if ticket is not None and ticket["counted"] and ticket["key"] != f"user:{user}":
-                self._add(ticket["key"], -1)
+                _add(self.inflight, ticket["key"], -1)
                 ticket["key"] = f"user:{user}"
-                self._add(ticket["key"], 1)
+                _add(self.inflight, ticket["key"], 1)
 
     def admit(self, key: str) -> dict[str, Any] | None:
         """Count a request for `key`; None when the user is at their cap. The ticket follows the request."""
         with self._lock:
             if self.inflight.get(key, 0) >= self.settings.api_max_inflight_per_user:
                 return None
-            self._add(key, 1)
+            _add(self.inflight, key, 1)
             return {"key": key, "counted": True}
 
     def done(self, ticket: dict[str, Any]) -> None:
         with self._lock:
             if ticket["counted"]:
                 ticket["counted"] = False
-                self._add(ticket["key"], -1)
-
-    def _add(self, key: str, n: int) -> None:
-        if (total := self.inflight.get(key, 0) + n) > 0:
-            self.inflight[key] = total
-        else:
-            self.inflight.pop(key, None)
+                _add(self.inflight, ticket["key"], -1)
 
     def open_stream(self, key: str) -> None:
         """Count one more open SSE stream for `key`; 429/503 over the caps."""
@@ -160,24 +162,21 @@ class Admission:
                 f"you have {self.settings.api_max_streams_per_user} event streams open, the most one user "
                 "may (TRAINBOX_API_MAX_STREAMS_PER_USER); close one first",
                 [],
-                {"Retry-After": str(RETRY_AFTER_S)},
+                _RETRY,
             )
         if self.open_streams >= self.settings.api_max_streams:
             raise ServiceUnavailable(
                 f"the server has {self.settings.api_max_streams} event streams open (TRAINBOX_API_MAX_STREAMS); "
                 "retry later",
                 [],
-                {"Retry-After": str(RETRY_AFTER_S)},
+                _RETRY,
             )
-        self.streams[key] = self.streams.get(key, 0) + 1
+        _add(self.streams, key, 1)
         self.open_streams += 1
 
     def close_stream(self, key: str) -> None:
         self.open_streams -= 1
-        if (n := self.streams.get(key, 0) - 1) > 0:
-            self.streams[key] = n
-        else:
-            self.streams.pop(key, None)
+        _add(self.streams, key, -1)
 
 
 class AdmissionControl:
@@ -198,7 +197,7 @@ class AdmissionControl:
                 f"you have {settings.api_max_inflight_per_user} requests in progress, the most one user may "
                 "(TRAINBOX_API_MAX_INFLIGHT_PER_USER); retry after the others finish"
             )
-            await _reply(send, 429, error_body(msg, [], TooManyRequests.type))
+            await json_reply(send, 429, error_body(msg, [], TooManyRequests.type), _RETRY)
             return
         scope[TICKET] = ticket  # authentication moves the count to the user (Admission.identify)
         slot = False
@@ -220,7 +219,7 @@ class AdmissionControl:
             slot = await adm.slots.take(settings.api_admission_wait_s)
             if not slot:
                 msg = f"the server is busy ({settings.api_max_inflight} requests in progress); retry shortly"
-                await _reply(send, 503, error_body(msg, [], ServiceUnavailable.type))
+                await json_reply(send, 503, error_body(msg, [], ServiceUnavailable.type), _RETRY)
                 return
             await self.app(scope, receive, send_wrapper)
         finally:
@@ -236,14 +235,3 @@ async def stream_slot(request: Request) -> AsyncIterator[None]:
         yield
     finally:
         admission.close_stream(key)
-
-
-async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(data)).encode()),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})

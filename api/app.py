@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None | 
     app.add_middleware(AuthFirst, upload_paths=upload_paths)
     app.add_middleware(AdmissionControl, admission=app.state.admission)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(MetricsMiddleware, get_metrics=lambda: (requests, latency))
+    app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
     # Outermost: every /v1 error, from a route or a middleware, leaves in OpenAI's envelope.
     app.add_middleware(openai_view.OpenAIErrors)
     errors.install(app)

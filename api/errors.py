@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from core.jobs import IdempotencyConflict, InvalidCursor, JobNotFound
 from core.users import UserError
@@ -130,6 +132,15 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def error_body(msg: str, loc: list[Any] | None = None, type_: str = "error") -> dict[str, Any]:
     return {"detail": [{"loc": loc or [], "msg": msg, "type": type_}]}
+
+
+async def json_reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    """An error answered by a middleware, before any route (the response is sent whole)."""
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
 
 
 def _clean_msg(msg: str) -> str:

@@ -9,7 +9,6 @@ measured before the JSON parser sees them (a deep document would otherwise exhau
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -18,7 +17,7 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import INVALID_TOKEN, MISSING_TOKEN, lookup_token
-from api.errors import Unauthorized, error_body
+from api.errors import Unauthorized, error_body, json_reply
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -58,17 +57,17 @@ class RequestLimits:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            await _reply(send, 413, _too_large(limit))
+            await json_reply(send, 413, _too_large(limit))
             return
         # Uploads stream through (counted); other bodies are JSON-sized and read whole for the depth check.
         if not upload and ("json" in headers.get("content-type", "") or not headers.get("content-type")):
             body, more = await _read_upto(receive, limit)
             if more:
-                await _reply(send, 413, _too_large(limit))
+                await json_reply(send, 413, _too_large(limit))
                 return
             if json_depth(body) > self.max_depth:
                 msg = f"JSON nested deeper than {self.max_depth} levels is refused"
-                await _reply(send, 422, error_body(msg, ["body"], "too_deep"))
+                await json_reply(send, 422, error_body(msg, ["body"], "too_deep"))
                 return
             await self.app(scope, _replay(body, receive), send)
             return
@@ -161,7 +160,7 @@ class AuthFirst:
 async def _unauthorized(send: Send, msg: str) -> None:
     # Answered without reading the body: the server closes the connection instead of draining it.
     error = Unauthorized(msg)
-    await _reply(send, 401, error_body(error.msg, error.loc, error.type), error.headers)
+    await json_reply(send, 401, error_body(error.msg, error.loc, error.type), error.headers)
 
 
 class SecurityHeaders:
@@ -191,11 +190,3 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
-
-
-async def _reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -65,9 +65,8 @@ def make_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, C
 class MetricsMiddleware:
     """Counts requests by route template (not raw path: ids would explode the label set)."""
 
-    def __init__(self, app: ASGIApp, get_metrics: Callable[[], tuple[Counter, Histogram] | None]) -> None:
-        self.app = app
-        self.get_metrics = get_metrics
+    def __init__(self, app: ASGIApp, *, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,18 +80,15 @@ class MetricsMiddleware:
             nonlocal status, timed
             if message["type"] == "http.response.start":
                 status = message["status"]
-                metrics = self.get_metrics()
-                if metrics and not timed:
+                if not timed:
                     timed = True
-                    metrics[1].labels(scope["method"], _route(scope)).observe(time.perf_counter() - start)
+                    self.latency.labels(scope["method"], _route(scope)).observe(time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            metrics = self.get_metrics()
-            if metrics:
-                metrics[0].labels(scope["method"], _route(scope), str(status)).inc()
+            self.requests.labels(scope["method"], _route(scope), str(status)).inc()
 
 
 def _route(scope: Scope) -> str:
