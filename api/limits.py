@@ -20,28 +20,18 @@ from core import keys
 from core.disk import disk_usage, human_bytes
 from core.models import Dataset, Job
 from core.states import JobState
-from core.users import Principal
+from core.users import Principal, setting_name
 from trainer.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60
-_WHERE = {
-    "max_gpus": "TRAINBOX_MAX_GPUS_PER_USER",
-    "max_queued": "TRAINBOX_MAX_QUEUED_PER_USER",
-    "max_runtime_s": "TRAINBOX_MAX_RUNTIME_S",
-    "max_priority": "TRAINBOX_MAX_PRIORITY",
-    "submit_rate_per_minute": "TRAINBOX_SUBMIT_RATE_PER_MINUTE",
-    "max_datasets": "TRAINBOX_MAX_DATASETS_PER_USER",
-    "max_dataset_bytes": "TRAINBOX_MAX_DATASET_BYTES_PER_USER",
-    "max_tokens": "TRAINBOX_MAX_TOKENS_PER_USER",
-    "max_disk_bytes": "TRAINBOX_MAX_DISK_BYTES_PER_USER",
-}
 
 
 def _where(limit: str) -> str:
-    flag = "--" + limit.replace("_", "-")
-    return f"(limit {limit}: {_WHERE[limit]}, or per user by an admin: trainbox-admin users set NAME {flag} N)"
+    """Where a limit is set: its setting (`<limit>_per_user` where there is one), or an admin's override."""
+    by_admin = f"trainbox-admin users set NAME --{limit.replace('_', '-')} N"
+    return f"(limit {limit}: TRAINBOX_{setting_name(limit).upper()}, or per user by an admin: {by_admin})"
 
 
 def check_spec_limits(spec: JobSpec, user: Principal) -> None:

@@ -87,21 +87,17 @@ class Principal:
         return self.is_admin or owner == self.name
 
 
-def effective_limits(user: User, settings: Settings) -> Limits:
-    def pick(override: int | None, default: int | None) -> int | None:
-        return default if override is None else override
+def setting_name(limit: str) -> str:
+    """The setting a limit defaults to (TRAINBOX_ + it, upper case): `<limit>_per_user` where there is one."""
+    return f"{limit}_per_user" if f"{limit}_per_user" in Settings.model_fields else limit
 
-    return Limits(
-        max_gpus=pick(user.max_gpus, settings.max_gpus_per_user),
-        max_queued=user.max_queued or settings.max_queued_per_user,
-        max_runtime_s=user.max_runtime_s or settings.max_runtime_s,
-        max_priority=None if user.is_admin else pick(user.max_priority, settings.max_priority),
-        submit_rate_per_minute=user.submit_rate_per_minute or settings.submit_rate_per_minute,
-        max_datasets=user.max_datasets or settings.max_datasets_per_user,
-        max_dataset_bytes=user.max_dataset_bytes or settings.max_dataset_bytes_per_user,
-        max_tokens=user.max_tokens or settings.max_tokens_per_user,
-        max_disk_bytes=pick(user.max_disk_bytes, settings.max_disk_bytes_per_user),
-    )
+
+def effective_limits(user: User, settings: Settings) -> Limits:
+    """Each limit: the user's override, else its setting; admins have no priority ceiling."""
+    limits = {
+        f: getattr(settings, setting_name(f)) if getattr(user, f) is None else getattr(user, f) for f in LIMIT_FIELDS
+    }
+    return Limits(**limits | ({"max_priority": None} if user.is_admin else {}))
 
 
 def hash_secret(secret: str) -> str:
