@@ -37,6 +37,7 @@ from trainer.events import (
 )
 from trainer.launch import set_pdeathsig
 from worker.ops import describe_locks, remove_stale_locks
+from worker.relay import FileTail
 
 LOG_TAIL_LINES = 40
 
@@ -224,24 +225,12 @@ class StartWatch:
     """Reads events.jsonl from an offset until a `start` event shows: the ranks are through start-up."""
 
     def __init__(self, path: Path, offset: int) -> None:
-        self.path, self.offset, self.started = path, offset, False
-        self._partial = b""
+        self.tail, self.started = FileTail(path, offset), False
 
     def poll(self) -> bool:
-        if self.started:
-            return True
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return False
-        self.offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for raw in lines:
-            with contextlib.suppress(ValueError):
-                if json.loads(raw).get("type") == "start":
-                    self.started = True
+        for line in [] if self.started else self.tail.read_lines():
+            with contextlib.suppress(ValueError, AttributeError):
+                self.started = self.started or json.loads(line).get("type") == "start"
         return self.started
 
 
