@@ -8,6 +8,7 @@ step N, END its end. `ftevent-<job id>-<key>` is the id, and `after=<id>` pages 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.artifacts import list_artifacts
 from api.openai.errors import BadRequest
-from api.openai.mapping import fine_tuned_model, job_ref
+from api.openai.mapping import job_ref, model_name
 from api.openai.schemas import CheckpointMetrics, JobCheckpoint, JobEvent
 from core.models import Job, JobMetric
 from core.states import JobState
@@ -74,9 +75,12 @@ def end_event(job: Job) -> JobEvent:
         level, message = "error", f"The job failed ({error.get('type', 'error')}): {error.get('message', '')}"
     else:
         level, message = "info", "The job was cancelled"
-    finished = job.finished_at or job.updated_at
+    return _message(job, END, job.finished_at or job.updated_at, message, level)
+
+
+def _message(job: Job, key: int, when: datetime, message: str, level: str = "info") -> JobEvent:
     return JobEvent(
-        id=f"ftevent-{job.id}-{END}", created_at=int(finished.timestamp()), level=level, message=message, type="message"
+        id=f"ftevent-{job.id}-{key}", created_at=int(when.timestamp()), level=level, message=message, type="message"
     )
 
 
@@ -91,25 +95,9 @@ def list_events(session: Session, job: Job, *, after: str | None, limit: int) ->
         query = query.where(JobMetric.step < bound - 2)
     out.extend(step_event(job, m) for m in session.scalars(query))
     if job.started_at is not None and bound > 1:
-        out.append(
-            JobEvent(
-                id=f"ftevent-{job.id}-1",
-                created_at=int(job.started_at.timestamp()),
-                level="info",
-                message="Fine-tuning job started",
-                type="message",
-            )
-        )
+        out.append(_message(job, 1, job.started_at, "Fine-tuning job started"))
     if bound > 0:
-        out.append(
-            JobEvent(
-                id=f"ftevent-{job.id}-0",
-                created_at=int(job.created_at.timestamp()),
-                level="info",
-                message=f"Created fine-tuning job: {job_ref(job.id)}",
-                type="message",
-            )
-        )
+        out.append(_message(job, 0, job.created_at, f"Created fine-tuning job: {job_ref(job.id)}"))
     return out[:limit], len(out) > limit
 
 
@@ -125,7 +113,6 @@ def list_checkpoints(
         m.step: m
         for m in session.scalars(select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step.in_(steps)))
     }
-    base = f"ft:{job.spec['model']}:{job.owner}:{job.suffix or ''}:{job_ref(job.id)}"
     out = []
     for c, step in zip(page, steps, strict=True):
         m = metrics.get(step)
@@ -137,7 +124,7 @@ def list_checkpoints(
             JobCheckpoint(
                 id=f"ftckpt-{job.id}-{step}",
                 created_at=created,
-                fine_tuned_model_checkpoint=f"{fine_tuned_model(job) or base}:ckpt-step-{step}",
+                fine_tuned_model_checkpoint=f"{model_name(job)}:ckpt-step-{step}",
                 fine_tuning_job_id=job_ref(job.id),
                 step_number=step,
                 metrics=CheckpointMetrics(

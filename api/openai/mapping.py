@@ -313,10 +313,8 @@ def trained_tokens(run_dir: Path) -> int | None:
     return None
 
 
-def fine_tuned_model(job: Job) -> str | None:
-    """`ft:<base>:<owner>:<suffix>:<job ref>`, once the job succeeded (its model: GET /jobs/{id}/artifacts)."""
-    if job.state != JobState.SUCCEEDED:
-        return None
+def model_name(job: Job) -> str:
+    """`ft:<base>:<owner>:<suffix>:<job ref>`: the job's model (GET /jobs/{id}/artifacts), and its checkpoints'."""
     return f"ft:{job.spec['model']}:{job.owner}:{job.suffix or ''}:{job_ref(job.id)}"
 
 
@@ -343,7 +341,7 @@ def fine_tuning_job(job: Job, *, run_dir: Path, now: float | None = None) -> Fin
         created_at=int(job.created_at.timestamp()),
         finished_at=int(job.finished_at.timestamp()) if job.finished_at and terminal else None,
         status=status_of(job),  # type: ignore[arg-type]
-        fine_tuned_model=fine_tuned_model(job),
+        fine_tuned_model=model_name(job) if job.state == JobState.SUCCEEDED else None,
         organization_id=job.owner,
         result_files=[file_id(job.id)] if has_results(job) else [],
         hyperparameters=hyper,
