@@ -1,7 +1,8 @@
-"""A rough per-GPU memory estimate for a spec: model states under ZeRO, activations, overhead.
+"""A per-GPU memory estimate for a spec: model states under ZeRO, activations, logits, overhead.
 
-Good to a few GB, which is what "will it fit on a 24 GB card" needs; the real number comes from the
-run's `gpu_mem_gb`.
+Built term by term from what DeepSpeed and Hugging Face's Llama keep at the peak; on the H200 check
+(docs/BENCHMARKS.md section 8) it came within 3% of the measured peak (`torch.cuda.max_memory_allocated`)
+at micro batches 2 to 16, with and without checkpointing. The run's `gpu_mem_gb` is the real number.
 """
 
 from __future__ import annotations
@@ -70,17 +71,29 @@ def estimate_memory(spec: JobSpec, cfg: dict[str, Any] | None, precision: str) -
         }
     n = llama_param_count(cfg)
     per_param = model_state_bytes_per_param(spec, precision)
+    plan = spec.batch
+    if spec.deepspeed.zero_optimization.stage >= 2 and plan.accum == 1:
+        # Without accumulation ZeRO-2 makes each gradient during backward, as activations are freed:
+        # the peak (the loss's backward) holds none (measured on the H200 check, docs/BENCHMARKS.md).
+        per_param["gradients"] = 0.0
     breakdown = {k: n * v / GB for k, v in per_param.items()}
-    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    micro, seq = spec.batch.micro, spec.seq_len
-    act_bytes = 1 if precision in ("fp16", "bf16") else 2  # multiplier on the 16-bit formula
-    # Per layer ~34 * s * b * h bytes in 16-bit with fused (SDPA) attention (Korthikanti et al.);
-    # with checkpointing only each layer's input (2 * s * b * h) is kept, plus one layer recomputed.
-    per_layer = 34 * seq * micro * h * act_bytes
-    kept_per_layer = 2 * seq * micro * h * act_bytes if spec.gradient_checkpointing else per_layer
-    acts = layers * kept_per_layer + (per_layer if spec.gradient_checkpointing else 0)
+    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv_share = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) / cfg["num_attention_heads"]
+    half = precision in ("fp16", "bf16")
+    tokens = plan.micro * spec.seq_len
+    # Bytes one layer of Hugging Face's Llama (SDPA attention) keeps per token for backward, in 16-bit:
+    # two RMSNorms (fp32 input 4h, 16-bit output 2h each), attention's rotated q, k and v, its output and
+    # o_proj's contiguous input (6h + 4h * kv_share), the SwiGLU MLP's gate, up, activation and product (8i).
+    # fp32 training doubles the 16-bit tensors.
+    per_layer = ((18 + 4 * kv_share) * h + 8 * i) * (1 if half else 2) * tokens
+    # With checkpointing each layer keeps only its input (2h), and one layer is recomputed at a time.
+    acts = (
+        layers * 2 * h * (1 if half else 2) * tokens + per_layer if spec.gradient_checkpointing else layers * per_layer
+    )
     breakdown["activations"] = acts / GB
-    breakdown["logits"] = micro * seq * vocab * (2 + 4 + 4) / GB  # 16-bit logits, fp32 upcast, its grad
+    # At the loss's backward: the 16-bit logits (2), log-softmax's fp32 output (4), and the fp32 gradients
+    # into and out of it (4 + 4); fp32 logits need no upcast copy.
+    breakdown["logits"] = tokens * vocab * (14 if half else 12) / GB
     breakdown["overhead"] = OVERHEAD_GB
     notes = [f"{n / 1e9:.2f}B parameters, ZeRO stage {spec.deepspeed.zero_optimization.stage}, {precision}"]
     return {

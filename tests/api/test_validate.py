@@ -89,7 +89,7 @@ def test_spec_no_box_can_hold_is_refused_with_the_estimate_and_settings_that_fit
     for route in ("/jobs/validate", "/jobs"):
         [err] = only_error(client.post(route, json=TOO_BIG), 422)
         assert err["type"] == "does_not_fit" and err["loc"] == ["body"]
-        assert "estimated memory ~24.9 GB per GPU is more than 23.99 GB per GPU" in err["msg"]
+        assert "estimated memory ~26.0 GB per GPU is more than 23.99 GB per GPU" in err["msg"]
         assert "train_micro_batch_size_per_gpu 2 with gradient_accumulation_steps 8" in err["msg"]
         assert "gradient_checkpointing true" in err["msg"]
     assert client.get("/jobs").json()["data"] == []
