@@ -125,9 +125,6 @@ def validate(
                 f"{split.get('validation_records')} to evaluate",
             )
         )
-    if not data and result.get("dataset"):  # a server from before the data report
-        dataset = result["dataset"]
-        rows.append(("dataset", f"{dataset.get('format')}, {dataset.get('bytes')} bytes"))
     per_gpu, gpu = memory.get("per_gpu_gb"), memory.get("gpu_memory_gb")
     mem = f"~{per_gpu} GB per GPU" if per_gpu is not None else "unknown"
     if gpu:

@@ -39,16 +39,6 @@ def _xdg(var: str, fallback: str) -> Path:
     return Path(value) if value and Path(value).is_absolute() else Path.home() / fallback
 
 
-def config_dir() -> Path:
-    """`$XDG_CONFIG_HOME/trainbox`, default `~/.config/trainbox`: what `trainbox login` writes."""
-    return _xdg("XDG_CONFIG_HOME", ".config") / "trainbox"
-
-
-def state_dir() -> Path:
-    """`$XDG_STATE_HOME/trainbox`, default `~/.local/state/trainbox`: where `trainbox up` notes itself."""
-    return _xdg("XDG_STATE_HOME", ".local/state") / "trainbox"
-
-
 def default_data_dir() -> Path:
     """The data dir of `trainbox up` when --data-dir is not given: TRAINBOX_DATA_DIR, else ./.trainbox."""
     return Path(os.environ.get("TRAINBOX_DATA_DIR", DEFAULT_DATA_DIR)).expanduser().resolve()
@@ -98,7 +88,8 @@ def _write_private(path: Path, body: dict[str, Any]) -> None:
 
 
 def config_file() -> Path:
-    return config_dir() / CONFIG_FILE
+    """What `trainbox login` writes: `$XDG_CONFIG_HOME/trainbox/config.json` (default `~/.config/...`)."""
+    return _xdg("XDG_CONFIG_HOME", ".config") / "trainbox" / CONFIG_FILE
 
 
 def read_config() -> dict[str, Any]:
@@ -134,8 +125,9 @@ def forget_login(url: str | None) -> str | None:
 
 
 def stack_pointer() -> Path:
-    """Where `trainbox up` notes its data dir for its user: found from any working directory."""
-    return state_dir() / STACK_FILE
+    """Where `trainbox up` notes its data dir for its user (`$XDG_STATE_HOME/trainbox`, default
+    `~/.local/state/trainbox`): found from any working directory."""
+    return _xdg("XDG_STATE_HOME", ".local/state") / "trainbox" / STACK_FILE
 
 
 def note_stack(url: str, data_dir: Path, pid: int) -> None:

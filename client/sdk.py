@@ -313,16 +313,12 @@ class Client:
                         raise TrainboxError(503, f"the server is not back after {RECONNECT_FOR_S:.0f}s") from None
                     raise
                 if on_connection is not None:
-                    on_connection(f"server unreachable ({_why(exc)}); reconnecting")
+                    on_connection(f"server unreachable ({str(exc).strip() or type(exc).__name__}); reconnecting")
             time.sleep(retry_s)
 
 
 class _Restarting(Exception):
     """The events endpoint answered as a server does while it restarts."""
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc).strip() or type(exc).__name__
 
 
 def _detail(response: httpx.Response) -> Any:
