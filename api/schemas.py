@@ -110,11 +110,6 @@ class ArtifactsLink(BaseModel):
     href: str = Field(description="GET it for the listing (the final model's files and the checkpoints)")
 
 
-def artifacts_link(job_id: str) -> ArtifactsLink:
-    """Where a job's artifacts are listed: reading a job never walks its run directory."""
-    return ArtifactsLink(href=f"/jobs/{job_id}/artifacts")
-
-
 class JobRead(JobSummary):
     spec: dict[str, Any]
     max_attempts: int
@@ -126,7 +121,8 @@ class JobRead(JobSummary):
     @classmethod
     def of(cls, job: Job | Row[Any], **extra: Any) -> Any:
         """The job as GET /jobs/{id} shows it, from its row alone (queue position and ETA are stored on it)."""
-        return super().of(job, artifacts=artifacts_link(job.id), **extra)
+        # A link to where the artifacts are listed: reading a job never walks its run directory.
+        return super().of(job, artifacts=ArtifactsLink(href=f"/jobs/{job.id}/artifacts"), **extra)
 
 
 class JobPage(BaseModel):

@@ -35,12 +35,8 @@ def _job_results(session: Session, user: Principal, ref: str) -> Job:
     """The job whose results file `ref` names, if the caller may see it and it has ended; 404 otherwise."""
     job = session.get(Job, parse_file_id(ref))
     if job is None or not user.can_see(job.owner) or not has_results(job):
-        raise _not_found(ref)
+        raise NotFound(f"no file with id {ref!r}", ["path", "file_id"], type_="file_not_found")
     return job
-
-
-def _not_found(ref: str) -> NotFound:
-    return NotFound(f"no file with id {ref!r}", ["path", "file_id"], type_="file_not_found")
 
 
 @router.post("", response_model=FileObject)
