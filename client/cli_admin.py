@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, make_client, text, when
+from client.cli_common import api_errors, console, make_client, plain, text, when
 
 
 def human_bytes(n: float) -> str:
@@ -47,12 +47,10 @@ def prune(
     if result["jobs"]:
         console.print(table)
     verb = "would free" if result["dry_run"] else "freed"
-    console.print(
+    plain(
         f"{len(result['jobs'])} finished jobs (at least {result['older_than_days']:g} days ago): "
         f"{verb} {human_bytes(result['bytes_freed'])} ({result['bytes_freed']} bytes)"
-        + (" (dry run: nothing deleted)" if result["dry_run"] else ""),
-        markup=False,
-        highlight=False,
+        + (" (dry run: nothing deleted)" if result["dry_run"] else "")
     )
 
 

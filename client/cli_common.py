@@ -78,6 +78,11 @@ def text(value: object) -> str:
     return escape("" if value is None else str(value))
 
 
+def plain(line: object, **kwargs: Any) -> None:
+    """Text printed as it is: no markup read in it, no highlighting (the server's text, and lines with it)."""
+    console.print(line, markup=False, highlight=False, **kwargs)
+
+
 def print_error(message: object) -> None:
     """`error: <message>` on stderr, the message printed literally."""
     err_console.print(f"[red]error:[/] {text(message)}", soft_wrap=True, highlight=False)

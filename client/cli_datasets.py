@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from client.cli_common import api_errors, console, duration, gpus_cell, make_client, target, text, when
+from client.cli_common import api_errors, console, duration, gpus_cell, make_client, plain, target, text, when
 
 datasets_app = typer.Typer(help="Upload training files, list and delete yours.", no_args_is_help=True)
 
@@ -87,14 +87,12 @@ def whoami() -> None:
         me = make_client().me()
     console.print(f"[bold]{text(me['name'])}[/]{' (admin)' if me['is_admin'] else ''}")
     for key, value in me["limits"].items():
-        console.print(f"  {key:<24} {'no cap' if value is None else value}", markup=False, highlight=False)
+        plain(f"  {key:<24} {'no cap' if value is None else value}")
     disk = me.get("disk")
     if disk:
-        console.print(
+        plain(
             f"  {'disk in use':<24} {disk['total_bytes']} bytes ({disk['jobs_bytes']} in run directories, "
-            f"{disk['uploads_bytes']} in uploads)",
-            markup=False,
-            highlight=False,
+            f"{disk['uploads_bytes']} in uploads)"
         )
 
 

@@ -23,6 +23,7 @@ from client.cli_common import (
     gpus_cell,
     load_spec,
     make_client,
+    plain,
     text,
     when,
 )
@@ -136,12 +137,12 @@ def validate(
     rows.append(("max runtime", f"{duration(result.get('max_runtime_s'))} ({result.get('max_runtime_s')} s)"))
     rows.append(("queue", f"it would be number {result.get('queue_position')} in the queue"))
     for key, value in rows:
-        console.print(f"  {key:<12} {value}", markup=False, highlight=False)
+        plain(f"  {key:<12} {value}")
     for note in [*(result.get("notes") or []), *(memory.get("notes") or [])]:
-        console.print(f"  note: {note}", markup=False, highlight=False)
+        plain(f"  note: {note}")
     if show_config:
         console.print("  DeepSpeed config (resolved):", markup=False)
-        console.print(json.dumps(result.get("deepspeed_config"), indent=2), markup=False, highlight=False)
+        plain(json.dumps(result.get("deepspeed_config"), indent=2))
 
 
 def list_jobs(
@@ -195,24 +196,20 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     progress = job.get("progress") or {}
     if job["state"] == "queued":
         eta = job.get("start_eta_s")
-        console.print(
+        plain(
             f"  queue position {job.get('queue_position') if job.get('queue_position') is not None else '-'}"
-            + (f", starts in about {duration(eta)}" if isinstance(eta, int | float) else ", start time unknown"),
-            markup=False,
-            highlight=False,
+            + (f", starts in about {duration(eta)}" if isinstance(eta, int | float) else ", start time unknown")
         )
     elif job["state"] not in TERMINAL_STATES:
         eta = progress.get("eta_s")
-        console.print(
-            f"  progress {_progress(job) or '-'}" + (f", ETA {duration(eta)}" if isinstance(eta, int | float) else ""),
-            markup=False,
-            highlight=False,
+        plain(
+            f"  progress {_progress(job) or '-'}" + (f", ETA {duration(eta)}" if isinstance(eta, int | float) else "")
         )
     if job.get("gpu_ids"):
         box = f" on {job['box']}" if job.get("box") else ""
-        console.print(f"  gpus {gpus_cell(job)}{box}, attempt {job.get('attempt')}", markup=False, highlight=False)
+        plain(f"  gpus {gpus_cell(job)}{box}, attempt {job.get('attempt')}")
     else:
-        console.print(f"  gpus {gpus_cell(job)}", markup=False, highlight=False)
+        plain(f"  gpus {gpus_cell(job)}")
     times = [f"submitted {when(job.get('created_at'))}"]
     started, finished = _instant(job.get("started_at")), _instant(job.get("finished_at"))
     if job.get("started_at"):
@@ -223,13 +220,13 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
         times.append(f"ran {duration((finished - started).total_seconds())}")
     elif started and job["state"] not in TERMINAL_STATES:
         times.append(f"running for {duration((datetime.now(UTC) - started).total_seconds())}")
-    console.print("  " + ", ".join(times) + " (UTC)", markup=False, highlight=False)
+    plain("  " + ", ".join(times) + " (UTC)")
     if job.get("disk_bytes") is not None:
         console.print(f"  disk {job['disk_bytes']} bytes (run directory)", markup=False)
     error = job.get("error") or {}
     if error.get("log_tail"):
         console.print("  [dim]log tail:[/]")
-        console.print(error["log_tail"], markup=False, highlight=False)
+        plain(error["log_tail"])
 
 
 def _follow_to_end(job_id: str, show_logs: bool = False) -> None:
@@ -253,14 +250,14 @@ def logs(job_id: str, tail: int = typer.Option(None, "--tail", "-n", help="only 
     """Print a job's training log."""
     with api_errors():
         text = make_client().logs(job_id, tail=tail)
-    console.print(text, markup=False, highlight=False, end="" if text.endswith("\n") else "\n")
+    plain(text, end="" if text.endswith("\n") else "\n")
 
 
 def cancel(job_id: str) -> None:
     """Cancel a job (queued: at once; running: after it stops)."""
     with api_errors():
         job = make_client().cancel(job_id)
-    console.print(f"job {job_id}: {job.get('state', 'cancel requested')}", markup=False, highlight=False)
+    plain(f"job {job_id}: {job.get('state', 'cancel requested')}")
 
 
 def gpus(as_json: bool = typer.Option(False, "--json")) -> None:
