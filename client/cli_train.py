@@ -29,7 +29,7 @@ def train(
 ) -> None:
     """Train a spec here with a live loss display; Ctrl-C checkpoints, and running again resumes."""
     # The trainer is imported here, not at module level: the rest of the CLI needs no trainer code.
-    from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, SPEC_FILE, read_events, trainer_argv
+    from trainer.events import EVENTS_FILE, EXIT_PREEMPTED, LOG_FILE, SPEC_FILE, read_events, trainer_argv
     from trainer.spec import JobSpec, describe_errors
 
     try:
@@ -63,7 +63,7 @@ def train(
     status = (end or {}).get("status", "failed")
     colour = {"succeeded": "green", "preempted": "yellow"}.get(status, "red")
     console.print(
-        f"[bold {colour}]{escape(str(status))}[/] " + escape(f"(run dir {run_dir}, log {run_dir / 'train.log'})")
+        f"[bold {colour}]{escape(str(status))}[/] " + escape(f"(run dir {run_dir}, log {run_dir / LOG_FILE})")
     )
     if end and end.get("error"):
         console.print(f"[red]{escape(str(end['error']['type']))}[/]: {escape(str(end['error']['message']))}")
@@ -85,29 +85,19 @@ def bench(
     out_json: Path = typer.Option(None, "--json"),
 ) -> None:
     """Measure samples/s, tokens/s, peak memory and MFU over batch sizes (warm-up excluded)."""
-    argv = [
-        "bench",
-        "--model",
-        model,
-        "--batch-sizes",
-        batch_sizes,
-        "--seq-len",
-        str(seq_len),
-        "--gpus",
-        str(gpus),
-        "--precision",
-        precision,
-        "--zero",
-        str(zero),
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(warmup),
-        "--max-micro",
-        str(max_micro),
-    ]
-    if out_json:
-        argv += ["--json", str(out_json)]
+    flags = {
+        "--model": model,
+        "--batch-sizes": batch_sizes,
+        "--seq-len": seq_len,
+        "--gpus": gpus,
+        "--precision": precision,
+        "--zero": zero,
+        "--steps": steps,
+        "--warmup": warmup,
+        "--max-micro": max_micro,
+        "--json": out_json or None,
+    }
+    argv = ["bench", *(str(arg) for flag, value in flags.items() if value is not None for arg in (flag, value))]
     from trainer.__main__ import main
 
     raise typer.Exit(main(argv))

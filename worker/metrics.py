@@ -17,12 +17,11 @@ from trainer.events import EVAL_METRIC_FIELDS, STEP_METRIC_FIELDS
 # What a job_metrics row keeps besides its key (step), attempt and time: from the step's `step` event,
 # and from its `eval` event (merged into the same row, whichever came first).
 STEP_COLUMNS = tuple(f for f in STEP_METRIC_FIELDS if f not in ("step", "time"))
-EVAL_COLUMNS = EVAL_METRIC_FIELDS
 
 
 def metric_row(job_id: str, attempt: int, event: dict[str, Any]) -> dict[str, Any]:
     """A job_metrics row from a `step` or an `eval` event (only that event's columns)."""
-    columns = EVAL_COLUMNS if event.get("type") == "eval" else STEP_COLUMNS
+    columns = EVAL_METRIC_FIELDS if event.get("type") == "eval" else STEP_COLUMNS
     row = {"job_id": job_id, "attempt": attempt, "step": int(event["step"]), "time": float(event["time"])}
     row.update({name: event.get(name) for name in columns})
     return row
@@ -69,10 +68,10 @@ def store_metrics(
         if steps:
             last = steps[-1]
             values.update(step=int(last["step"]), epoch=last.get("epoch"))
-            latest.update({name: last.get(name) for name in LATEST_FIELDS if name not in EVAL_COLUMNS})
+            latest.update({name: last.get(name) for name in LATEST_FIELDS if name not in EVAL_METRIC_FIELDS})
             latest["time"] = last.get("time")
         if evals:
-            latest.update({name: evals[-1].get(name) for name in EVAL_COLUMNS})
+            latest.update({name: evals[-1].get(name) for name in EVAL_METRIC_FIELDS})
         values["latest"] = latest
     fenced = (
         session.execute(
@@ -86,7 +85,7 @@ def store_metrics(
     if fenced:
         return False
     _upsert(session, [metric_row(job_id, attempt, e) for e in steps], STEP_COLUMNS, also=("time",))
-    _upsert(session, [metric_row(job_id, attempt, e) for e in evals], EVAL_COLUMNS)
+    _upsert(session, [metric_row(job_id, attempt, e) for e in evals], EVAL_METRIC_FIELDS)
     return True
 
 

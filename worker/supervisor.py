@@ -8,6 +8,7 @@ the lease and reports a stop reason, so the process handling can be tested on it
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -146,11 +147,6 @@ def child_env(
         if cpu_threads:
             env["OMP_NUM_THREADS"] = str(cpu_threads)
     return env
-
-
-def _die_with_parent() -> None:
-    """Fate sharing: if the supervising worker dies, the launcher (and through it the ranks) dies too."""
-    set_pdeathsig(signal.SIGKILL)
 
 
 def session_members(sid: int) -> list[psutil.Process]:
@@ -313,7 +309,8 @@ def supervise(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # Fate sharing: if the supervising worker dies, the launcher (and through it the ranks) dies too.
+                preexec_fn=functools.partial(set_pdeathsig, signal.SIGKILL),
             )
     except OSError as exc:
         error = {"type": ErrorType.LAUNCH_ERROR, "message": f"could not start the trainer: {exc}", "log_tail": ""}
