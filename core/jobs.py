@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import lifecycle
 from core.events import Publish
-from core.models import Job, JobMetric, new_job_id, utcnow
+from core.models import Job, JobMetric
 from core.settings import get_settings
 from core.states import JobState
 from trainer.spec import JobSpec
@@ -73,21 +73,16 @@ def create_job(
         earlier = _by_idempotency_key(session, owner, idempotency_key)
         if earlier is not None:
             return _replay(earlier, idempotency_key, digest)
-    job = Job(
-        id=new_job_id(),
+    job = Job(  # id, attempt 1, no cancel and the times: the columns' defaults
         name=spec.name,
         owner=owner,
         state=JobState.QUEUED.value,
         spec=spec.model_dump(mode="json"),
         gpus=spec.gpus,
         priority=spec.priority,
-        attempt=1,
         max_attempts=max_attempts or get_settings().max_attempts,
-        cancel_requested=False,
         idempotency_key=idempotency_key,
         request_hash=digest,
-        created_at=utcnow(),
-        updated_at=utcnow(),
     )
     session.add(job)
     try:
