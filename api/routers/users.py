@@ -13,6 +13,7 @@ from api.schemas import DiskUsageRead, LimitsRead, UserRead
 from core import users as service
 from core.disk import DiskUsage, disk_usage, disk_usage_by_owner
 from core.models import User
+from core.users import Limits, Principal
 from trainer.spec import whole_number
 
 router = APIRouter(prefix="/users", tags=["users"])
@@ -42,29 +43,25 @@ class LimitsUpdate(BaseModel):
     max_disk_bytes: int | None = Field(None, ge=1, le=1 << 50)
 
 
-def _read(user: User, settings: SettingsDep, disk: DiskUsage | None = None) -> UserRead:
-    limits = service.effective_limits(user, settings)
-    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**limits.__dict__), disk=_disk(disk))
-
-
-def _disk(use: DiskUsage | None) -> DiskUsageRead | None:
-    if use is None:
-        return None
-    return DiskUsageRead(jobs_bytes=use.jobs_bytes, uploads_bytes=use.uploads_bytes, total_bytes=use.total_bytes)
+def _read(user: User | Principal, limits: Limits, disk: DiskUsage | None = None) -> UserRead:
+    use = DiskUsageRead(**vars(disk), total_bytes=disk.total_bytes) if disk else None
+    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**vars(limits)), disk=use)
 
 
 @router.get("/me", response_model=UserRead)
 def me(user: CurrentUser, session: SessionDep) -> UserRead:
     """The caller: name, admin or not, the limits in force for them and the disk they use."""
-    disk = _disk(disk_usage(session, user.name))
-    return UserRead(name=user.name, is_admin=user.is_admin, limits=LimitsRead(**user.limits.__dict__), disk=disk)
+    return _read(user, user.limits, disk_usage(session, user.name))
 
 
 @router.get("", response_model=list[UserRead], responses=documented(403))
 def list_users(session: SessionDep, settings: SettingsDep, admin: AdminUser) -> list[UserRead]:
     """Every user, their limits and the disk they use (admins only)."""
     usage = disk_usage_by_owner(session)
-    return [_read(u, settings, usage.get(u.name, DiskUsage())) for u in service.list_users(session)]
+    return [
+        _read(u, service.effective_limits(u, settings), usage.get(u.name, DiskUsage()))
+        for u in service.list_users(session)
+    ]
 
 
 @router.patch("/{name}", response_model=UserRead, responses=documented(403, 404, 413))
@@ -77,4 +74,4 @@ def set_limits(
     except service.UserError as e:
         raise NotFound(str(e), ["path", "name"]) from None
     request.app.state.auth_cache.clear()  # cached principals carry the limits
-    return _read(user, settings)
+    return _read(user, service.effective_limits(user, settings))
