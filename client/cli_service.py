@@ -37,10 +37,6 @@ class Unit:
     text: str
 
 
-def _python() -> str:
-    return sys.executable
-
-
 def _trainbox() -> str:
     script = Path(sys.executable).parent / "trainbox"
     return str(script) if script.exists() else shutil.which("trainbox") or f"{sys.executable} -m client"
@@ -95,8 +91,8 @@ def units(*, layout: str, user: str, data_dir: Path, env_file: Path, host: str, 
         user,
         env_file,
         data_dir,
-        f"{_python()} -m uvicorn api.app:app --host {host} --port {port}",
-        ExecStartPre=f'{_python()} -c "{MIGRATE}"',
+        f"{sys.executable} -m uvicorn api.app:app --host {host} --port {port}",
+        ExecStartPre=f'{sys.executable} -c "{MIGRATE}"',
         TimeoutStopSec="30",
     )
     # KillMode=mixed: SIGTERM to the worker alone, which checkpoints and requeues its jobs and stops
@@ -106,7 +102,7 @@ def units(*, layout: str, user: str, data_dir: Path, env_file: Path, host: str, 
         user,
         env_file,
         data_dir,
-        f"{_python()} -m worker",
+        f"{sys.executable} -m worker",
         TimeoutStopSec=str(STOP_TIMEOUT_S),
         KillMode="mixed",
     )

@@ -24,7 +24,7 @@ from api.errors import ERROR_SCHEMA, ApiError, Conflict, NotFound, PayloadTooLar
 from api.limits import check_upload_quota, upload_bytes_exceeded
 from api.schemas import DatasetPage, DatasetRead
 from core.datasets import DatasetInUse, delete_dataset
-from core.models import Dataset, new_job_id, utcnow
+from core.models import Dataset, new_job_id
 from core.settings import Settings
 from core.users import Principal, get_user
 from trainer.paths import UPLOADS_DIR, DatasetInfo, SpecError, inspect_dataset, uploaded_dataset_path
@@ -135,7 +135,6 @@ def receive_upload(
             records=info.records,
             bytes=size,
             sha256=sha,
-            created_at=utcnow(),
         )
         session.add(row)
         session.commit()
