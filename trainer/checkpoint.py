@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,28 +56,27 @@ def estimate_bytes(n_params: int, precision: str, zero_stage: int, world_size: i
     return int(body) + OVERHEAD_PER_FILE * 2 * world_size
 
 
-def out_of_space(exc: BaseException) -> bool:
-    """Whether an error (or one it came from) is a filesystem out of space or over its quota."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The error and the ones it came from (each one's cause, else its context)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _OUT_OF_SPACE:
-            return True
-        if _NO_SPACE_TEXT.search(str(seen)):
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether an error (or one it came from) is a filesystem out of space or over its quota."""
+    return any(
+        (isinstance(e, OSError) and e.errno in _OUT_OF_SPACE) or _NO_SPACE_TEXT.search(str(e)) for e in _chain(exc)
+    )
 
 
 def _write_failed(exc: BaseException) -> bool:
     """A failed write while saving: out of space, an I/O error, or torch's writer giving up."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if (isinstance(seen, OSError) and not isinstance(seen, ConnectionError)) or _WRITE_FAILED_TEXT.search(
-            str(seen)
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return out_of_space(exc)
+    return out_of_space(exc) or any(
+        (isinstance(e, OSError) and not isinstance(e, ConnectionError)) or _WRITE_FAILED_TEXT.search(str(e))
+        for e in _chain(exc)
+    )
 
 
 def _fsync_dir(path: Path) -> None:
