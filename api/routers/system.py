@@ -18,7 +18,7 @@ from api.dashboard import DASHBOARD_HTML
 from api.deps import BearerDep, CurrentUser, SessionDep, current_user
 from api.errors import documented
 from api.schemas import BoxRead, GpuRead, GpuView, QueueEntry, QueueView
-from core.models import Box, Job
+from core.models import Box, Gpu, Job
 from core.queue import start_eta_s
 from core.scheduler import queued_order
 from core.states import ACTIVE_STATES
@@ -39,23 +39,16 @@ def list_gpus(session: SessionDep, user: CurrentUser) -> GpuView:
     boxes = session.scalars(select(Box).options(selectinload(Box.gpus)).order_by(Box.name)).all()
     held = {g.job_id for b in boxes for g in b.gpus if g.job_id}
     jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(held)))} if held else {}
-    data = []
-    for box in boxes:
-        gpus = []
-        for g in box.gpus:
-            job = jobs.get(g.job_id) if g.job_id else None
-            holder = public_job(job, user) if job else None
-            gpus.append(
-                GpuRead(
-                    index=g.index,
-                    name=g.name,
-                    memory_mb=g.memory_mb,
-                    memory_used_mb=g.memory_used_mb,
-                    busy=g.busy,
-                    job=holder,
-                )
-            )
-        data.append(BoxRead(name=box.name, queue=box.queue, heartbeat_at=box.heartbeat_at, gpus=gpus))
+
+    def read(g: Gpu) -> GpuRead:
+        holder = jobs.get(g.job_id) if g.job_id else None
+        columns = {name: getattr(g, name) for name in GpuRead.model_fields if name != "job"}
+        return GpuRead(**columns, job=public_job(holder, user) if holder else None)
+
+    data = [
+        BoxRead(name=box.name, queue=box.queue, heartbeat_at=box.heartbeat_at, gpus=[read(g) for g in box.gpus])
+        for box in boxes
+    ]
     total = sum(len(b.gpus) for b in data)
     return GpuView(data=data, total=total, in_use=sum(1 for b in data for g in b.gpus if g.job))
 

@@ -49,15 +49,9 @@ class TokenCreated(TokenRead):
 
 
 def _read(row: ApiToken, user: str) -> dict[str, object]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "user": user,
-        "state": service.token_status(row),
-        "created_at": row.created_at,
-        "expires_at": row.expires_at,
-        "revoked_at": row.revoked_at,
-    }
+    """A token as TokenRead shows it: its columns, its user's name and its state (never the secret)."""
+    columns = {name: getattr(row, name) for name in TokenRead.model_fields if name not in ("user", "state")}
+    return columns | {"user": user, "state": service.token_status(row)}
 
 
 @router.get("", response_model=list[TokenRead])
