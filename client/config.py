@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
+
 from client.sdk import DEFAULT_URL
 
 CONFIG_FILE = "config.json"
@@ -144,15 +146,7 @@ def forget_stack(data_dir: Path) -> None:
 
 
 def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
 
 
 @dataclass(frozen=True)
