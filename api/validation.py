@@ -5,7 +5,7 @@ validate dry run. Submit and validate run the same checks (`admit`), so validate
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -378,7 +378,7 @@ def data_report(spec: JobSpec, files: Files) -> dict[str, Any]:
         s = data_stats(
             info, text_field=text_field, seq_len=spec.seq_len, train_all=train_all, overlong=spec.dataset.overlong
         )
-        return {"file_format": info.format, "bytes": info.bytes, **s.as_dict()}
+        return {"file_format": info.format, "bytes": info.bytes, **asdict(s)}
 
     train = stats(files.train, spec.dataset.text_field)
     validation = stats(files.validation, spec.validation.text_field) if files.validation and spec.validation else None

@@ -57,9 +57,6 @@ class DataStats:
     trained_tokens: int = 0  # of which trained on
     blocks: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def read_items(info: DatasetInfo, text_field: str) -> Iterator[Any]:
     """Each record as `formats.segments` takes it: a text, a prompt and completion, or messages."""
@@ -269,11 +266,11 @@ def _prepare(
             return {part: blocks, f"{part}-mask": masks}
 
         arrays = packed("train", items, stats_t, pad_tail=False)
-        stats: dict[str, Any] = {"train": stats_t.as_dict(), "validation": None}
+        stats: dict[str, Any] = {"train": asdict(stats_t), "validation": None}
         if held:
             stats_v = DataStats(opts.format, records=len(held))
             arrays |= packed("val", held, stats_v, pad_tail=True)
-            stats["validation"] = stats_v.as_dict() | {"source": "file" if val is not None else "split"}
+            stats["validation"] = asdict(stats_v) | {"source": "file" if val is not None else "split"}
         for part, arr in arrays.items():
             tmp = names[part].with_suffix(f".tmp{os.getpid()}.npy")
             np.save(tmp, arr)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -49,9 +48,6 @@ class DataEstimate:
     trained_share: float  # of those tokens, the share that is trained on (the rest is context, label -100)
     overlong: int  # examples longer than seq_len (estimated); what happens to them is `overlong_policy`
     overlong_policy: str  # dropped | truncated | packed (text is packed into seq_len blocks: nothing is lost)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _count_records(info: DatasetInfo) -> int:
