@@ -457,15 +457,8 @@ class JobSpec(_Strict):
         msg = None
         if self.validation is not None and self.validation_split > 0:
             msg = "give either validation (a file) or validation_split (a held-out fraction), not both"
-        elif not self.has_validation:
-            msg = next(
-                (
-                    f"{name} needs validation data: set validation or validation_split"
-                    for name in ("eval_every", "keep_best")
-                    if getattr(self, name)
-                ),
-                None,
-            )
+        elif not self.has_validation and (asked := [n for n in ("eval_every", "keep_best") if getattr(self, n)]):
+            msg = f"{asked[0]} needs validation data: set validation or validation_split"
         if msg:
             raise PydanticCustomError("validation_conflict", "{msg}", {"msg": msg})
         return self
