@@ -271,6 +271,7 @@ class Client:
         trying for RECONNECT_FOR_S, then raises; `on_connection` hears why while it does, and None once
         the stream is back."""
         down_since: float | None = None  # the server unreachable since: give up after RECONNECT_FOR_S
+        final = False  # the job ended while its stream was cut: one more resume brings its tail and end
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
@@ -301,9 +302,11 @@ class Client:
                         yield event
                         if event.type in ("state", "end") and data.get("state") in TERMINAL_STATES:
                             return
-                # The stream ended without the job's end: a server going down ends its streams so.
-                if not reconnect or self._state_while_restarting(job_id) in TERMINAL_STATES:
+                # The stream ended without the job's end: a server going down, or losing Redis, ends
+                # its streams so. Resume; once more only if the job has ended meanwhile.
+                if not reconnect or final:
                     return
+                final = self._state_while_restarting(job_id) in TERMINAL_STATES
             except httpx.UnsupportedProtocol:
                 raise  # a bad URL does not heal
             except (httpx.TransportError, _Restarting) as exc:

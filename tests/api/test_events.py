@@ -348,6 +348,44 @@ def test_a_stream_after_a_redis_restart_reconnects_instead_of_ending(client, set
     assert [(e[1], e[2].get("step")) for e in resumed.events()] == [("step", 3), ("end", None)]
 
 
+def test_the_sdk_gets_the_tail_and_end_of_a_job_that_ended_while_its_stream_was_cut(
+    client, settings, sessions, own_redis
+):
+    """Redis restarted as the job ended: the server ends the stream without the job's end. The SDK saw a
+    finished job and stopped there, without the last step and the end; one more resume brings both."""
+    from client.sdk import Client
+    from core.models import JobMetric
+
+    if not settings.is_sqlite:
+        pytest.skip("the SDK's resume does not depend on the database (run once)")
+    redis_url, start_redis, stop_redis = own_redis
+    r = start_redis()
+    job_id, auth = posted_job(client, sessions)
+    with serve(create_app(settings.model_copy(update={"redis_url": redis_url}), dispatch=None)) as url:
+        sdk = Client(url, token=auth["Authorization"].removeprefix("Bearer "))
+        got: list = []
+
+        def follow() -> None:  # the pause before a resume (retry_s) outlasts the Redis restart below
+            for event in sdk.events(job_id, retry_s=3):
+                got.append(event)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        for i in (1, 2, 3):  # what the worker records of each step, as the relay publishes it
+            with sessions() as s:
+                s.add(JobMetric(job_id=job_id, attempt=1, step=i, loss=1.0 / i, time=time.time()))
+                s.commit()
+            if i < 3:
+                steps(r, job_id, i, i + 1)
+        wait_for(lambda: len(got) == 2, timeout=10, what="steps 1 and 2 at the SDK")
+        set_state(sessions, job_id, "succeeded")  # step 3 and the end never reach this Redis
+        stop_redis()
+        start_redis()  # empty
+        follower.join(30)
+        assert not follower.is_alive()
+    assert [(e.type, e.data.get("step")) for e in got] == [("step", 1), ("step", 2), ("step", 3), ("end", None)]
+
+
 def test_a_redis_failure_ends_the_stream_with_one_line_and_the_resume_works(
     client, settings, sessions, own_redis, caplog, monkeypatch
 ):
