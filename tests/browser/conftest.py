@@ -67,7 +67,7 @@ def stack() -> Iterator[Any]:
 
 
 class Api:
-    """The few calls the tests make behind the browser's back (submitting, revoking)."""
+    """The few calls the tests make behind the browser's back (submitting, cancelling, reading)."""
 
     def __init__(self, url: str, token: str) -> None:
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -79,6 +79,10 @@ class Api:
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.http.get(f"/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> None:
+        r = self.http.post(f"/jobs/{job_id}/cancel")
+        assert r.status_code == 202, r.text
 
 
 @pytest.fixture(scope="module")
