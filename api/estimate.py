@@ -71,12 +71,8 @@ def estimate_memory(spec: JobSpec, cfg: dict[str, Any] | None, precision: str) -
         }
     n = llama_param_count(cfg)
     per_param = model_state_bytes_per_param(spec, precision)
-    plan = spec.batch
-    if spec.deepspeed.zero_optimization.stage >= 2 and plan.accum == 1:
-        # Without accumulation ZeRO-2 makes each gradient during backward, as activations are freed:
-        # the peak (the loss's backward) holds none (measured on the H200 check, docs/BENCHMARKS.md).
-        per_param["gradients"] = 0.0
-    breakdown = {k: n * v / GB for k, v in per_param.items()}
+    states = {k: n * v / GB for k, v in per_param.items()}
+    plan, stage = spec.batch, spec.deepspeed.zero_optimization.stage
     h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv_share = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) / cfg["num_attention_heads"]
     half = precision in ("fp16", "bf16")
@@ -90,12 +86,22 @@ def estimate_memory(spec: JobSpec, cfg: dict[str, Any] | None, precision: str) -
     acts = (
         layers * 2 * h * (1 if half else 2) * tokens + per_layer if spec.gradient_checkpointing else layers * per_layer
     )
-    breakdown["activations"] = acts / GB
-    # At the loss's backward: the 16-bit logits (2), log-softmax's fp32 output (4), and the fp32 gradients
-    # into and out of it (4 + 4); fp32 logits need no upcast copy.
-    breakdown["logits"] = tokens * vocab * (14 if half else 12) / GB
-    breakdown["overhead"] = OVERHEAD_GB
-    notes = [f"{n / 1e9:.2f}B parameters, ZeRO stage {spec.deepspeed.zero_optimization.stage}, {precision}"]
+    # The loss's backward: every activation, and the logits (16-bit logits 2 bytes, log-softmax's fp32
+    # output 4 and the fp32 gradients into and out of it 4 + 4; fp32 logits need no upcast copy).
+    backward = states | {"activations": acts / GB, "logits": tokens * vocab * (14 if half else 12) / GB}
+    if stage >= 2 and plan.accum == 1:
+        # Without accumulation ZeRO-2 makes each gradient during backward, as activations are freed:
+        # at this peak there are none yet (measured on the H200 check, docs/BENCHMARKS.md section 8).
+        backward["gradients"] = 0.0
+    # The optimizer step, activations freed: beside the states, the 16-bit gradients and the fp32 copy of
+    # the partition the optimizer updates (DeepSpeed's ZeRO-1/2 step; none with fp32 or an offloaded one).
+    fp32_grads = 4.0 / (spec.gpus if stage >= 1 else 1) if half and per_param["optimizer"] else 0.0
+    step = states | {"gradients": n * (per_param["gradients"] + fp32_grads) / GB, "activations": 0.0, "logits": 0.0}
+    at_step = sum(step.values()) > sum(backward.values())
+    breakdown = (step if at_step else backward) | {"overhead": OVERHEAD_GB}
+    notes = [f"{n / 1e9:.2f}B parameters, ZeRO stage {stage}, {precision}"]
+    if at_step:
+        notes.append("the peak is the optimizer step (gradients in 16-bit and fp32 beside its states)")
     return {
         "per_gpu_gb": round(sum(breakdown.values()), 2),
         "breakdown_gb": {k: round(v, 3) for k, v in breakdown.items()},

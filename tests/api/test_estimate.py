@@ -53,3 +53,14 @@ def test_accumulated_gradients_count_only_when_accumulating():
         for accum in (1, 2)
     )
     assert one["gradients"] == 0 and two["gradients"] == pytest.approx(2.51, abs=0.01)
+
+
+def test_a_small_micro_batch_is_estimated_at_the_optimizer_steps_peak():
+    """With few activations the optimizer step is the peak: DeepSpeed's ZeRO-2 step holds the 16-bit
+    gradients and their fp32 copy (2 + 4 bytes a parameter) beside the weights and Adam's states (14).
+    The estimate had left the gradients out whenever there was no accumulation: 19.8 GiB at micro 1 with
+    checkpointing, under the 25.1 GiB the step itself holds."""
+    est = estimate_memory(deepseek_spec(1, 1, True), PRESETS["deepseek-1.3b"], "bf16")
+    floor_gb = est["n_params"] * (2 + 12 + 2 + 4) / 1024**3
+    assert est["per_gpu_gb"] >= floor_gb and any("optimizer step" in n for n in est["notes"])
+    assert est["breakdown_gb"]["activations"] == 0 and est["breakdown_gb"]["gradients"] > 0

@@ -51,11 +51,11 @@ def test_validate_says_when_it_is_tight(client, sessions):
     add_box(sessions, n=3, memory_mb=24564)
     ds = {
         **DEEPSEEK["deepspeed"],
-        "zero_optimization": {"stage": 0},
+        "zero_optimization": {"stage": 1},
         "train_batch_size": 16,
-        "gradient_accumulation_steps": 8,
+        "gradient_accumulation_steps": 1,
     }
-    v = client.post("/jobs/validate", json={**DEEPSEEK, "gpus": 1, "deepspeed": ds}).json()
+    v = client.post("/jobs/validate", json={**DEEPSEEK, "deepspeed": ds}).json()
     assert v["memory"]["fits"] is False and 23.99 * 0.95 < v["memory"]["per_gpu_gb"] < 23.99
 
 
@@ -78,8 +78,12 @@ def test_validate_errors_match_submit(client):
 
 TOO_BIG = {
     **DEEPSEEK,
-    "gpus": 1,
-    "deepspeed": {**DEEPSEEK["deepspeed"], "zero_optimization": {"stage": 0}, "train_batch_size": 16},
+    "deepspeed": {
+        **DEEPSEEK["deepspeed"],
+        "zero_optimization": {"stage": 1},
+        "train_batch_size": 32,
+        "gradient_accumulation_steps": 1,
+    },
 }
 
 
@@ -89,12 +93,12 @@ def test_spec_no_box_can_hold_is_refused_with_the_estimate_and_settings_that_fit
     for route in ("/jobs/validate", "/jobs"):
         [err] = only_error(client.post(route, json=TOO_BIG), 422)
         assert err["type"] == "does_not_fit" and err["loc"] == ["body"]
-        assert "estimated memory ~26.0 GB per GPU is more than 23.99 GB per GPU" in err["msg"]
-        assert "train_micro_batch_size_per_gpu 2 with gradient_accumulation_steps 8" in err["msg"]
+        assert "estimated memory ~33.3 GB per GPU is more than 23.99 GB per GPU" in err["msg"]
+        assert "train_micro_batch_size_per_gpu 8 with gradient_accumulation_steps 2" in err["msg"]
         assert "gradient_checkpointing true" in err["msg"]
     assert client.get("/jobs").json()["data"] == []
     # The first suggestion is accepted as suggested.
-    ds = {**TOO_BIG["deepspeed"], "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}
+    ds = {**TOO_BIG["deepspeed"], "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}
     assert client.post("/jobs", json={**TOO_BIG, "deepspeed": ds}).status_code == 201
 
 
