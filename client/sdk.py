@@ -37,7 +37,7 @@ def format_detail(detail: Any, hint: Callable[[dict[str, Any]], str | None] = la
         if not isinstance(item, dict):
             parts.append(str(item))
             continue
-        loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+        loc = ".".join(str(p) for p in item.get("loc") or [] if p != "body")
         line = f"{loc}: {item.get('msg')}" if loc else str(item.get("msg"))
         parts.append(f"{line} ({extra})" if (extra := hint(item)) else line)
     return "; ".join(parts)

@@ -25,13 +25,17 @@ def open_by_keyboard(page: Any, job: dict[str, Any]) -> None:
     expect(page).to_have_url(re.compile(f"#/jobs/{job['id']}$"))
 
 
-def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(page: Any, api: Api, stack: Any, shots: Path):
+def test_sign_in_then_a_job_runs_to_success_with_the_chart_growing(
+    page: Any, api: Api, stack: Any, shots: Path, request: Any
+):
     expect(page.locator("#notice")).to_contain_text("Sign in")
     sign_in(page, stack.token())
     expect(page.locator("#session")).to_contain_text("signed in as admin (admin)")
     # The job waits behind a blocker until the page follows it: 100 steps take a few seconds on a quiet
     # box, less than the page's two list refreshes before it opens the job, so it could be over by then.
     blocker = api.submit(tiny_spec("browser-blocker", steps=100_000))  # takes both slots
+    # Should the test stop before it cancels the blocker, the module's later tests must not wait behind it.
+    request.addfinalizer(lambda: api.http.post(f"/jobs/{blocker['id']}/cancel"))
     job = api.submit(tiny_spec("browser-ok", steps=100, checkpoint_every=50, validation_split=0.1, eval_every=50))
     row = page.locator(f'#jobs tr[data-id="{job["id"]}"]')
     expect(row).to_be_visible()  # the next refresh lists it
