@@ -9,23 +9,15 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
 from client.sdk import Client
 from client.stack import free_port
 from tests.client.conftest import trainbox_argv
-from tests.helpers import wait_for
+from tests.helpers import healthy, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -44,7 +36,7 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
         text=True,
     )
     try:
-        wait_for(lambda: _healthy(url) or up.poll() is not None, timeout=120, what="trainbox up ready")
+        wait_for(lambda: healthy(url) or up.poll() is not None, timeout=120, what="trainbox up ready")
         assert up.poll() is None, up.stdout.read() if up.stdout else ""
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
@@ -102,7 +94,7 @@ def test_up_then_demo_and_the_job_commands(tmp_path: Path, user_env: dict[str, s
     assert "dashboard at " + url + "/" in out
     assert not (Path(user_env["XDG_STATE_HOME"]) / "trainbox" / "stack.json").exists()  # the note goes with it
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not _healthy(url)
+    assert not healthy(url)
     with sqlite3.connect(tmp_path / ".trainbox" / "trainbox.db") as db:
         state, attempt = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (long_id,)).fetchone()
     assert (state, attempt) == ("queued", 2)
@@ -114,6 +106,6 @@ def test_demo_alone_starts_and_stops_its_own_stack(tmp_path: Path, user_env: dic
     demo = _run(["demo", "--steps", "10", "--port", str(port)], user_env, tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "starting the stack" in demo.stdout and "succeeded" in demo.stdout and "all stopped" in demo.stdout
-    assert not _healthy(f"http://127.0.0.1:{port}")
+    assert not healthy(f"http://127.0.0.1:{port}")
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []

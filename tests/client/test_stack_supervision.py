@@ -20,7 +20,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from client.sdk import Client
 from client.stack import RestartPolicy, Stack, StackError, free_port
 from tests.client.conftest import trainbox_argv
-from tests.helpers import wait_for
+from tests.helpers import healthy, wait_for
 from tests.worker.conftest import write_corpus
 from tests.worker.test_e2e import _job_processes
 from trainer.events import EVENTS_FILE
@@ -106,7 +106,7 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
         text=True,
     )
     try:
-        wait_for(lambda: _healthy(url) or up.poll() is not None, timeout=180, what="the stack")
+        wait_for(lambda: healthy(url) or up.poll() is not None, timeout=180, what="the stack")
         assert up.poll() is None, up.stdout.read() if up.stdout else ""
         children = {c.info["name"]: c for c in _named_children(up.pid)}
         # Not the system's: the wheel's copy, installed in this Python's environment.
@@ -188,13 +188,6 @@ def test_up_heals_a_killed_worker_and_redis_and_uses_the_packaged_redis(tmp_path
             up.wait()
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _named_children(pid: int, name: str | None = None) -> list[psutil.Process]:
