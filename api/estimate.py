@@ -76,16 +76,14 @@ def estimate_memory(spec: JobSpec, cfg: dict[str, Any] | None, precision: str) -
     h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv_share = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) / cfg["num_attention_heads"]
     half = precision in ("fp16", "bf16")
+    width = 1 if half else 2  # fp32 training doubles the 16-bit tensors below
     tokens = plan.micro * spec.seq_len
     # Bytes one layer of Hugging Face's Llama (SDPA attention) keeps per token for backward, in 16-bit:
     # two RMSNorms (fp32 input 4h, 16-bit output 2h each), attention's rotated q, k and v, its output and
     # o_proj's contiguous input (6h + 4h * kv_share), the SwiGLU MLP's gate, up, activation and product (8i).
-    # fp32 training doubles the 16-bit tensors.
-    per_layer = ((18 + 4 * kv_share) * h + 8 * i) * (1 if half else 2) * tokens
+    per_layer = ((18 + 4 * kv_share) * h + 8 * i) * width * tokens
     # With checkpointing each layer keeps only its input (2h), and one layer is recomputed at a time.
-    acts = (
-        layers * 2 * h * (1 if half else 2) * tokens + per_layer if spec.gradient_checkpointing else layers * per_layer
-    )
+    acts = layers * 2 * h * width * tokens + per_layer if spec.gradient_checkpointing else layers * per_layer
     # The loss's backward: every activation, and the logits (16-bit logits 2 bytes, log-softmax's fp32
     # output 4 and the fp32 gradients into and out of it 4 + 4; fp32 logits need no upcast copy).
     backward = states | {"activations": acts / GB, "logits": tokens * vocab * (14 if half else 12) / GB}
