@@ -41,6 +41,16 @@ def received(follower: Follower) -> list[tuple[str, str, int | None]]:
     return [(e[0], e[1], e[2].get("step")) for e in follower.events()]
 
 
+def start_followers(url: str, job_id: str, auth: dict[str, str], n: int) -> list[Follower]:
+    """n followers of the job, each past its first event; one at a time: a user's requests in flight are
+    capped (429)."""
+    followers: list[Follower] = []
+    for _ in range(n):
+        followers.append(Follower(url, job_id, auth))
+        wait_for(lambda: followers[-1].events(), timeout=10, what="a follower's first event")
+    return followers
+
+
 def test_followers_of_a_job_share_one_xread_per_batch(client, settings, sessions, own_redis):
     if not settings.is_sqlite:
         pytest.skip("the fan-out does not depend on the database (run once)")
@@ -52,10 +62,7 @@ def test_followers_of_a_job_share_one_xread_per_batch(client, settings, sessions
     app = create_app(settings.model_copy(update={"redis_url": redis_url, "sse_block_ms": 5000}), dispatch=None)
     n, batches, size = 20, 10, 5
     with serve(app) as url:
-        followers = []
-        for _ in range(n):  # one at a time: a user's requests in flight are capped (429)
-            followers.append(Follower(url, job_id, auth))
-            wait_for(lambda: followers[-1].events(), timeout=10, what="the state event")
+        followers = start_followers(url, job_id, auth, n)
         before = xread_calls(r)
         for b in range(batches):
             # As the relay publishes: the batch in one pipeline.
@@ -95,10 +102,7 @@ def test_a_quiet_jobs_followers_share_its_state_reads(client, settings, sessions
     event.listen(app.state.engine, "before_cursor_execute", count)
     n, quiet_s = 10, 1.0
     with serve(app) as url:
-        followers = []
-        for _ in range(n):  # one at a time: a user's requests in flight are capped (429)
-            followers.append(Follower(url, job_id, auth))
-            wait_for(lambda: followers[-1].events(), timeout=10, what="the queued state event")
+        followers = start_followers(url, job_id, auth, n)
         before = len(reads)
         time.sleep(quiet_s)  # the quiet being measured
         during = len(reads) - before
