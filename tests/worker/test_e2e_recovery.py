@@ -91,7 +91,10 @@ def test_a_killed_worker_loses_its_ranks_and_the_job_resumes(stack: Any, api: Cl
 def test_a_sigtermed_worker_requeues_its_job_and_the_next_worker_resumes_it(stack: Any, api: Client) -> None:
     """A redeploy: SIGTERM -> the trainer checkpoints, the job goes back to `queued` (not failed) with
     attempt 2, the worker exits; the next worker resumes from that checkpoint and the job succeeds."""
-    job = api.submit(tiny_spec("e2e-redeploy", steps=40, checkpoint_every=0, max_runtime_s=600))
+    # Enough steps that the job is still training when the SIGTERM lands: 40 (about 2 s on a quiet box)
+    # could end between the API showing step 5 and the signal, and it then succeeded as attempt 1.
+    steps = 200
+    job = api.submit(tiny_spec("e2e-redeploy", steps=steps, checkpoint_every=0, max_runtime_s=600))
     wait_for(lambda: (api.get(job["id"])["progress"]["step"] or 0) >= 5, timeout=120, what="training")
     run_dir = str(stack.data_dir / "runs" / job["id"])
     worker = next(c for c in stack.children if c.name == "worker")
@@ -111,6 +114,6 @@ def test_a_sigtermed_worker_requeues_its_job_and_the_next_worker_resumes_it(stac
     lines = (stack.data_dir / "runs" / job["id"] / "events.jsonl").read_text().splitlines()
     starts = [e for e in map(json.loads, lines) if e["type"] == "start"]
     assert [s["resumed_from_step"] for s in starts] == [0, saved[-1]], "two runs; the second resumed"
-    assert [m["step"] for m in api.all_metrics(job["id"])] == list(range(1, 41))
+    assert [m["step"] for m in api.all_metrics(job["id"])] == list(range(1, steps + 1))
     assert _job_processes(run_dir) == []
     wait_for(lambda: api.gpus()["in_use"] == 0, timeout=10, what="slots freed")
